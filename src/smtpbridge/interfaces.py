@@ -1,0 +1,59 @@
+"""Every interface between the stages of the bridge."""
+
+from __future__ import annotations
+
+from zope.interface import Interface
+
+
+class ITransaction(Interface):
+    """One mail transaction, driven by the downstream session command by command.
+
+    Each step returns a Deferred that fires with the L{smtpbridge.model.Reply}
+    to give the client (positive or not) or fails with
+    L{smtpbridge.errors.SMTPReplyError}.  Once ``finish`` fired or ``abort``
+    was called, the transaction is over.
+    """
+
+    def mail(sender: str, params: dict) -> object:
+        """MAIL FROM: start the transaction for C{sender}."""
+
+    def rcpt(recipient: str, params: dict) -> object:
+        """RCPT TO: add one recipient."""
+
+    def data(producer: object) -> object:
+        """DATA: fires with 354 when the body may follow.
+
+        C{producer} is an L{twisted.internet.interfaces.IPushProducer} for the
+        client's side; it is paused while the body cannot be taken fast enough.
+        """
+
+    def write(lines: list) -> None:
+        """Body lines, unstuffed and without line endings."""
+
+    def finish() -> object:
+        """The final dot: fires with the reply that says whether the message was taken."""
+
+    def abort() -> None:
+        """Give up: nothing of this transaction may be delivered."""
+
+
+class IDelivery(Interface):
+    """Where messages go: the demo folder, the upstream in-line, or the spool."""
+
+    def transaction(client: object) -> ITransaction:
+        """A new transaction for the client described by a L{smtpbridge.model.ClientInfo}."""
+
+
+class IPasswordChecker(Interface):
+    """Checks a local user's password."""
+
+    def check(username: str, password: str) -> object:
+        """A Deferred that fires with True or False."""
+
+
+class IAccessPolicy(Interface):
+    """Decides who may submit mail."""
+
+    def may_submit(client: object, auth_required: bool) -> object:
+        """None when the client may start a transaction, else the refusing Reply."""
+

@@ -1,0 +1,56 @@
+"""Frozen value types passed between the stages of the bridge."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attr
+
+
+@attr.frozen
+class Reply:
+    """One SMTP reply: a code, an optional enhanced status code and its text.
+
+    ``text`` may hold several lines separated by ``\\n``; they are sent as a
+    multi-line reply.
+    """
+
+    code: int
+    enhanced: str | None
+    text: str
+
+    @property
+    def positive(self) -> bool:
+        """True for 2xx and 3xx replies."""
+        return 200 <= self.code < 400
+
+    @property
+    def transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+
+@attr.frozen
+class ClientInfo:
+    """What the bridge knows about a downstream client; grows as the session does."""
+
+    peer_host: str
+    peer_port: int
+    listener: str
+    session_id: str
+    helo: str | None = None
+    tls_version: str | None = None
+    tls_cipher: str | None = None
+    login: str | None = None
+
+
+@attr.frozen
+class Envelope:
+    """The sender and recipients of one transaction, with their ESMTP parameters."""
+
+    sender: str
+    sender_params: Mapping[str, str | None] = attr.field(factory=dict)
+    recipients: tuple[str, ...] = ()
