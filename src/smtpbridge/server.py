@@ -1,0 +1,547 @@
+"""The downstream SMTP server: the state machine every legacy client talks to.
+
+Replies leave in the order the commands came, even when one waits on a
+Deferred: input is held until the reply is out (RFC 2920).  After STARTTLS
+everything the client sent ahead is thrown away (RFC 3207, CVE-2011-0411).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import attr
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from smtpbridge import sasl
+from smtpbridge.errors import SMTPReplyError
+from smtpbridge.interfaces import IAccessPolicy, IDelivery, IPasswordChecker, ITransaction
+from smtpbridge.lines import SMTPLineReceiver
+from smtpbridge.model import ClientInfo, Reply
+from smtpbridge.tls import ServerTLS, connection_summary
+from smtpbridge.wire import (
+    DataDecoder,
+    format_reply,
+    parse_command,
+    parse_mail_from,
+    parse_rcpt_to,
+)
+
+log = Logger()
+
+OK = Reply(250, "2.0.0", "Ok")
+BYE = Reply(221, "2.0.0", "Bye")
+READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+VRFY_REPLY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
+HELP_REPLY = Reply(214, "2.0.0", "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET "
+                                 "NOOP QUIT VRFY HELP")
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_TEMP_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")
+AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
+AUTH_UNDECODABLE = Reply(501, "5.5.2", "Cannot decode AUTH response")
+AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication "
+                                      "mechanism; use STARTTLS first")
+AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
+AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
+ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Error: already authenticated")
+NOT_RECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
+TLS_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
+TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+BAD_SIZE = Reply(501, "5.5.4", "Bad SIZE parameter")
+BAD_BODY = Reply(501, "5.5.4", "Bad BODY parameter; 7BIT or 8BITMIME")
+INTERNAL_ERROR = Reply(451, "4.3.0", "Error: internal error, try again later")
+
+
+def _syntax(usage: str) -> Reply:
+    return Reply(501, "5.5.4", f"Syntax: {usage}")
+
+
+def _unsupported(name: str) -> Reply:
+    return Reply(555, "5.5.4", f"Unsupported option: {name}")
+
+
+@attr.frozen
+class ListenerSettings:
+    """What one listener promises its clients."""
+
+    name: str
+    hostname: str
+    tls: str = "none"  # implicit | starttls | none
+    auth_required: bool = True
+    allow_plaintext_auth: bool = False
+    accept_bare_lf_end: bool = False
+    max_message_size: int = 36_700_160
+    idle_timeout: int = 300
+    max_recipients: int = 1000
+    max_errors: int = 20
+
+
+class SMTPServerFactory(Factory):
+    """Builds one L{SMTPServerProtocol} per connection of a listener."""
+
+    def __init__(self, settings: ListenerSettings, delivery: IDelivery, policy: IAccessPolicy,
+                 checker: IPasswordChecker | None, clock: IReactorTime,
+                 tls: ServerTLS | None = None) -> None:
+        self.settings = settings
+        self.delivery = delivery
+        self.policy = policy
+        self.checker = checker
+        self.clock = clock
+        self.tls = tls
+
+    def buildProtocol(self, addr: object) -> SMTPServerProtocol:  # noqa: N802
+        protocol = SMTPServerProtocol(self)
+        protocol.factory = self
+        return protocol
+
+
+@implementer(IPushProducer)
+class _BodyInput:
+    """Lets a slow delivery pause the client's body without touching the reply holds."""
+
+    def __init__(self, protocol: SMTPServerProtocol) -> None:
+        self._protocol = protocol
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        self._protocol.hold("body")
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self._protocol.release("body")
+
+    def stopProducing(self) -> None:  # noqa: N802
+        self._protocol.release("body")
+
+
+@implementer(IHandshakeListener)
+class SMTPServerProtocol(SMTPLineReceiver, TimeoutMixin):
+    """One client session."""
+
+    MAX_LENGTH = 12288  # room for AUTH responses (RFC 4954); commands are far shorter
+
+    def __init__(self, factory: SMTPServerFactory) -> None:
+        super().__init__()
+        self.factory = factory
+        self.settings = factory.settings
+        self.callLater = factory.clock.callLater
+        self.client = ClientInfo("", 0, self.settings.name, secrets.token_hex(6))
+        self._tls_active = self.settings.tls == "implicit"
+        self._continuation: Callable[[str], Any] | None = None
+        self._transaction: ITransaction | None = None
+        self._recipients = 0
+        self._accepted = 0
+        self._decoder: DataDecoder | None = None
+        self._size = 0
+        self._body_refusal: Reply | None = None
+        self._errors = 0
+        self._gone = False
+
+    # Connection events.
+
+    def connectionMade(self) -> None:  # noqa: N802
+        peer = self.transport.getPeer()
+        self.client = attr.evolve(self.client, peer_host=str(getattr(peer, "host", peer)),
+                                  peer_port=int(getattr(peer, "port", 0) or 0))
+        log.info("{session} connect from [{host}]:{port} on listener {listener}",
+                 session=self.client.session_id, host=self.client.peer_host,
+                 port=self.client.peer_port, listener=self.settings.name)
+        self.setTimeout(self.settings.idle_timeout)
+        self.reply(Reply(220, None, f"{self.settings.hostname} ESMTP smtpbridge"))
+
+    def handshakeCompleted(self) -> None:  # noqa: N802
+        version, cipher = connection_summary(self.transport)
+        self.client = attr.evolve(self.client, tls_version=version, tls_cipher=cipher)
+        log.info("{session} TLS established: {version} {cipher}",
+                 session=self.client.session_id, version=version, cipher=cipher)
+
+    def connectionLost(self, reason: Failure) -> None:  # noqa: N802
+        self._gone = True
+        self.setTimeout(None)
+        self._end_transaction(abort=True)
+        log.info("{session} disconnect from [{host}]", session=self.client.session_id,
+                 host=self.client.peer_host)
+
+    def timeoutConnection(self) -> None:  # noqa: N802
+        log.info("{session} idle timeout", session=self.client.session_id)
+        self.reply(Reply(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded"))
+        self._end_transaction(abort=True)
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.resetTimeout()
+        super().dataReceived(data)
+
+    def hold(self, reason: str) -> None:
+        if not self.held:
+            self.setTimeout(None)  # waiting on us is not the client being idle
+        super().hold(reason)
+
+    def release(self, reason: str) -> None:
+        super().release(reason)
+        if not self.held and not self._gone:
+            self.setTimeout(self.settings.idle_timeout)
+
+    # Replies.
+
+    def reply(self, reply: Reply) -> None:
+        """Send one reply; too many errors end the session as Postfix does."""
+        if self._gone:
+            return
+        self.transport.write(format_reply(reply))
+        if reply.code >= 400:
+            self._errors += 1
+            if self._errors >= self.settings.max_errors:
+                self.transport.write(format_reply(
+                    Reply(421, "4.7.0", f"{self.settings.hostname} Error: too many errors")))
+                self._end_transaction(abort=True)
+                self.transport.loseConnection()
+
+    def _respond(self, result: Reply | Deferred | None) -> None:
+        """Send the reply a handler produced, holding input while it is not ready."""
+        if not isinstance(result, Deferred):
+            if result is not None:
+                self.reply(result)
+            return
+        state = {"done": False}
+
+        def send(reply: Reply) -> None:
+            state["done"] = True
+            self.reply(reply)
+            self.release("reply")
+
+        result.addErrback(self._failure_reply)
+        result.addCallback(send)
+        if not state["done"]:
+            self.hold("reply")
+
+    def _failure_reply(self, failure: Failure) -> Reply:
+        if failure.check(SMTPReplyError):
+            return failure.value.reply
+        log.failure("{session} internal error", failure, session=self.client.session_id)
+        return INTERNAL_ERROR
+
+    # Command dispatch.
+
+    def line_received(self, line: bytes) -> None:
+        if self._continuation is not None:
+            continuation, self._continuation = self._continuation, None
+            self._respond(self._guarded(continuation, line.decode("ascii", "replace")))
+            return
+        try:
+            command = parse_command(line)
+        except SMTPReplyError as e:
+            self.reply(e.reply)
+            return
+        handler = getattr(self, f"smtp_{command.verb}", None)
+        if handler is None:
+            self.reply(NOT_RECOGNIZED)
+            return
+        self._respond(self._guarded(handler, command.argument))
+
+    def _guarded(self, handler: Callable[[str], Any], argument: str) -> Reply | Deferred | None:
+        try:
+            return handler(argument)
+        except SMTPReplyError as e:
+            return e.reply
+        except Exception:
+            return self._failure_reply(Failure())
+
+    def line_too_long(self) -> None:
+        self.reply(LINE_TOO_LONG)
+
+    # Session commands.
+
+    def _greet(self, argument: str, usage: str) -> None:
+        if not argument:
+            raise SMTPReplyError(_syntax(usage))
+        self._end_transaction(abort=True)
+        self.client = attr.evolve(self.client, helo=argument.split()[0])
+
+    def smtp_HELO(self, argument: str) -> Reply:  # noqa: N802
+        self._greet(argument, "HELO hostname")
+        return Reply(250, None, self.settings.hostname)
+
+    def smtp_EHLO(self, argument: str) -> Reply:  # noqa: N802
+        self._greet(argument, "EHLO hostname")
+        lines = [self.settings.hostname, "PIPELINING", f"SIZE {self.settings.max_message_size}",
+                 "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
+        if self.settings.tls == "starttls" and not self._tls_active:
+            lines.append("STARTTLS")
+        if self._auth_offered():
+            mechanisms = " ".join(sasl.SERVER_MECHANISMS)
+            lines += [f"AUTH {mechanisms}", f"AUTH={mechanisms}"]
+        return Reply(250, None, "\n".join(lines))
+
+    def smtp_STARTTLS(self, argument: str) -> Reply | None:  # noqa: N802
+        if self.settings.tls == "none" or self.factory.tls is None:
+            return NOT_IMPLEMENTED
+        if self._tls_active:
+            return TLS_ACTIVE
+        if argument:
+            return _syntax("STARTTLS")
+        self.reply(READY_FOR_TLS)
+        # Anything the client sent after STARTTLS in clear text is discarded.
+        self.clearLineBuffer()
+        self._reprocess = False
+        self._end_transaction(abort=True)
+        self.client = attr.evolve(self.client, helo=None, login=None)
+        self._tls_active = True
+        self.transport.startTLS(self.factory.tls)
+        return None
+
+    def smtp_NOOP(self, argument: str) -> Reply:  # noqa: N802
+        return OK
+
+    def smtp_RSET(self, argument: str) -> Reply:  # noqa: N802
+        if argument:
+            return _syntax("RSET")
+        self._end_transaction(abort=True)
+        return OK
+
+    def smtp_VRFY(self, argument: str) -> Reply:  # noqa: N802
+        return VRFY_REPLY if argument else _syntax("VRFY address")
+
+    def smtp_HELP(self, argument: str) -> Reply:  # noqa: N802
+        return HELP_REPLY
+
+    def smtp_QUIT(self, argument: str) -> None:  # noqa: N802
+        self.reply(BYE)
+        self._end_transaction(abort=True)
+        self.transport.loseConnection()
+
+    smtp_EXPN = smtp_BDAT = smtp_ETRN = smtp_TURN = lambda self, argument: NOT_IMPLEMENTED  # noqa: E731, N815
+
+    # AUTH (RFC 4954): PLAIN and LOGIN, with or without an initial response.
+
+    def _auth_offered(self) -> bool:
+        return self.factory.checker is not None and (
+            self._tls_active or self.settings.allow_plaintext_auth)
+
+    def smtp_AUTH(self, argument: str) -> Reply | Deferred:  # noqa: N802
+        if self.factory.checker is None:
+            return AUTH_NOT_ENABLED
+        if not self._tls_active and not self.settings.allow_plaintext_auth:
+            return AUTH_NEEDS_TLS
+        if self.client.helo is None:
+            return NEED_HELO
+        if self.client.login is not None:
+            return ALREADY_AUTHENTICATED
+        if self._transaction is not None:
+            return IN_TRANSACTION
+        mechanism, _, initial = argument.partition(" ")
+        mechanism, initial = mechanism.upper(), initial.strip()
+        if mechanism == "PLAIN":
+            return self._auth_plain(initial) if initial else self._challenge("", self._auth_plain)
+        if mechanism == "LOGIN":
+            if initial:
+                return self._auth_login_username(initial)
+            return self._challenge(sasl.LOGIN_USERNAME_PROMPT, self._auth_login_username)
+        return AUTH_UNKNOWN_MECHANISM if mechanism else _syntax("AUTH mechanism")
+
+    def _challenge(self, challenge: str, next_step: Callable[[str], Any]) -> None:
+        self._continuation = next_step
+        self.transport.write(b"334 " + challenge.encode("ascii") + b"\r\n")
+
+    def _decode(self, response: str) -> bytes:
+        if response.strip() == "*":
+            raise SMTPReplyError(AUTH_CANCELLED)
+        try:
+            return sasl.decode_response(response)
+        except sasl.SASLError:
+            raise SMTPReplyError(AUTH_UNDECODABLE)
+
+    def _auth_plain(self, response: str) -> Deferred | Reply:
+        try:
+            username, password = sasl.parse_plain(self._decode(response))
+        except sasl.SASLError:
+            return AUTH_UNDECODABLE
+        return self._authenticate(username, password)
+
+    def _auth_login_username(self, response: str) -> None:
+        try:
+            username = sasl.parse_login_field(self._decode(response))
+        except sasl.SASLError:
+            raise SMTPReplyError(AUTH_UNDECODABLE)
+        self._challenge(sasl.LOGIN_PASSWORD_PROMPT,
+                        lambda answer: self._auth_login_password(username, answer))
+
+    def _auth_login_password(self, username: str, response: str) -> Deferred | Reply:
+        try:
+            password = sasl.parse_login_field(self._decode(response))
+        except sasl.SASLError:
+            return AUTH_UNDECODABLE
+        return self._authenticate(username, password)
+
+    def _authenticate(self, username: str, password: str) -> Deferred:
+        session = self.client.session_id
+
+        def checked(ok: bool) -> Reply:
+            if not ok:
+                log.info("{session} AUTH failed for user {user!r} from [{host}]",
+                         session=session, user=username, host=self.client.peer_host)
+                return AUTH_FAILED
+            self.client = attr.evolve(self.client, login=username)
+            log.info("{session} AUTH ok: user {user!r}", session=session, user=username)
+            return AUTH_OK
+
+        def broken(failure: Failure) -> Reply:
+            log.failure("{session} password check failed", failure, session=session)
+            return AUTH_TEMP_FAILURE
+
+        return maybeDeferred(self.factory.checker.check, username, password).addCallbacks(
+            checked, broken)
+
+    # The mail transaction.
+
+    def smtp_MAIL(self, argument: str) -> Reply | Deferred:  # noqa: N802
+        if self.client.helo is None:
+            return NEED_HELO
+        if self._transaction is not None:
+            return NESTED_MAIL
+        sender, params = parse_mail_from(argument)
+        refusal = self.factory.policy.may_submit(self.client, self.settings.auth_required)
+        if refusal is not None:
+            log.info("{session} MAIL from <{sender}> refused: {text}",
+                     session=self.client.session_id, sender=sender, text=refusal.text)
+            return refusal
+        params = self._mail_params(params)
+        transaction = self.factory.delivery.transaction(self.client)
+        self._transaction, self._recipients, self._accepted = transaction, 0, 0
+
+        def answered(reply: Reply) -> Reply:
+            if not reply.positive:
+                self._end_transaction(abort=True, only=transaction)
+            return reply
+
+        def failed(failure: Failure) -> Failure:
+            self._end_transaction(abort=True, only=transaction)
+            return failure
+
+        return maybeDeferred(transaction.mail, sender, params).addCallbacks(answered, failed)
+
+    def _mail_params(self, params: dict[str, str | None]) -> dict[str, str | None]:
+        """Check MAIL parameters; AUTH= (RFC 4954) is accepted and not passed on."""
+        checked: dict[str, str | None] = {}
+        for name, value in params.items():
+            if name == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    raise SMTPReplyError(BAD_SIZE)
+                if int(value) > self.settings.max_message_size:
+                    raise SMTPReplyError(TOO_BIG)
+            elif name == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    raise SMTPReplyError(BAD_BODY)
+                value = value.upper()
+            elif name == "SMTPUTF8":
+                if value is not None:
+                    raise SMTPReplyError(_syntax("SMTPUTF8 takes no value"))
+            elif name == "AUTH":
+                continue
+            else:
+                raise SMTPReplyError(_unsupported(name))
+            checked[name] = value
+        return checked
+
+    def smtp_RCPT(self, argument: str) -> Reply | Deferred:  # noqa: N802
+        transaction = self._transaction
+        if transaction is None:
+            return NEED_MAIL
+        recipient, params = parse_rcpt_to(argument)
+        for name in params:
+            raise SMTPReplyError(_unsupported(name))
+        if self._recipients >= self.settings.max_recipients:
+            return TOO_MANY_RECIPIENTS
+        self._recipients += 1
+
+        def answered(reply: Reply) -> Reply:
+            if reply.positive and self._transaction is transaction:
+                self._accepted += 1
+            return reply
+
+        return maybeDeferred(transaction.rcpt, recipient, params).addCallback(answered)
+
+    def smtp_DATA(self, argument: str) -> Reply | Deferred:  # noqa: N802
+        transaction = self._transaction
+        if argument:
+            return _syntax("DATA")
+        if transaction is None:
+            return NEED_MAIL
+        if self._recipients == 0:
+            return NEED_RCPT
+        if self._accepted == 0:
+            return NO_VALID_RECIPIENTS
+
+        def answered(reply: Reply) -> Reply:
+            if self._transaction is not transaction:
+                return reply
+            if reply.code == 354:
+                self._decoder = DataDecoder(accept_bare_lf_end=self.settings.accept_bare_lf_end)
+                self._size = 0
+                self._body_refusal = None
+                self.setRawMode()
+            else:
+                self._end_transaction(abort=True)
+            return reply
+
+        def failed(failure: Failure) -> Failure:
+            self._end_transaction(abort=True, only=transaction)
+            return failure
+
+        return maybeDeferred(transaction.data, _BodyInput(self)).addCallbacks(answered, failed)
+
+    def raw_data_received(self, data: bytes) -> None:
+        decoder, transaction = self._decoder, self._transaction
+        if decoder is None or transaction is None:  # the session ended meanwhile
+            return
+        lines, rest = decoder.feed(data)
+        if lines and self._body_refusal is None:
+            self._size += sum(map(len, lines)) + 2 * len(lines)
+            if self._size > self.settings.max_message_size:
+                self._body_refusal = TOO_BIG
+                transaction.abort()
+            else:
+                transaction.write(lines)
+        if rest is not None:
+            self._end_of_data(transaction, rest)
+
+    def _end_of_data(self, transaction: ITransaction, rest: bytes) -> None:
+        refusal = self._body_refusal
+        self._transaction = self._decoder = None
+        self._recipients = self._accepted = 0
+        self.release("body")
+        if refusal is not None:
+            log.info("{session} message refused: {text}", session=self.client.session_id,
+                     text=refusal.text)
+            self.reply(refusal)
+        else:
+            self._respond(maybeDeferred(transaction.finish))
+        self.setLineMode(rest)
+
+    def _end_transaction(self, abort: bool, only: ITransaction | None = None) -> None:
+        """Forget the current transaction (if it is C{only}, when given), aborting it."""
+        transaction = self._transaction
+        if transaction is None or (only is not None and transaction is not only):
+            return
+        self._transaction = self._decoder = None
+        self._recipients = self._accepted = 0
+        if not self.line_mode:
+            self.setLineMode()
+        self.release("body")
+        if abort:
+            transaction.abort()

@@ -1,0 +1,124 @@
+"""TLS for both sides: server contexts for listeners, the demo's self-signed certificate.
+
+Server contexts are built with pyOpenSSL directly, because Twisted's
+``CertificateOptions`` cannot allow TLS 1.0/1.1 with the security level old
+devices need.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from zope.interface import implementer
+
+from smtpbridge.errors import ConfigError
+
+TLS_VERSIONS = {
+    "1.0": SSL.TLS1_VERSION,
+    "1.1": SSL.TLS1_1_VERSION,
+    "1.2": SSL.TLS1_2_VERSION,
+    "1.3": SSL.TLS1_3_VERSION,
+}
+
+
+def server_context(certificate: str, key: str, min_version: str = "1.2",
+                   config_file: str = "", key_name: str = "tls") -> SSL.Context:
+    """An OpenSSL server context with our certificate, allowing C{min_version} and up.
+
+    Unreadable or mismatched files raise L{ConfigError} naming C{key_name}.
+    """
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(TLS_VERSIONS[min_version])
+    if min_version in ("1.0", "1.1"):
+        # Old devices offer only SHA-1 signatures and CBC suites; OpenSSL 3
+        # refuses those above security level 0.
+        context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+    context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE
+                        | SSL.OP_NO_RENEGOTIATION)
+    for name, path in (("certificate", certificate), ("key", key)):
+        if not os.access(path, os.R_OK):
+            reason = "does not exist" if not os.path.exists(path) else "is not readable"
+            raise ConfigError(config_file, f"{key_name}.{name}", f"{path} {reason}")
+    try:
+        context.use_certificate_chain_file(certificate)
+    except SSL.Error:
+        raise ConfigError(config_file, f"{key_name}.certificate",
+                          f"{certificate} holds no usable PEM certificate")
+    try:
+        context.use_privatekey_file(key)
+        context.check_privatekey()
+    except SSL.Error:
+        raise ConfigError(config_file, f"{key_name}.key",
+                          f"{key} holds no usable PEM private key for the certificate")
+    return context
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """Makes server-side TLS connections from a context that can be replaced at run time."""
+
+    def __init__(self, context: SSL.Context) -> None:
+        self.context = context
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:  # noqa: N802
+        return SSL.Connection(self.context, None)
+
+
+def connection_summary(transport: object) -> tuple[str | None, str | None]:
+    """The TLS version and cipher of a transport, or (None, None) without TLS."""
+    get_handle = getattr(transport, "getHandle", None)
+    handle = get_handle() if get_handle else None
+    if not isinstance(handle, SSL.Connection):
+        return None, None
+    return handle.get_protocol_version_name(), handle.get_cipher_name()
+
+
+def create_self_signed(certificate: str, key: str, hostname: str) -> None:
+    """Write an RSA 2048 self-signed certificate for C{hostname} (and localhost).
+
+    RSA, because many old devices cannot do ECDSA.
+    """
+    private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    names: list[x509.GeneralName] = [x509.DNSName(hostname)]
+    if hostname != "localhost":
+        names.append(x509.DNSName("localhost"))
+    names += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+              x509.IPAddress(ipaddress.ip_address("::1"))]
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=825))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(private_key, hashes.SHA256())
+    )
+    for path in (certificate, key):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    key_bytes = private_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_bytes)
+    with open(certificate, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def certificate_pem(path: str) -> crypto.X509:
+    """Load a PEM certificate (used to trust the demo upstream's own certificate)."""
+    with open(path, "rb") as f:
+        return crypto.load_certificate(crypto.FILETYPE_PEM, f.read())

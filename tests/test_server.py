@@ -1,0 +1,442 @@
+"""The downstream SMTP state machine, in memory (StringTransport + Clock)."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from smtpbridge.demo import SingleUserChecker
+from smtpbridge.model import Reply
+from smtpbridge.policy import AccessPolicy, TrustedNetworks
+from smtpbridge.server import ListenerSettings, SMTPServerFactory
+from smtpbridge.testing import MemoryDelivery
+
+TRUSTED = "127.0.0.1"
+STRANGER = "198.51.100.7"
+
+
+class TLSCapableTransport(StringTransport):
+    """A StringTransport that records STARTTLS instead of doing it."""
+
+    tls_started = None
+
+    def startTLS(self, context):  # noqa: N802
+        self.tls_started = context
+
+
+class Session:
+    def __init__(self, peer: str = TRUSTED, checker: object = "default",
+                 **settings: object) -> None:
+        settings.setdefault("tls", "starttls")
+        settings.setdefault("auth_required", False)
+        self.clock = Clock()
+        self.delivery = MemoryDelivery()
+        if checker == "default":
+            checker = SingleUserChecker({"alice": "s3cret"})
+        policy = AccessPolicy(TrustedNetworks.parse(["127.0.0.0/8"], "test", "trusted"))
+        self.factory = SMTPServerFactory(
+            ListenerSettings(name="test", hostname="bridge.test", **settings),
+            self.delivery, policy, checker, self.clock, tls=object())
+        self.protocol = self.factory.buildProtocol(None)
+        self.transport = TLSCapableTransport(peerAddress=IPv4Address("TCP", peer, 40000))
+        self.protocol.makeConnection(self.transport)
+        self.greeting = self.read()
+
+    def send(self, data: bytes | str) -> None:
+        self.protocol.dataReceived(data.encode() if isinstance(data, str) else data)
+
+    def read(self) -> list[str]:
+        value = self.transport.value().decode()
+        self.transport.clear()
+        assert value == "" or value.endswith("\r\n"), value
+        return value.split("\r\n")[:-1]
+
+    def command(self, line: str) -> list[str]:
+        self.send(line + "\r\n")
+        return self.read()
+
+    def codes(self) -> list[str]:
+        return [line[:3] for line in self.read() if line[3:4] != "-"]
+
+    def tls(self) -> None:
+        """Pretend STARTTLS happened."""
+        assert self.command("STARTTLS")[0].startswith("220")
+        assert self.transport.tls_started is not None
+        self.protocol.handshakeCompleted()
+
+    def login(self) -> None:
+        token = base64.b64encode(b"\0alice\0s3cret").decode()
+        assert self.command(f"AUTH PLAIN {token}")[0].startswith("235")
+
+
+def test_greeting_names_the_host():
+    s = Session()
+    assert s.greeting == ["220 bridge.test ESMTP smtpbridge"]
+
+
+def test_ehlo_before_tls_offers_starttls_and_not_auth():
+    s = Session()
+    lines = s.command("EHLO client.test")
+    assert lines[0] == "250-bridge.test"
+    keywords = [line[4:] for line in lines]
+    assert "STARTTLS" in keywords and "PIPELINING" in keywords
+    assert "SIZE 36700160" in keywords and "8BITMIME" in keywords
+    assert "ENHANCEDSTATUSCODES" in keywords
+    assert not any(k.startswith("AUTH") for k in keywords)
+    assert lines[-1].startswith("250 ") and all(x.startswith("250-") for x in lines[:-1])
+
+
+def test_ehlo_after_starttls_offers_auth_and_no_starttls():
+    s = Session()
+    s.command("EHLO client.test")
+    s.tls()
+    keywords = [line[4:] for line in s.command("EHLO client.test")]
+    assert "AUTH PLAIN LOGIN" in keywords
+    assert "STARTTLS" not in keywords
+
+
+def test_implicit_tls_listener_offers_auth_but_never_starttls():
+    s = Session(tls="implicit")
+    keywords = [line[4:] for line in s.command("EHLO client.test")]
+    assert "AUTH PLAIN LOGIN" in keywords and "STARTTLS" not in keywords
+    assert s.command("STARTTLS")[0].startswith("503 5.5.1")
+
+
+def test_plaintext_listener_without_tls():
+    s = Session(tls="none", allow_plaintext_auth=True)
+    keywords = [line[4:] for line in s.command("EHLO client.test")]
+    assert "STARTTLS" not in keywords and "AUTH PLAIN LOGIN" in keywords
+    assert s.command("STARTTLS")[0].startswith("502 5.5.1")
+    s.login()
+
+
+def test_no_auth_offered_without_users():
+    s = Session(tls="implicit", checker=None)
+    keywords = [line[4:] for line in s.command("EHLO client.test")]
+    assert not any(k.startswith("AUTH") for k in keywords)
+    assert s.command("AUTH PLAIN AGFAYg==")[0].startswith("503")
+
+
+def test_helo_then_mail_works_and_mail_needs_helo():
+    s = Session()
+    assert s.command("MAIL FROM:<a@example.com>")[0].startswith("503 5.5.1")
+    assert s.command("HELO printer")[0] == "250 bridge.test"
+    assert s.command("MAIL FROM:<a@example.com>")[0].startswith("250")
+
+
+def test_sequence_errors():
+    s = Session()
+    s.command("EHLO c")
+    assert s.command("RCPT TO:<b@example.com>")[0].startswith("503 5.5.1")
+    assert s.command("DATA")[0].startswith("503 5.5.1")
+    s.command("MAIL FROM:<a@example.com>")
+    assert s.command("MAIL FROM:<a@example.com>")[0].startswith("503 5.5.1")
+    assert s.command("DATA")[0].startswith("503 5.5.1")
+
+
+def test_unknown_and_malformed_commands_leave_the_session_usable():
+    s = Session()
+    assert s.command("FROBNICATE")[0].startswith("500 5.5.2")
+    assert s.command("")[0].startswith("500 5.5.2")
+    assert s.command("EHLO")[0].startswith("501 5.5.4")
+    s.command("EHLO c")
+    assert s.command("MAIL FROM:<not an address>")[0].startswith("501")
+    assert s.command("MAIL TO:<a@b.c>")[0].startswith("501 5.5.4")
+    assert s.command("NOOP")[0] == "250 2.0.0 Ok"
+
+
+def test_small_commands():
+    s = Session()
+    assert s.command("NOOP")[0].startswith("250 2.0.0")
+    assert s.command("RSET")[0].startswith("250 2.0.0")
+    assert s.command("VRFY someone")[0].startswith("252 2.0.0")
+    assert s.command("HELP")[0].startswith("214 2.0.0")
+    assert s.command("EXPN list")[0].startswith("502 5.5.1")
+    assert s.command("QUIT") == ["221 2.0.0 Bye"]
+    assert s.transport.disconnecting
+
+
+def test_lower_case_commands():
+    s = Session()
+    assert s.command("ehlo c")[0].startswith("250")
+    assert s.command("mail from:<a@example.com>")[0].startswith("250")
+    assert s.command("rcpt to:<b@example.com>")[0].startswith("250")
+
+
+@pytest.mark.parametrize("chunks", [1, 7])
+def test_over_long_line_is_refused_and_the_session_goes_on(chunks):
+    s = Session()
+    data = b"NOOP " + b"x" * 20000 + b"\r\nNOOP\r\n"
+    step = len(data) // chunks + 1
+    for i in range(0, len(data), step):
+        s.send(data[i:i + step])
+    assert s.codes() == ["500", "250"]
+    assert not s.transport.disconnecting
+
+
+def test_idle_timeout_closes_with_421():
+    s = Session()
+    s.clock.advance(299)
+    s.command("NOOP")
+    s.clock.advance(299)
+    assert not s.transport.disconnecting
+    s.clock.advance(2)
+    assert s.read()[0].startswith("421 4.4.2")
+    assert s.transport.disconnecting
+
+
+def test_too_many_errors_end_the_session():
+    s = Session()
+    for _ in range(19):
+        s.command("BOGUS")
+    assert not s.transport.disconnecting
+    lines = s.command("BOGUS")
+    assert lines[-1].startswith("421 4.7.0")
+    assert s.transport.disconnecting
+
+
+# Pipelining (RFC 2920).
+
+def test_pipelined_replies_wait_for_the_delivery_and_keep_their_order():
+    s = Session()
+    s.command("EHLO c")
+    s.delivery.hold_replies = True
+    s.send("MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n"
+           "RCPT TO:<c@example.com>\r\nDATA\r\nSubject: hi\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+    assert s.read() == []  # nothing answered while MAIL's reply is pending
+    for expected in (["250"], ["250"], ["250"], ["354"], ["250", "221"]):
+        d, reply = s.delivery.waiting.pop(0)
+        assert s.read() == []
+        d.callback(reply)
+        assert s.codes() == expected
+    assert s.transport.disconnecting
+    assert s.delivery.messages[0].data == b"Subject: hi\r\n\r\nbody\r\n"
+    assert s.delivery.messages[0].recipients == ["b@example.com", "c@example.com"]
+
+
+def test_quit_right_after_the_dot_still_gets_the_data_reply_first():
+    s = Session()
+    s.command("EHLO c")
+    s.command("MAIL FROM:<a@example.com>")
+    s.command("RCPT TO:<b@example.com>")
+    s.command("DATA")
+    s.delivery.hold_replies = True
+    s.send("x\r\n.\r\nQUIT\r\n")
+    assert s.read() == []
+    s.delivery.release_all()
+    assert s.codes() == ["250", "221"]
+    assert s.transport.disconnecting
+
+
+def test_pipelining_without_waiting_for_ehlo():
+    s = Session()
+    s.send("EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
+           "hello\r\n.\r\nQUIT\r\n")
+    assert s.codes() == ["250", "250", "250", "354", "250", "221"]
+    assert s.delivery.messages[0].data == b"hello\r\n"
+
+
+# STARTTLS.
+
+def test_starttls_discards_commands_sent_with_it():
+    s = Session()
+    s.command("EHLO c")
+    s.send("STARTTLS\r\nRSET\r\nMAIL FROM:<evil@example.com>\r\n")
+    assert s.read() == ["220 2.0.0 Ready to start TLS"]
+    assert s.transport.tls_started is not None
+    s.protocol.handshakeCompleted()
+    # The session starts over: no HELO yet, and nothing was queued.
+    assert s.command("MAIL FROM:<a@example.com>")[0].startswith("503")
+    assert s.delivery.transactions == []
+
+
+def test_starttls_twice_and_with_argument():
+    s = Session()
+    assert s.command("STARTTLS now")[0].startswith("501")
+    s.tls()
+    assert s.command("STARTTLS")[0].startswith("503 5.5.1")
+
+
+# AUTH (RFC 4954).
+
+def test_auth_before_tls_is_refused_with_538():
+    s = Session()
+    s.command("EHLO c")
+    assert s.command("AUTH PLAIN AGFsaWNlAHMzY3JldA==")[0].startswith("538 5.7.11")
+    assert s.command("AUTH LOGIN")[0].startswith("538 5.7.11")
+
+
+def test_auth_plain_with_initial_response():
+    s = Session(tls="implicit")
+    s.command("EHLO c")
+    s.login()
+    assert s.protocol.client.login == "alice"
+    assert s.command("AUTH PLAIN AGFsaWNlAHMzY3JldA==")[0].startswith("503")
+
+
+def test_auth_plain_without_initial_response():
+    s = Session(tls="implicit")
+    s.command("EHLO c")
+    assert s.command("AUTH PLAIN") == ["334 "]
+    assert s.command(base64.b64encode(b"\0alice\0s3cret").decode())[0].startswith("235 2.7.0")
+
+
+def test_auth_login_both_ways():
+    s = Session(tls="implicit")
+    s.command("EHLO c")
+    assert s.command("AUTH LOGIN") == ["334 VXNlcm5hbWU6"]
+    assert s.command(base64.b64encode(b"alice").decode()) == ["334 UGFzc3dvcmQ6"]
+    assert s.command(base64.b64encode(b"s3cret").decode())[0].startswith("235")
+    s2 = Session(tls="implicit")
+    s2.command("EHLO c")
+    assert s2.command("AUTH LOGIN " + base64.b64encode(b"alice").decode()) == ["334 UGFzc3dvcmQ6"]
+    assert s2.command(base64.b64encode(b"wrong").decode())[0].startswith("535 5.7.8")
+    assert s2.protocol.client.login is None
+
+
+def test_auth_errors():
+    s = Session(tls="implicit")
+    s.command("EHLO c")
+    assert s.command("AUTH CRAM-MD5")[0].startswith("504 5.5.4")
+    assert s.command("AUTH PLAIN !!!notbase64")[0].startswith("501 5.5.2")
+    s.command("AUTH LOGIN")
+    assert s.command("*")[0].startswith("501 5.0.0")
+    assert s.command("AUTH PLAIN " + base64.b64encode(b"bob\0alice\0s3cret").decode())[0] \
+        .startswith("501")
+    assert s.command("NOOP")[0].startswith("250")
+
+
+def test_auth_required_listener_refuses_mail_until_auth():
+    s = Session(tls="implicit", auth_required=True, peer=TRUSTED)
+    s.command("EHLO c")
+    assert s.command("MAIL FROM:<a@example.com>")[0] == "530 5.7.0 Authentication required"
+    s.login()
+    assert s.command("MAIL FROM:<a@example.com>")[0].startswith("250")
+    assert s.delivery.transactions[0].client.login == "alice"
+
+
+def test_optional_auth_trusts_only_trusted_networks():
+    s = Session(peer=TRUSTED)
+    s.command("EHLO c")
+    assert s.command("MAIL FROM:<a@example.com>")[0].startswith("250")
+    stranger = Session(peer=STRANGER)
+    stranger.command("EHLO c")
+    assert stranger.command("MAIL FROM:<a@example.com>")[0].startswith("530 5.7.0")
+    assert stranger.command("RCPT TO:<b@example.com>")[0].startswith("503")
+    assert stranger.delivery.transactions == []
+
+
+# MAIL parameters.
+
+def test_mail_parameters():
+    s = Session(max_message_size=10_000)
+    s.command("EHLO c")
+    assert s.command("MAIL FROM:<a@b.example> SIZE=20000")[0].startswith("552 5.3.4")
+    assert s.command("MAIL FROM:<a@b.example> SIZE=abc")[0].startswith("501 5.5.4")
+    assert s.command("MAIL FROM:<a@b.example> BODY=BINARYMIME")[0].startswith("501 5.5.4")
+    assert s.command("MAIL FROM:<a@b.example> FOO=1")[0].startswith("555 5.5.4")
+    assert s.command("MAIL FROM:<a@b.example> SIZE=500 BODY=8bitmime AUTH=<>")[0] \
+        .startswith("250")
+    assert s.delivery.transactions[-1].sender_params == {"SIZE": "500", "BODY": "8BITMIME"}
+
+
+def test_mail_from_with_a_space_and_null_sender():
+    s = Session()
+    s.command("EHLO c")
+    assert s.command("MAIL FROM: <a@example.com>")[0].startswith("250")
+    s.command("RSET")
+    assert s.command("MAIL FROM:<>")[0].startswith("250")
+    assert s.delivery.transactions[-1].sender == ""
+
+
+# The body.
+
+def _to_data(s: Session) -> None:
+    s.command("EHLO c")
+    s.command("MAIL FROM:<a@example.com>")
+    s.command("RCPT TO:<b@example.com>")
+    assert s.command("DATA")[0].startswith("354")
+
+
+def test_body_is_unstuffed_and_canonical():
+    s = Session()
+    _to_data(s)
+    s.send(b"Subject: x\n\n..leading dot\r\n8bit \xe9\xff\r\n.\r\n")
+    assert s.codes() == ["250"]
+    assert s.delivery.messages[0].data == b"Subject: x\r\n\r\n.leading dot\r\n8bit \xe9\xff\r\n"
+
+
+def test_message_over_the_size_limit_is_refused_and_not_delivered():
+    s = Session(max_message_size=2000)
+    _to_data(s)
+    s.send(b"x" * 900 + b"\r\n")
+    s.send(b"y" * 900 + b"\r\n" + b"z" * 900 + b"\r\n.\r\n")
+    assert s.codes() == ["552"]
+    assert s.delivery.transactions[0].aborted and s.delivery.messages == []
+    assert s.command("NOOP")[0].startswith("250")
+
+
+def test_client_gone_mid_data_aborts_the_transaction():
+    s = Session()
+    _to_data(s)
+    s.send(b"Subject: half\r\n\r\nsome of the body\r\n")
+    s.protocol.connectionLost(None)
+    transaction = s.delivery.transactions[0]
+    assert transaction.aborted and not transaction.finished
+    assert s.delivery.messages == []
+
+
+def test_refused_recipient_and_no_valid_recipients():
+    s = Session()
+    s.delivery.refused_recipients["bad@example.com"] = Reply(550, "5.1.1", "No such user")
+    s.command("EHLO c")
+    s.command("MAIL FROM:<a@example.com>")
+    assert s.command("RCPT TO:<bad@example.com>") == ["550 5.1.1 No such user"]
+    assert s.command("DATA")[0].startswith("554 5.5.1")
+
+
+def test_delivery_refusing_data_ends_the_transaction():
+    s = Session()
+    s.delivery.replies["data"] = Reply(451, "4.3.0", "try later")
+    _to_data_reply = None
+    s.command("EHLO c")
+    s.command("MAIL FROM:<a@example.com>")
+    s.command("RCPT TO:<b@example.com>")
+    _to_data_reply = s.command("DATA")
+    assert _to_data_reply == ["451 4.3.0 try later"]
+    assert s.delivery.transactions[0].aborted
+    assert s.command("RCPT TO:<b@example.com>")[0].startswith("503")
+
+
+def test_data_reply_passes_through():
+    s = Session()
+    s.delivery.replies["finish"] = Reply(451, "4.7.1", "greylisted")
+    _to_data(s)
+    s.send(b"x\r\n.\r\n")
+    assert s.read() == ["451 4.7.1 greylisted"]
+
+
+def test_back_pressure_holds_the_client():
+    s = Session()
+    _to_data(s)
+    producer = s.delivery.transactions[0].producer
+    producer.pauseProducing()
+    s.send(b"line one\r\n")
+    assert s.transport.producerState == "paused"
+    producer.resumeProducing()
+    assert s.transport.producerState == "producing"
+    s.send(b".\r\n")
+    assert s.codes() == ["250"]
+
+
+def test_rset_aborts_the_transaction():
+    s = Session()
+    s.command("EHLO c")
+    s.command("MAIL FROM:<a@example.com>")
+    s.command("RSET")
+    assert s.delivery.transactions[0].aborted
+    assert s.command("RCPT TO:<b@example.com>")[0].startswith("503")
