@@ -1,0 +1,141 @@
+"""The composition root: builds the running bridge from a checked configuration.
+
+This is the only module that imports concrete classes and wires them; every
+problem found while wiring (a certificate that does not load, an endpoint
+string that does not parse) is a L{ConfigError}.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+
+from smtpbridge.config import Config, ListenerConfig
+from smtpbridge.demo import MailFolderDelivery, demo_upstream_factory
+from smtpbridge.errors import ConfigError
+from smtpbridge.interfaces import IDelivery, IPasswordChecker
+from smtpbridge.policy import AccessPolicy, TrustedNetworks
+from smtpbridge.server import ListenerSettings, SMTPServerFactory
+from smtpbridge.tls import ServerTLS, create_self_signed, server_context
+from smtpbridge.users import UsersFileChecker, load_users
+
+log = Logger()
+
+
+class ListenerService(Service):
+    """Listens on one endpoint; a port that cannot be bound stops the start in one line."""
+
+    def __init__(self, name: str, description: str, endpoint: object, factory: object) -> None:
+        self.name = name
+        self.description = description
+        self.endpoint = endpoint
+        self.factory = factory
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:  # noqa: N802
+        super().privilegedStartService()
+        outcome: list = []
+        self.endpoint.listen(self.factory).addBoth(outcome.append)
+        if outcome and isinstance(outcome[0], Failure):
+            reason = outcome[0].getErrorMessage()
+            sys.stderr.write(f"smtpbridge: cannot listen on {self.description}: {reason}\n")
+            raise SystemExit(1)
+        if not outcome:
+            raise RuntimeError(f"{self.description}: the endpoint did not listen at once")
+        self.port = outcome[0]
+        address = self.port.getHost()
+        log.info("{name} listening on {host}:{port}", name=self.name,
+                 host=getattr(address, "host", address), port=getattr(address, "port", ""))
+
+    def startService(self) -> None:  # noqa: N802
+        if self.port is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self) -> object:  # noqa: N802
+        super().stopService()
+        port, self.port = self.port, None
+        return port.stopListening() if port is not None else None
+
+
+def _endpoint_service(reactor: object, config: Config, key: str, name: str,
+                      description: str, factory: object) -> ListenerService:
+    try:
+        endpoint = serverFromString(reactor, description)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(config.path, key, f"bad endpoint {description!r}: {e}")
+    return ListenerService(name, description, endpoint, factory)
+
+
+def _server_tls(config: Config, min_version: str) -> ServerTLS:
+    tls = config.tls
+    if tls.create_self_signed and not (os.path.exists(tls.certificate)
+                                       or os.path.exists(tls.key)):
+        create_self_signed(tls.certificate, tls.key, config.server.hostname)
+    return ServerTLS(server_context(tls.certificate, tls.key, min_version, config.path))
+
+
+def _checker(config: Config, reactor: object) -> IPasswordChecker | None:
+    if config.access.users_file is None:
+        return None
+    pool = reactor.getThreadPool()
+
+    def run_blocking(f, *args):
+        return deferToThreadPool(reactor, pool, f, *args)
+
+    return UsersFileChecker(load_users(config.access.users_file), run_blocking)
+
+
+def _delivery(config: Config) -> IDelivery:
+    # Until the bridge relays upstream, the demo's mail folder receives everything.
+    if config.demo is None:
+        raise ConfigError(config.path, "demo", "a [demo] table is needed to deliver mail")
+    return MailFolderDelivery(config.demo.mail_dir)
+
+
+def _listener(config: Config, index: int, listener: ListenerConfig, reactor: object,
+              delivery: IDelivery, policy: AccessPolicy,
+              checker: IPasswordChecker | None) -> ListenerService:
+    settings = ListenerSettings(
+        name=listener.name,
+        hostname=config.server.hostname,
+        tls=listener.tls,
+        auth_required=listener.auth == "required",
+        allow_plaintext_auth=listener.allow_plaintext_auth,
+        accept_bare_lf_end=listener.accept_bare_lf_end,
+        max_message_size=config.server.max_message_size,
+        idle_timeout=config.server.idle_timeout,
+    )
+    tls = _server_tls(config, listener.min_tls_version) if listener.tls != "none" else None
+    factory = SMTPServerFactory(settings, delivery, policy, checker, reactor, tls)
+    if listener.tls == "implicit":
+        factory = TLSMemoryBIOFactory(tls, False, factory)
+    return _endpoint_service(reactor, config, f"listener[{index}].endpoint",
+                             f"listener {listener.name}", listener.endpoint, factory)
+
+
+def make_service(config: Config, reactor: object) -> MultiService:
+    """The whole bridge as one service: every listener, and the demo upstream if configured."""
+    top = MultiService()
+    policy = AccessPolicy(TrustedNetworks.parse(config.access.trusted_networks, config.path,
+                                                "access.trusted_networks"))
+    checker = _checker(config, reactor)
+    delivery = _delivery(config)
+    for index, listener in enumerate(config.listeners):
+        _listener(config, index, listener, reactor, delivery, policy,
+                  checker).setServiceParent(top)
+    if config.demo is not None:
+        demo = config.demo
+        factory = demo_upstream_factory(MailFolderDelivery(demo.mail_dir), demo.username,
+                                        demo.password.value, _server_tls(config, "1.2"), reactor)
+        _endpoint_service(reactor, config, "demo.endpoint", "demo upstream", demo.endpoint,
+                          factory).setServiceParent(top)
+    return top

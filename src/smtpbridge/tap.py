@@ -1,0 +1,31 @@
+"""``twistd smtpbridge``: command-line options and the service maker."""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.python import usage
+
+from smtpbridge.errors import ConfigError
+
+
+class Options(usage.Options):
+    synopsis = "--config FILE"
+    longdesc = "Run the SMTP submission bridge described by a TOML configuration file."
+    optParameters = [  # noqa: RUF012
+        ["config", "c", "/etc/smtpbridge/smtpbridge.toml", "The configuration file."],
+    ]
+
+
+def makeService(options: Options) -> object:  # noqa: N802
+    """Read the configuration and build the bridge; a bad one stops the start in one line."""
+    from twisted.internet import reactor
+
+    from smtpbridge.config import load_config
+    from smtpbridge.service import make_service
+
+    try:
+        return make_service(load_config(options["config"]), reactor)
+    except ConfigError as e:
+        sys.stderr.write(f"smtpbridge: configuration error: {e}\n")
+        raise SystemExit(1)

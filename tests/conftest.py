@@ -1,0 +1,138 @@
+"""Shared fixtures: a reactor thread, test certificates and a running bridge on loopback."""
+
+from __future__ import annotations
+
+import glob
+import os
+import ssl
+import threading
+from collections.abc import Iterator
+
+import attr
+import pytest
+from twisted.internet import reactor as global_reactor
+from twisted.internet.threads import blockingCallFromThread
+
+from smtpbridge.config import parse_config
+from smtpbridge.service import ListenerService, make_service
+from smtpbridge.tls import create_self_signed
+from smtpbridge.users import hash_password
+
+USER = "device"
+PASSWORD = "device-pass-1"  # noqa: S105 - a test account
+
+
+@pytest.fixture(scope="session")
+def reactor() -> Iterator[object]:
+    """The global reactor, running in a thread for the whole session."""
+    thread = threading.Thread(target=global_reactor.run,
+                              kwargs={"installSignalHandlers": False}, daemon=True)
+    thread.start()
+    yield global_reactor
+    global_reactor.callFromThread(global_reactor.stop)
+    thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A self-signed certificate for localhost/127.0.0.1: (certificate, key) paths."""
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = str(directory / "cert.pem"), str(directory / "key.pem")
+    create_self_signed(cert, key, "localhost")
+    return cert, key
+
+
+@pytest.fixture(scope="session")
+def users_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("users") / "users"
+    path.write_text(f"{USER}:{hash_password(PASSWORD, n=2**10)}\n", encoding="utf-8")
+    return str(path)
+
+
+def client_context(certificate: tuple[str, str]) -> ssl.SSLContext:
+    """A client TLS context that trusts the test certificate."""
+    context = ssl.create_default_context(cafile=certificate[0])
+    return context
+
+
+@attr.define
+class RunningBridge:
+    service: object
+    mail_dir: str
+    ports: dict[str, int]
+
+    def messages(self) -> list[bytes]:
+        """Every stored message, oldest first."""
+        paths = sorted(glob.glob(os.path.join(self.mail_dir, "new", "*.eml")),
+                       key=os.path.getmtime)
+        result = []
+        for path in paths:
+            with open(path, "rb") as f:
+                result.append(f.read())
+        return result
+
+
+def start_bridge(reactor: object, toml: str, directory: str) -> RunningBridge:
+    """Start the bridge described by C{toml} (ports 0: the OS picks) in the reactor thread."""
+    path = os.path.join(directory, "smtpbridge.toml")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(toml)
+    config = parse_config(toml, path)
+
+    def start() -> object:
+        service = make_service(config, reactor)
+        service.startService()
+        return service
+
+    service = blockingCallFromThread(reactor, start)
+    ports = {}
+    for child in service:
+        if isinstance(child, ListenerService):
+            ports[child.name.removeprefix("listener ")] = child.port.getHost().port
+    return RunningBridge(service, config.demo.mail_dir if config.demo else "", ports)
+
+
+def stop_bridge(reactor: object, bridge: RunningBridge) -> None:
+    blockingCallFromThread(reactor, bridge.service.stopService)
+
+
+@pytest.fixture
+def bridge_config(certificate: tuple[str, str], users_file: str, tmp_path) -> str:
+    """The TOML of a bridge with an implicit-TLS and a STARTTLS listener, on loopback."""
+    cert, key = certificate
+    return f"""
+[server]
+hostname = "localhost"
+max_message_size = 41943040
+
+[tls]
+certificate = "{cert}"
+key = "{key}"
+
+[[listener]]
+name = "smtps"
+endpoint = "tcp:0:interface=127.0.0.1"
+tls = "implicit"
+auth = "required"
+
+[[listener]]
+name = "legacy"
+endpoint = "tcp:0:interface=127.0.0.1"
+tls = "starttls"
+auth = "optional"
+
+[access]
+trusted_networks = ["127.0.0.0/8"]
+users_file = "{users_file}"
+
+[demo]
+endpoint = "tcp:0:interface=127.0.0.1"
+mail_dir = "{tmp_path}/mail"
+"""
+
+
+@pytest.fixture
+def bridge(reactor: object, bridge_config: str, tmp_path) -> Iterator[RunningBridge]:
+    running = start_bridge(reactor, bridge_config, str(tmp_path))
+    yield running
+    stop_bridge(reactor, running)
