@@ -96,6 +96,8 @@ class ListenerSettings:
 class SMTPServerFactory(Factory):
     """Builds one L{SMTPServerProtocol} per connection of a listener."""
 
+    noisy = False
+
     def __init__(self, settings: ListenerSettings, delivery: IDelivery, policy: IAccessPolicy,
                  checker: IPasswordChecker | None, clock: IReactorTime,
                  tls: ServerTLS | None = None) -> None:
@@ -530,7 +532,14 @@ class SMTPServerProtocol(SMTPLineReceiver, TimeoutMixin):
                      text=refusal.text)
             self.reply(refusal)
         else:
-            self._respond(maybeDeferred(transaction.finish))
+            size, session = self._size, self.client.session_id
+
+            def logged(reply: Reply) -> Reply:
+                log.info("{session} message of {size} bytes: {code} {text}", session=session,
+                         size=size, code=reply.code, text=reply.text)
+                return reply
+
+            self._respond(maybeDeferred(transaction.finish).addCallback(logged))
         self.setLineMode(rest)
 
     def _end_transaction(self, abort: bool, only: ITransaction | None = None) -> None:

@@ -45,8 +45,10 @@ class ListenerService(Service):
         outcome: list = []
         self.endpoint.listen(self.factory).addBoth(outcome.append)
         if outcome and isinstance(outcome[0], Failure):
-            reason = outcome[0].getErrorMessage()
-            sys.stderr.write(f"smtpbridge: cannot listen on {self.description}: {reason}\n")
+            message = f"cannot listen on {self.description}: {outcome[0].getErrorMessage()}"
+            log.critical("{message}", message=message)
+            # twistd has already pointed sys.stderr at the log; the terminal needs it too.
+            (sys.__stderr__ or sys.stderr).write(f"smtpbridge: {message}\n")
             raise SystemExit(1)
         if not outcome:
             raise RuntimeError(f"{self.description}: the endpoint did not listen at once")

@@ -1,0 +1,130 @@
+"""The configuration contract: every mistake is one clear line naming file, key and reason."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from smtpbridge.config import load_config, parse_config
+from smtpbridge.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MINIMAL = """
+[[listener]]
+name = "plain"
+endpoint = "tcp:2525"
+tls = "none"
+auth = "optional"
+
+[upstream]
+host = "smtp.example.com"
+"""
+
+
+def error_of(text: str, path: str = "/etc/smtpbridge/test.toml") -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(path)
+    return message
+
+
+def test_minimal_config_has_the_documented_defaults():
+    config = parse_config(MINIMAL, "/x/test.toml")
+    assert config.server.max_message_size == 36_700_160
+    assert config.server.idle_timeout == 300
+    assert config.upstream.port == 587 and config.upstream.ca_certificates is None
+    assert config.access.trusted_networks == ("127.0.0.0/8", "::1/128")
+    listener = config.listeners[0]
+    assert listener.min_tls_version == "1.2" and not listener.allow_plaintext_auth
+    assert config.credentials.mapper == "static"
+
+
+def test_the_annotated_example_parses(tmp_path):
+    with open(os.path.join(ROOT, "etc", "smtpbridge.toml"), encoding="utf-8") as f:
+        text = f.read()
+    (tmp_path / "upstream-password").write_text("not-a-real-password\n")
+    text = text.replace("/etc/smtpbridge/", f"{tmp_path}/")
+    config = parse_config(text, str(tmp_path / "smtpbridge.toml"))
+    assert [listener.name for listener in config.listeners] == ["smtps", "legacy"]
+    assert config.credentials.password.value == "not-a-real-password"
+    assert "not-a-real-password" not in repr(config)
+
+
+def test_the_demo_config_parses():
+    config = load_config(os.path.join(ROOT, "etc", "demo.toml"))
+    assert {listener.tls for listener in config.listeners} == {"implicit", "starttls"}
+    assert all("127.0.0.1" in listener.endpoint for listener in config.listeners)
+    assert config.demo is not None
+    assert config.tls.certificate == os.path.join(ROOT, "var", "demo", "tls", "cert.pem")
+
+
+@pytest.mark.parametrize("text, key, reason", [
+    (MINIMAL + "\n[server]\nhostnme = 'x'\n", "server.hostnme", "unknown key"),
+    ("bogus = 1\n" + MINIMAL, "bogus", "unknown key"),
+    (MINIMAL + "\nbogus = 1\n", "upstream.bogus", "unknown key"),
+    (MINIMAL.replace('tls = "none"', 'tls = "none"\ncolour = "red"'), "listener[0].colour",
+     "unknown key"),
+    (MINIMAL + "\n[server]\nmax_message_size = '10MB'\n", "server.max_message_size",
+     "expected an integer, got a string"),
+    (MINIMAL + "\n[server]\nidle_timeout = true\n", "server.idle_timeout",
+     "expected an integer, got a boolean"),
+    (MINIMAL.replace('host = "smtp.example.com"', 'host = "h"\nport = 70000'), "upstream.port",
+     "must be 1..65535"),
+    (MINIMAL.replace('tls = "none"', 'tls = "ssl"'), "listener[0].tls", "must be one of"),
+    (MINIMAL.replace('endpoint = "tcp:2525"\n', ""), "listener[0].endpoint",
+     "required key is missing"),
+    (MINIMAL + "\n[access]\ntrusted_networks = '10.0.0.0/8'\n", "access.trusted_networks",
+     "expected a list"),
+    (MINIMAL.replace('tls = "none"', 'tls = "implicit"'), "tls.certificate",
+     "certificate and key are required"),
+    (MINIMAL.replace('auth = "optional"', 'auth = "required"'), "listener[0].auth",
+     "accepts no one"),
+    (MINIMAL + MINIMAL.split("[upstream]")[0], "listener[1].name", "duplicate listener name"),
+    ("[server]\nhostname = 'x'\n", "listener", "required key is missing"),
+    (MINIMAL + "\n[credentials]\npassword = 'hunter2'\n", "credentials.password",
+     "use password_file or password_env"),
+    (MINIMAL + "\n[credentials]\npassword_env = 'SMTPBRIDGE_TEST_UNSET_VARIABLE'\n",
+     "credentials.password_env", "is not set"),
+])
+def test_mistakes_name_the_key_and_the_reason(text, key, reason):
+    message = error_of(text)
+    assert f": {key}: " in message
+    assert reason in message
+    assert "hunter2" not in message
+
+
+def test_not_toml():
+    assert "not valid TOML" in error_of("[server\n")
+
+
+def test_missing_file(tmp_path):
+    path = str(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: cannot read configuration: No such file or directory"
+
+
+def test_secret_from_file_and_env(tmp_path, monkeypatch):
+    secret = tmp_path / "pw"
+    secret.write_text("from-file\n")
+    config = parse_config(MINIMAL + "\n[credentials]\nusername = 'u'\npassword_file = 'pw'\n",
+                          str(tmp_path / "c.toml"))
+    assert config.credentials.password.value == "from-file"
+    monkeypatch.setenv("SMTPBRIDGE_TEST_PASSWORD", "from-env")
+    config = parse_config(MINIMAL + "\n[credentials]\npassword_env = 'SMTPBRIDGE_TEST_PASSWORD'\n",
+                          str(tmp_path / "c.toml"))
+    assert config.credentials.password.value == "from-env"
+    assert "from-env" not in repr(config) and "from-env" not in str(config.credentials)
+    message = error_of(MINIMAL + "\n[credentials]\npassword_file = 'missing'\n",
+                       str(tmp_path / "c.toml"))
+    assert "credentials.password_file: cannot read" in message
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path):
+    config = parse_config(MINIMAL + "\n[access]\nusers_file = 'users'\n",
+                          str(tmp_path / "sub" / "c.toml"))
+    assert config.access.users_file == str(tmp_path / "sub" / "users")
