@@ -300,7 +300,8 @@ class DataDecoder:
                         return lines, b"\n".join(parts[index + 1 :])
                 else:
                     line = line[1:]
-
+            if b"\r" in line:
+                line = line.replace(b"\r", b" ")
             if len(line) > limit:
                 lines.extend(_break_line(line, limit))
             else:
