@@ -110,7 +110,7 @@ def test_demo_starts_and_stores_mail(tmp_path):
                               timeout=30) as client:
             client.login("device", "device")
             message = b"Subject: demo\r\n\r\nhello from the demo\r\n"
-        client.sendmail("printer@example.com", ["office@example.com"], message)
+            client.sendmail("printer@example.com", ["office@example.com"], message)
         stored = list((tmp_path / "var" / "mail" / "new").glob("*.eml"))
         assert [p.read_bytes() for p in stored] == [message]
     finally:
