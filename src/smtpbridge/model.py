@@ -54,3 +54,22 @@ class Envelope:
     sender: str
     sender_params: Mapping[str, str | None] = attr.field(factory=dict)
     recipients: tuple[str, ...] = ()
+
+
+@attr.frozen
+class Route:
+    """Where upstream submission goes: one host, its port and TLS mode."""
+
+    host: str
+    port: int = 587
+    tls: str = "starttls"  # starttls | implicit
+    ca_certificates: str | None = None  # PEM bundle; None: the system trust store
+    timeout: float = 60.0
+
+
+@attr.frozen
+class UpstreamAccount:
+    """The upstream login used for a transaction. The password's repr hides it."""
+
+    username: str
+    password: object = attr.field(repr=False)  # smtpbridge.config.Secret
