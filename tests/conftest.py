@@ -14,12 +14,15 @@ from twisted.internet import reactor as global_reactor
 from twisted.internet.threads import blockingCallFromThread
 
 from smtpbridge.config import parse_config
+from smtpbridge.demo import MailFolderDelivery, demo_upstream_factory
 from smtpbridge.service import ListenerService, make_service
-from smtpbridge.tls import create_self_signed
+from smtpbridge.tls import ServerTLS, create_self_signed, server_context
 from smtpbridge.users import hash_password
 
 USER = "device"
 PASSWORD = "device-pass-1"  # noqa: S105 - a test account
+UPSTREAM_USER = "bridge"
+UPSTREAM_PASSWORD = "upstream-pass-1"  # noqa: S105 - a test account
 
 
 @pytest.fixture(scope="session")
@@ -58,18 +61,7 @@ def client_context(certificate: tuple[str, str]) -> ssl.SSLContext:
 @attr.define
 class RunningBridge:
     service: object
-    mail_dir: str
     ports: dict[str, int]
-
-    def messages(self) -> list[bytes]:
-        """Every stored message, oldest first."""
-        paths = sorted(glob.glob(os.path.join(self.mail_dir, "new", "*.eml")),
-                       key=os.path.getmtime)
-        result = []
-        for path in paths:
-            with open(path, "rb") as f:
-                result.append(f.read())
-        return result
 
 
 def start_bridge(reactor: object, toml: str, directory: str) -> RunningBridge:
@@ -89,17 +81,61 @@ def start_bridge(reactor: object, toml: str, directory: str) -> RunningBridge:
     for child in service:
         if isinstance(child, ListenerService):
             ports[child.name.removeprefix("listener ")] = child.port.getHost().port
-    return RunningBridge(service, config.demo.mail_dir if config.demo else "", ports)
+    return RunningBridge(service, ports)
 
 
 def stop_bridge(reactor: object, bridge: RunningBridge) -> None:
     blockingCallFromThread(reactor, bridge.service.stopService)
 
 
+@attr.define
+class DemoUpstream:
+    """Our own demo upstream (STARTTLS + AUTH, .eml files) listening on loopback."""
+
+    port: object
+    mail_dir: str
+
+    @property
+    def number(self) -> int:
+        return self.port.getHost().port
+
+    def messages(self) -> list[bytes]:
+        return stored_messages(self.mail_dir)
+
+
+def stored_messages(mail_dir: str) -> list[bytes]:
+    """Every message stored in a demo mail folder, oldest first."""
+    paths = sorted(glob.glob(os.path.join(mail_dir, "new", "*.eml")), key=os.path.getmtime)
+    result = []
+    for path in paths:
+        with open(path, "rb") as f:
+            result.append(f.read())
+    return result
+
+
 @pytest.fixture
-def bridge_config(certificate: tuple[str, str], users_file: str, tmp_path) -> str:
-    """The TOML of a bridge with an implicit-TLS and a STARTTLS listener, on loopback."""
+def demo_upstream(reactor: object, certificate: tuple[str, str],
+                  tmp_path) -> Iterator[DemoUpstream]:
+    mail_dir = str(tmp_path / "upstream-mail")
+
+    def start() -> object:
+        context = server_context(*certificate)
+        factory = demo_upstream_factory(MailFolderDelivery(mail_dir), UPSTREAM_USER,
+                                        UPSTREAM_PASSWORD, ServerTLS(context), reactor)
+        return reactor.listenTCP(0, factory, interface="127.0.0.1")
+
+    port = blockingCallFromThread(reactor, start)
+    yield DemoUpstream(port, mail_dir)
+    blockingCallFromThread(reactor, port.stopListening)
+
+
+@pytest.fixture
+def bridge_config(certificate: tuple[str, str], users_file: str, tmp_path,
+                  demo_upstream: DemoUpstream) -> str:
+    """The TOML of a bridge with an implicit-TLS and a STARTTLS listener, on loopback,
+    relaying to the demo upstream."""
     cert, key = certificate
+    (tmp_path / "upstream-password").write_text(UPSTREAM_PASSWORD + "\n")
     return f"""
 [server]
 hostname = "localhost"
@@ -125,9 +161,15 @@ auth = "optional"
 trusted_networks = ["127.0.0.0/8"]
 users_file = "{users_file}"
 
-[demo]
-endpoint = "tcp:0:interface=127.0.0.1"
-mail_dir = "{tmp_path}/mail"
+[upstream]
+host = "localhost"
+port = {demo_upstream.number}
+ca_certificates = "{cert}"
+timeout = 20
+
+[credentials]
+username = "{UPSTREAM_USER}"
+password_file = "{tmp_path}/upstream-password"
 """
 
 

@@ -20,7 +20,16 @@ auth = "optional"
 
 [upstream]
 host = "smtp.example.com"
+
+[credentials]
+username = "relay@example.com"
+password_env = "SMTPBRIDGE_TEST_PASSWORD"
 """
+
+
+@pytest.fixture(autouse=True)
+def upstream_password(monkeypatch):
+    monkeypatch.setenv("SMTPBRIDGE_TEST_PASSWORD", "from-env")
 
 
 def error_of(text: str, path: str = "/etc/smtpbridge/test.toml") -> str:
@@ -65,7 +74,7 @@ def test_the_demo_config_parses():
 @pytest.mark.parametrize("text, key, reason", [
     (MINIMAL + "\n[server]\nhostnme = 'x'\n", "server.hostnme", "unknown key"),
     ("bogus = 1\n" + MINIMAL, "bogus", "unknown key"),
-    (MINIMAL + "\nbogus = 1\n", "upstream.bogus", "unknown key"),
+    (MINIMAL + "\nbogus = 1\n", "credentials.bogus", "unknown key"),
     (MINIMAL.replace('tls = "none"', 'tls = "none"\ncolour = "red"'), "listener[0].colour",
      "unknown key"),
     (MINIMAL + "\n[server]\nmax_message_size = '10MB'\n", "server.max_message_size",
@@ -74,6 +83,13 @@ def test_the_demo_config_parses():
      "expected an integer, got a boolean"),
     (MINIMAL.replace('host = "smtp.example.com"', 'host = "h"\nport = 70000'), "upstream.port",
      "must be 1..65535"),
+    (MINIMAL.replace('host = "smtp.example.com"', 'host = "h"\ntls = "none"'), "upstream.tls",
+     "must be one of"),
+    (MINIMAL.replace('username = "relay@example.com"\n', ""), "credentials.username",
+     "required key is missing"),
+    (MINIMAL.replace('password_env = "SMTPBRIDGE_TEST_PASSWORD"\n', ""),
+     "credentials.password_file", "password is missing"),
+    (MINIMAL.split("[credentials]")[0], "credentials", "required table is missing"),
     (MINIMAL.replace('tls = "none"', 'tls = "ssl"'), "listener[0].tls", "must be one of"),
     (MINIMAL.replace('endpoint = "tcp:2525"\n', ""), "listener[0].endpoint",
      "required key is missing"),
@@ -83,11 +99,11 @@ def test_the_demo_config_parses():
      "certificate and key are required"),
     (MINIMAL.replace('auth = "optional"', 'auth = "required"'), "listener[0].auth",
      "accepts no one"),
-    (MINIMAL + MINIMAL.split("[upstream]")[0], "listener[1].name", "duplicate listener name"),
+    (MINIMAL.split("[upstream]")[0] + MINIMAL, "listener[1].name", "duplicate listener name"),
     ("[server]\nhostname = 'x'\n", "listener", "required key is missing"),
-    (MINIMAL + "\n[credentials]\npassword = 'hunter2'\n", "credentials.password",
+    (MINIMAL + "password = 'hunter2'\n", "credentials.password",
      "use password_file or password_env"),
-    (MINIMAL + "\n[credentials]\npassword_env = 'SMTPBRIDGE_TEST_UNSET_VARIABLE'\n",
+    (MINIMAL.replace("SMTPBRIDGE_TEST_PASSWORD", "SMTPBRIDGE_TEST_UNSET_VARIABLE"),
      "credentials.password_env", "is not set"),
 ])
 def test_mistakes_name_the_key_and_the_reason(text, key, reason):
@@ -108,23 +124,22 @@ def test_missing_file(tmp_path):
     assert str(info.value) == f"{path}: cannot read configuration: No such file or directory"
 
 
-def test_secret_from_file_and_env(tmp_path, monkeypatch):
+def test_secret_from_file_and_env(tmp_path):
     secret = tmp_path / "pw"
     secret.write_text("from-file\n")
-    config = parse_config(MINIMAL + "\n[credentials]\nusername = 'u'\npassword_file = 'pw'\n",
-                          str(tmp_path / "c.toml"))
+    with_file = MINIMAL.replace('password_env = "SMTPBRIDGE_TEST_PASSWORD"', 'password_file = "pw"')
+    config = parse_config(with_file, str(tmp_path / "c.toml"))
     assert config.credentials.password.value == "from-file"
-    monkeypatch.setenv("SMTPBRIDGE_TEST_PASSWORD", "from-env")
-    config = parse_config(MINIMAL + "\n[credentials]\npassword_env = 'SMTPBRIDGE_TEST_PASSWORD'\n",
-                          str(tmp_path / "c.toml"))
+    config = parse_config(MINIMAL, str(tmp_path / "c.toml"))
     assert config.credentials.password.value == "from-env"
     assert "from-env" not in repr(config) and "from-env" not in str(config.credentials)
-    message = error_of(MINIMAL + "\n[credentials]\npassword_file = 'missing'\n",
-                       str(tmp_path / "c.toml"))
+    message = error_of(with_file.replace('"pw"', '"missing"'), str(tmp_path / "c.toml"))
     assert "credentials.password_file: cannot read" in message
+    both = MINIMAL.replace('password_env', 'password_file = "pw"\npassword_env')
+    assert "not both" in error_of(both, str(tmp_path / "c.toml"))
 
 
 def test_relative_paths_are_relative_to_the_config_file(tmp_path):
-    config = parse_config(MINIMAL + "\n[access]\nusers_file = 'users'\n",
+    config = parse_config("[access]\nusers_file = 'users'\n" + MINIMAL,
                           str(tmp_path / "sub" / "c.toml"))
     assert config.access.users_file == str(tmp_path / "sub" / "users")

@@ -94,33 +94,33 @@ class RawClient:
 
 # Real clients through both kinds of listener.
 
-def test_smtplib_over_implicit_tls_with_auth(bridge, certificate):
+def test_smtplib_over_implicit_tls_with_auth(bridge, demo_upstream, certificate):
     message = make_message(2000)
     with smtplib.SMTP_SSL("127.0.0.1", bridge.ports["smtps"],
                           context=client_context(certificate), timeout=30) as client:
         client.login(USER, PASSWORD)
         assert client.sendmail(SENDER, [RECIPIENT], message) == {}
-    assert bridge.messages() == [message]
+    assert demo_upstream.messages() == [message]
 
 
-def test_smtplib_over_starttls_with_auth(bridge, certificate):
+def test_smtplib_over_starttls_with_auth(bridge, demo_upstream, certificate):
     message = make_message(2000, seed=1)
     with smtplib.SMTP("127.0.0.1", bridge.ports["legacy"], timeout=30) as client:
         client.starttls(context=client_context(certificate))
         client.login(USER, PASSWORD)
         client.sendmail(SENDER, [RECIPIENT], message)
-    assert bridge.messages() == [message]
+    assert demo_upstream.messages() == [message]
 
 
 @pytest.mark.parametrize("size", [1, 1 << 20, 20 << 20], ids=["1B", "1MiB", "20MiB"])
-def test_stored_bytes_equal_sent_bytes(bridge, certificate, size):
+def test_stored_bytes_equal_sent_bytes(bridge, demo_upstream, certificate, size):
     message = make_message(size, seed=size)
     assert any(line.startswith(b".") for line in message.split(b"\r\n")) or size < 10
     with smtplib.SMTP_SSL("127.0.0.1", bridge.ports["smtps"],
                           context=client_context(certificate), timeout=120) as client:
         client.login(USER, PASSWORD)
         client.sendmail(SENDER, [RECIPIENT], message, mail_options=["BODY=8BITMIME"])
-    [stored] = bridge.messages()
+    [stored] = demo_upstream.messages()
     assert sha(stored) == sha(on_the_wire(message))
 
 
@@ -135,25 +135,25 @@ def run_swaks(*args: str) -> subprocess.CompletedProcess:
 
 
 @swaks
-def test_swaks_tls_on_connect(bridge):
+def test_swaks_tls_on_connect(bridge, demo_upstream):
     result = run_swaks("--port", str(bridge.ports["smtps"]), "--tls-on-connect")
     assert result.returncode == 0, result.stdout + result.stderr
-    [stored] = bridge.messages()
+    [stored] = demo_upstream.messages()
     assert b"Subject: swaks test" in stored and b"from swaks" in stored
 
 
 @swaks
-def test_swaks_starttls(bridge):
+def test_swaks_starttls(bridge, demo_upstream):
     result = run_swaks("--port", str(bridge.ports["legacy"]), "-tls")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "STARTTLS" in result.stdout
-    [stored] = bridge.messages()
+    [stored] = demo_upstream.messages()
     assert b"from swaks" in stored
 
 
 # Behaviour on the wire.
 
-def test_pipelined_session(bridge):
+def test_pipelined_session(bridge, demo_upstream):
     client = RawClient(bridge.ports["legacy"])
     assert client.code() == "220"
     client.send(b"EHLO pipeliner\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\n"
@@ -162,7 +162,7 @@ def test_pipelined_session(bridge):
     client.send(b"Subject: pipelined\r\n\r\nhello\r\n.\r\nRSET\r\nQUIT\r\n")
     assert [client.code() for _ in range(3)] == ["250", "250", "221"]
     client.close()
-    assert bridge.messages() == [b"Subject: pipelined\r\n\r\nhello\r\n"]
+    assert demo_upstream.messages() == [b"Subject: pipelined\r\n\r\nhello\r\n"]
 
 
 def test_starttls_injection_is_not_answered(bridge, certificate):
@@ -193,7 +193,8 @@ def test_auth_before_tls_is_refused(bridge):
     client.close()
 
 
-def test_unauthenticated_relay_is_refused(reactor, bridge_config, tmp_path, certificate):
+def test_unauthenticated_relay_is_refused(reactor, bridge_config, tmp_path, certificate,
+                                          demo_upstream):
     config = bridge_config.replace('trusted_networks = ["127.0.0.0/8"]',
                                    'trusted_networks = ["192.0.2.0/24"]')
     running = start_bridge(reactor, config, str(tmp_path))
@@ -209,12 +210,12 @@ def test_unauthenticated_relay_is_refused(reactor, bridge_config, tmp_path, cert
             with pytest.raises(smtplib.SMTPSenderRefused) as refused:
                 smtps.sendmail(SENDER, [RECIPIENT], b"no auth")
             assert refused.value.smtp_code == 530
-        assert running.messages() == []
+        assert demo_upstream.messages() == []
     finally:
         stop_bridge(reactor, running)
 
 
-def test_client_gone_mid_data_stores_nothing(bridge):
+def test_client_gone_mid_data_stores_nothing(bridge, demo_upstream):
     client = RawClient(bridge.ports["legacy"])
     client.reply()
     client.send(b"EHLO c\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
@@ -226,7 +227,7 @@ def test_client_gone_mid_data_stores_nothing(bridge):
     assert probe.code() == "220"
     probe.send(b"QUIT\r\n")
     assert probe.code() == "221"
-    assert bridge.messages() == []
+    assert demo_upstream.messages() == []
 
 
 def test_tls_below_the_floor_is_refused(bridge, certificate):

@@ -73,6 +73,7 @@ class AccessConfig:
 class UpstreamConfig:
     host: str
     port: int = 587
+    tls: str = "starttls"
     ca_certificates: str | None = None
     timeout: int = 60
 
@@ -90,8 +91,8 @@ class DemoConfig:
 
     endpoint: str
     mail_dir: str
-    username: str = "demo"
-    password: Secret = Secret("demo")
+    username: str
+    password: Secret
 
 
 @attr.frozen
@@ -101,7 +102,7 @@ class Config:
     tls: TLSConfig
     listeners: tuple[ListenerConfig, ...]
     access: AccessConfig
-    upstream: UpstreamConfig | None
+    upstream: UpstreamConfig
     credentials: CredentialsConfig
     demo: DemoConfig | None
 
@@ -281,26 +282,36 @@ def _upstream(t: _Table) -> UpstreamConfig:
     return UpstreamConfig(
         host=t.string("host"),
         port=t.integer("port", 587, minimum=1, maximum=65535),
+        tls=t.string("tls", "starttls", choices=("starttls", "implicit")),
         ca_certificates=t.path("ca_certificates", ""),
         timeout=t.integer("timeout", 60, minimum=1),
     )
 
 
 def _credentials(t: _Table) -> CredentialsConfig:
-    return CredentialsConfig(
+    credentials = CredentialsConfig(
         mapper=t.string("mapper", "static", choices=("static",)),
         username=t.string("username", None),
         password=t.secret("password"),
     )
+    if credentials.username is None:
+        raise t.error("username", "required key is missing")
+    if credentials.password is None:
+        raise t.error("password_file", "the upstream password is missing: "
+                                       "give password_file or password_env")
+    return credentials
 
 
 def _demo(t: _Table) -> DemoConfig:
-    return DemoConfig(
+    demo = DemoConfig(
         endpoint=t.string("endpoint"),
         mail_dir=t.path("mail_dir"),
-        username=t.string("username", "demo"),
-        password=Secret(t.string("password", "demo")),
+        username=t.string("username"),
+        password=t.secret("password"),
     )
+    if demo.password is None:
+        raise t.error("password_file", "required key is missing")
+    return demo
 
 
 def parse_config(text: str, path: str) -> Config:
@@ -330,8 +341,8 @@ def parse_config(text: str, path: str) -> Config:
         tls=_section(root, "tls", _tls) or TLSConfig(),
         listeners=tuple(listeners),
         access=_section(root, "access", _access) or AccessConfig(),
-        upstream=_section(root, "upstream", _upstream),
-        credentials=_section(root, "credentials", _credentials) or CredentialsConfig(),
+        upstream=_section(root, "upstream", _upstream, required=True),
+        credentials=_section(root, "credentials", _credentials, required=True),
         demo=_section(root, "demo", _demo),
     )
     root.done()
@@ -345,8 +356,6 @@ def _check_whole(config: Config) -> None:
         if not config.tls.certificate or not config.tls.key:
             raise ConfigError(config.path, "tls.certificate",
                               "a listener uses TLS, so [tls] certificate and key are required")
-    if config.upstream is None and config.demo is None:
-        raise ConfigError(config.path, "upstream", "required table is missing")
 
 
 def load_config(path: str) -> Config:

@@ -57,3 +57,12 @@ class IAccessPolicy(Interface):
     def may_submit(client: object, auth_required: bool) -> object:
         """None when the client may start a transaction, else the refusing Reply."""
 
+
+
+class ICredentialMapper(Interface):
+    """Chooses, per transaction, the upstream route and account."""
+
+    def map(client: object, sender: str) -> object:
+        """An L{smtpbridge.model.Assignment} (or a Deferred firing with one) for the
+        client (a L{smtpbridge.model.ClientInfo}) and envelope sender; fails with
+        L{smtpbridge.errors.SMTPReplyError} when no account may serve them."""

@@ -73,3 +73,11 @@ class UpstreamAccount:
 
     username: str
     password: object = attr.field(repr=False)  # smtpbridge.config.Secret
+
+
+@attr.frozen
+class Assignment:
+    """The answer of a credential mapper: which route and account serve a transaction."""
+
+    route: Route
+    account: UpstreamAccount | None

@@ -11,6 +11,7 @@ import os
 import sys
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.threads import deferToThreadPool
@@ -18,11 +19,15 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
+from smtpbridge import client
 from smtpbridge.config import Config, ListenerConfig
 from smtpbridge.demo import MailFolderDelivery, demo_upstream_factory
 from smtpbridge.errors import ConfigError
 from smtpbridge.interfaces import IDelivery, IPasswordChecker
+from smtpbridge.mapping import StaticMapper
+from smtpbridge.model import Assignment, Route, UpstreamAccount
 from smtpbridge.policy import AccessPolicy, TrustedNetworks
+from smtpbridge.relay import InlineDelivery
 from smtpbridge.server import ListenerSettings, SMTPServerFactory
 from smtpbridge.tls import ServerTLS, create_self_signed, server_context
 from smtpbridge.users import UsersFileChecker, load_users
@@ -78,11 +83,8 @@ def _endpoint_service(reactor: object, config: Config, key: str, name: str,
 
 
 def _server_tls(config: Config, min_version: str) -> ServerTLS:
-    tls = config.tls
-    if tls.create_self_signed and not (os.path.exists(tls.certificate)
-                                       or os.path.exists(tls.key)):
-        create_self_signed(tls.certificate, tls.key, config.server.hostname)
-    return ServerTLS(server_context(tls.certificate, tls.key, min_version, config.path))
+    return ServerTLS(server_context(config.tls.certificate, config.tls.key, min_version,
+                                    config.path))
 
 
 def _checker(config: Config, reactor: object) -> IPasswordChecker | None:
@@ -96,11 +98,24 @@ def _checker(config: Config, reactor: object) -> IPasswordChecker | None:
     return UsersFileChecker(load_users(config.access.users_file), run_blocking)
 
 
-def _delivery(config: Config) -> IDelivery:
-    # Until the bridge relays upstream, the demo's mail folder receives everything.
-    if config.demo is None:
-        raise ConfigError(config.path, "demo", "a [demo] table is needed to deliver mail")
-    return MailFolderDelivery(config.demo.mail_dir)
+def _route(config: Config) -> Route:
+    upstream = config.upstream
+    ca = upstream.ca_certificates
+    if ca is not None and not os.access(ca, os.R_OK):
+        reason = "does not exist" if not os.path.exists(ca) else "is not readable"
+        raise ConfigError(config.path, "upstream.ca_certificates", f"{ca} {reason}")
+    return Route(upstream.host, upstream.port, upstream.tls, ca, float(upstream.timeout))
+
+
+def _delivery(config: Config, reactor: object) -> IDelivery:
+    credentials = config.credentials
+    account = UpstreamAccount(credentials.username, credentials.password)
+    mapper = StaticMapper(Assignment(_route(config), account))
+
+    def connect(route: Route, account: UpstreamAccount | None) -> Deferred:
+        return client.connect(reactor, route, account, config.server.hostname)
+
+    return InlineDelivery(mapper, connect)
 
 
 def _listener(config: Config, index: int, listener: ListenerConfig, reactor: object,
@@ -130,7 +145,11 @@ def make_service(config: Config, reactor: object) -> MultiService:
     policy = AccessPolicy(TrustedNetworks.parse(config.access.trusted_networks, config.path,
                                                 "access.trusted_networks"))
     checker = _checker(config, reactor)
-    delivery = _delivery(config)
+    tls = config.tls
+    if tls.create_self_signed and not (os.path.exists(tls.certificate)
+                                       or os.path.exists(tls.key)):
+        create_self_signed(tls.certificate, tls.key, config.server.hostname)
+    delivery = _delivery(config, reactor)
     for index, listener in enumerate(config.listeners):
         _listener(config, index, listener, reactor, delivery, policy,
                   checker).setServiceParent(top)
