@@ -127,7 +127,8 @@ def test_missing_file(tmp_path):
 def test_secret_from_file_and_env(tmp_path):
     secret = tmp_path / "pw"
     secret.write_text("from-file\n")
-    with_file = MINIMAL.replace('password_env = "SMTPBRIDGE_TEST_PASSWORD"', 'password_file = "pw"')
+    with_file = MINIMAL.replace('password_env = "SMTPBRIDGE_TEST_PASSWORD"',
+                                'password_file = "pw"')
     config = parse_config(with_file, str(tmp_path / "c.toml"))
     assert config.credentials.password.value == "from-file"
     config = parse_config(MINIMAL, str(tmp_path / "c.toml"))
