@@ -8,7 +8,6 @@ MAIL, RCPT, DATA and the final dot are returned as they are, to be passed on ver
 from __future__ import annotations
 
 import base64
-import re
 from collections import deque
 from typing import Any
 
@@ -21,13 +20,6 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IReactorTime
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator as TLSOptions
 from twisted.internet.protocol import Factory, connectionDone
-from twisted.internet.ssl import (
-    Certificate,
-    TLSVersion,
-    optionsForClientTLS,
-    platformTrust,
-    trustRootFromCertificates,
-)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -35,13 +27,11 @@ from zope.interface import implementer
 from smtpbridge.errors import SMTPReplyError
 from smtpbridge.lines import SMTPLineReceiver
 from smtpbridge.model import Reply, Route, UpstreamAccount
-from smtpbridge.tls import connection_summary
+from smtpbridge.tls import connection_summary, tls_failure_reason, upstream_tls_options
 from smtpbridge.wire import END_OF_DATA, ReplyParser, encode_lines
 
 log = Logger()
 
-_PEM_CERTIFICATE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 _HIDDEN = "<hidden>"
 
 
@@ -62,28 +52,6 @@ def _show(reply: Reply) -> str:
     return " ".join(part for part in parts if part)
 
 
-def _load_certificates(path: str) -> list[Certificate]:
-    """Every certificate of a PEM bundle."""
-    with open(path, "rb") as f:
-        blocks = _PEM_CERTIFICATE.findall(f.read())
-    if not blocks:
-        raise ValueError(f"{path} holds no PEM certificate")
-    return [Certificate.loadPEM(block) for block in blocks]
-
-
-def upstream_tls_options(route: Route) -> TLSOptions:
-    """TLS 1.2+ client options that verify the upstream's certificate for C{route.host}.
-
-    The trust root is the system store, or the PEM bundle of C{route.ca_certificates}.
-    """
-    if route.ca_certificates is None:
-        trust = platformTrust()
-    else:
-        trust = trustRootFromCertificates(_load_certificates(route.ca_certificates))
-    return optionsForClientTLS(route.host, trustRoot=trust,
-                               extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2})
-
-
 def parse_features(reply: Reply) -> dict[str, str]:
     """EHLO keywords (upper-case) and their parameters; "AUTH=X" counts as AUTH X."""
     features: dict[str, str] = {}
@@ -97,16 +65,6 @@ def parse_features(reply: Reply) -> dict[str, str]:
         if keyword:
             features[keyword] = params
     return features
-
-
-def _tls_reason(reason: Failure, route: Route) -> str:
-    """Readable words for a failed handshake or certificate check."""
-    if reason.check(VerificationError):
-        return f"certificate does not match host {route.host}"
-    args = reason.value.args
-    errors = args[0] if args and isinstance(args[0], list) else []
-    words = [e[-1] for e in errors if isinstance(e, tuple) and e and e[-1]]
-    return "; ".join(dict.fromkeys(words)) or reason.getErrorMessage() or "handshake failed"
 
 
 @attr.define
@@ -159,7 +117,7 @@ class UpstreamProtocol(SMTPLineReceiver):
         if self.error is not None:
             return
         if self.handshaking and reason.check(SSL.Error, VerificationError):
-            text = f"TLS failed: {_tls_reason(reason, self.route)}"
+            text = f"TLS failed: {tls_failure_reason(reason, self.route.host)}"
             self.fail(self.error_for(454, "4.7.5", text), close="none")
             return
         self.fail(self.error_for(451, "4.4.2", f"closed the connection during {self._step}"),

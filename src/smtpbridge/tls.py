@@ -1,4 +1,5 @@
-"""TLS for both sides: server contexts for listeners, the demo's self-signed certificate.
+"""TLS for both sides: server contexts for listeners, verifying client options for the
+upstream, the demo's self-signed certificate.
 
 Server contexts are built with pyOpenSSL directly, because Twisted's
 ``CertificateOptions`` cannot allow TLS 1.0/1.1 with the security level old
@@ -10,16 +11,31 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
+from service_identity import VerificationError
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator as TLSOptions
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.ssl import (
+    Certificate,
+    TLSVersion,
+    optionsForClientTLS,
+    platformTrust,
+    trustRootFromCertificates,
+)
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpbridge.errors import ConfigError
+from smtpbridge.model import Route
+
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 
 TLS_VERSIONS = {
     "1.0": SSL.TLS1_VERSION,
@@ -118,7 +134,33 @@ def create_self_signed(certificate: str, key: str, hostname: str) -> None:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def certificate_pem(path: str) -> crypto.X509:
-    """Load a PEM certificate (used to trust the demo upstream's own certificate)."""
+def _load_certificates(path: str) -> list[Certificate]:
+    """Every certificate of a PEM bundle."""
     with open(path, "rb") as f:
-        return crypto.load_certificate(crypto.FILETYPE_PEM, f.read())
+        blocks = _PEM_CERTIFICATE.findall(f.read())
+    if not blocks:
+        raise ValueError(f"{path} holds no PEM certificate")
+    return [Certificate.loadPEM(block) for block in blocks]
+
+
+def upstream_tls_options(route: Route) -> TLSOptions:
+    """TLS 1.2+ client options that verify the upstream's certificate for C{route.host}.
+
+    The trust root is the system store, or the PEM bundle of C{route.ca_certificates}.
+    """
+    if route.ca_certificates is None:
+        trust = platformTrust()
+    else:
+        trust = trustRootFromCertificates(_load_certificates(route.ca_certificates))
+    return optionsForClientTLS(route.host, trustRoot=trust,
+                               extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2})
+
+
+def tls_failure_reason(reason: Failure, host: str) -> str:
+    """Readable words for a failed handshake or certificate check."""
+    if reason.check(VerificationError):
+        return f"certificate does not match host {host}"
+    args = reason.value.args
+    errors = args[0] if args and isinstance(args[0], list) else []
+    words = [e[-1] for e in errors if isinstance(e, tuple) and e and e[-1]]
+    return "; ".join(dict.fromkeys(words)) or reason.getErrorMessage() or "handshake failed"
