@@ -1,4 +1,4 @@
-"""The ``smtpbridge`` command: configuration check and password hashing."""
+"""The ``smtpbridge`` command: configuration and upstream check, password hashing."""
 
 from __future__ import annotations
 
@@ -51,15 +51,70 @@ def _hash_password(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
+    """Check the configuration, then perform a real upstream handshake with each account."""
     from smtpbridge.config import load_config
+    from smtpbridge.service import upstream_assignments
 
     try:
-        load_config(args.config)
+        config = load_config(args.config)
+        assignments = upstream_assignments(config)
     except ConfigError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
     print(f"config ok: {args.config}")
-    return 0
+    if args.config_only:
+        return 0
+    from twisted.internet import reactor
+
+    failures = _run(reactor, _check_upstreams(reactor, config, assignments))
+    print("PASS: the upstream accepts the bridge" if not failures
+          else f"FAIL: {failures} upstream check(s) failed")
+    return 1 if failures else 0
+
+
+def _run(reactor: object, coroutine: object) -> int:
+    """Run C{coroutine} on the reactor until it is done; its result."""
+    from twisted.internet.defer import Deferred
+
+    outcome: list = []
+
+    def start() -> None:
+        d = Deferred.fromCoroutine(coroutine)
+        d.addBoth(outcome.append).addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+    if not outcome or not isinstance(outcome[0], int):
+        print(f"{PROG}: internal error: {outcome[0] if outcome else 'no result'}",
+              file=sys.stderr)
+        return 1
+    return outcome[0]
+
+
+async def _check_upstreams(reactor: object, config: object, assignments: list) -> int:
+    """Connect, STARTTLS, verify, AUTH and QUIT with every account; the number that failed."""
+    from smtpbridge import client
+    from smtpbridge.errors import SMTPReplyError
+
+    def progress(step: str, detail: str) -> None:
+        print(f"  ok    {step:<9} {detail}")
+
+    failures = 0
+    for assignment in assignments:
+        account = assignment.account
+        name = account.username if account is not None else "(no AUTH)"
+        print(f"upstream {assignment.route.host}:{assignment.route.port} as {name}")
+        try:
+            session = await client.connect(reactor, assignment.route, account,
+                                           config.server.hostname, progress=progress)
+        except SMTPReplyError as e:
+            reply = e.reply
+            print(f"  FAIL  {reply.code} {reply.enhanced} {reply.text}")
+            failures += 1
+            continue
+        await session.quit()
+        progress("QUIT", "session closed")
+    return failures
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,8 +123,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    check = commands.add_parser("check", help="load a configuration file and report problems")
+    check = commands.add_parser(
+        "check", help="check a configuration file and the upstream login",
+        description="Load the configuration, then connect to the upstream, STARTTLS, verify "
+        "its certificate and log in, printing each step. Exit status 0 when all passed.")
     check.add_argument("--config", required=True, metavar="FILE", help="the TOML file")
+    check.add_argument("--config-only", action="store_true",
+                       help="only check the configuration file, do not connect upstream")
     check.set_defaults(func=_check)
 
     hashing = commands.add_parser(

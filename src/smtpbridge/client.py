@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import attr
@@ -313,6 +314,13 @@ class UpstreamSession:
             protocol.fail(protocol.error_for(451, "4.4.2", "session was aborted"))
 
 
+Progress = Callable[[str, str], None]
+
+
+def _quiet(step: str, detail: str) -> None:
+    """Progress nobody listens to."""
+
+
 def _password(account: UpstreamAccount) -> str:
     return str(getattr(account.password, "value", account.password))
 
@@ -322,8 +330,8 @@ def _b64(text: str) -> str:
 
 
 async def _authenticate(protocol: UpstreamProtocol, account: UpstreamAccount,
-                        features: dict[str, str]) -> None:
-    """AUTH PLAIN (with initial response) if offered, else LOGIN."""
+                        features: dict[str, str]) -> str:
+    """AUTH PLAIN (with initial response) if offered, else LOGIN; the mechanism used."""
     user, password = account.username, _password(account)
     plain = _b64(f"\0{user}\0{password}")
     protocol.secrets = tuple(s for s in (password, _b64(password), plain) if s)
@@ -341,6 +349,7 @@ async def _authenticate(protocol: UpstreamProtocol, account: UpstreamAccount,
                                              f"(offered: {' '.join(offered) or 'none'})")
     if reply.code != 235:
         raise refuse(protocol, 454, "4.7.0", f"rejected the login of {user}: {_show(reply)}")
+    return "PLAIN" if "PLAIN" in offered else "LOGIN"
 
 
 def refuse(protocol: UpstreamProtocol, code: int, enhanced: str, text: str) -> SMTPReplyError:
@@ -351,11 +360,12 @@ def refuse(protocol: UpstreamProtocol, code: int, enhanced: str, text: str) -> S
 
 
 async def _set_up(protocol: UpstreamProtocol, account: UpstreamAccount | None, helo_name: str,
-                  tls_options: TLSOptions) -> UpstreamSession:
+                  tls_options: TLSOptions, progress: Progress) -> UpstreamSession:
     assert protocol.greeting is not None, "set_up needs a connected protocol"
     greeting = await protocol.greeting
     if greeting.code != 220:
         raise refuse(protocol, 451, "4.3.2", f"refused the session: {_show(greeting)}")
+    progress("greeting", _show(greeting))
     ehlo = await protocol.send(f"EHLO {helo_name}", "EHLO")
     if ehlo.code != 250:
         if ehlo.code < 500:
@@ -369,6 +379,7 @@ async def _set_up(protocol: UpstreamProtocol, account: UpstreamAccount | None, h
         if "STARTTLS" not in parse_features(ehlo):
             raise refuse(protocol, 454, "4.7.0",
                          "does not offer STARTTLS; the bridge never submits in clear text")
+        progress("EHLO", "STARTTLS offered")
         reply = await protocol.send("STARTTLS", "STARTTLS")
         if reply.code != 220:
             raise refuse(protocol, 454, "4.7.0", f"refused STARTTLS: {_show(reply)}")
@@ -376,10 +387,12 @@ async def _set_up(protocol: UpstreamProtocol, account: UpstreamAccount | None, h
         ehlo = await protocol.send(f"EHLO {helo_name}", "TLS handshake")
         if ehlo.code != 250:
             raise refuse(protocol, 451, "4.3.2", f"refused EHLO after STARTTLS: {_show(ehlo)}")
+    version, cipher = connection_summary(protocol.transport)
+    progress("TLS", f"{version} {cipher}, certificate verified for {protocol.route.host}")
     features = parse_features(ehlo)
     if account is not None:
-        await _authenticate(protocol, account, features)
-    version, cipher = connection_summary(protocol.transport)
+        mechanism = await _authenticate(protocol, account, features)
+        progress("AUTH", f"{mechanism} accepted for {account.username}")
     log.info("upstream {where}: TLS {version} {cipher}, {auth}", where=where(protocol.route),
              version=version, cipher=cipher,
              auth=f"authenticated as {account.username}" if account else "no AUTH")
@@ -387,7 +400,8 @@ async def _set_up(protocol: UpstreamProtocol, account: UpstreamAccount | None, h
 
 
 def set_up(protocol: UpstreamProtocol, account: UpstreamAccount | None, helo_name: str,
-           tls_options: TLSOptions) -> Deferred[UpstreamSession]:
+           tls_options: TLSOptions, progress: Progress | None = None,
+           ) -> Deferred[UpstreamSession]:
     """Greeting, EHLO, STARTTLS, EHLO, AUTH on a connected protocol."""
     def failed(failure: Failure) -> Failure:
         if not failure.check(SMTPReplyError, CancelledError):
@@ -396,8 +410,8 @@ def set_up(protocol: UpstreamProtocol, account: UpstreamAccount | None, helo_nam
                       else protocol.error_for(451, "4.3.0", "session setup failed"))
         return Failure(protocol.error)
 
-    return Deferred.fromCoroutine(_set_up(protocol, account, helo_name, tls_options)
-                                  ).addErrback(failed)
+    return Deferred.fromCoroutine(_set_up(protocol, account, helo_name, tls_options,
+                                          progress or _quiet)).addErrback(failed)
 
 
 def _connect_error(failure: Failure, route: Route, timed_out: bool) -> SMTPReplyError:
@@ -414,9 +428,12 @@ def _connect_error(failure: Failure, route: Route, timed_out: bool) -> SMTPReply
 
 
 def connect(reactor: Any, route: Route, account: UpstreamAccount | None, helo_name: str,
-            tls_options: TLSOptions | None = None,
+            tls_options: TLSOptions | None = None, progress: Progress | None = None,
             ) -> Deferred[UpstreamSession]:
-    """Open a verified, authenticated upstream session, or fail with a 4xx L{SMTPReplyError}."""
+    """Open a verified, authenticated upstream session, or fail with a 4xx L{SMTPReplyError}.
+
+    C{progress(step, detail)} hears of each step that succeeded (for C{smtpbridge check}).
+    """
     if tls_options is None:
         try:
             tls_options = upstream_tls_options(route)
@@ -442,7 +459,9 @@ def connect(reactor: Any, route: Route, account: UpstreamAccount | None, helo_na
 
     def connected(protocol: UpstreamProtocol) -> Deferred[UpstreamSession]:
         timer.cancel()
-        return set_up(protocol, account, helo_name, options)
+        if progress is not None:
+            progress("connect", f"connected to {where(route)}")
+        return set_up(protocol, account, helo_name, options, progress)
 
     def not_connected(failure: Failure) -> Failure:
         if timer.active():

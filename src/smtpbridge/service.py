@@ -107,10 +107,16 @@ def _route(config: Config) -> Route:
     return Route(upstream.host, upstream.port, upstream.tls, ca, float(upstream.timeout))
 
 
-def _delivery(config: Config, reactor: object) -> IDelivery:
+def upstream_assignments(config: Config) -> list[Assignment]:
+    """Every route and account the configuration may use upstream (what C{check} tries)."""
     credentials = config.credentials
-    account = UpstreamAccount(credentials.username, credentials.password)
-    mapper = StaticMapper(Assignment(_route(config), account))
+    return [Assignment(_route(config), UpstreamAccount(credentials.username,
+                                                       credentials.password))]
+
+
+def _delivery(config: Config, reactor: object) -> IDelivery:
+    [assignment] = upstream_assignments(config)
+    mapper = StaticMapper(assignment)
 
     def connect(route: Route, account: UpstreamAccount | None) -> Deferred:
         return client.connect(reactor, route, account, config.server.hostname)
