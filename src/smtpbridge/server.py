@@ -25,6 +25,39 @@ from smtpbridge.errors import SMTPReplyError
 from smtpbridge.interfaces import IAccessPolicy, IDelivery, IPasswordChecker, ITransaction
 from smtpbridge.lines import SMTPLineReceiver
 from smtpbridge.model import ClientInfo, Reply
+from smtpbridge.replies import (
+    ALREADY_AUTHENTICATED,
+    AUTH_CANCELLED,
+    AUTH_FAILED,
+    AUTH_NEEDS_TLS,
+    AUTH_NOT_ENABLED,
+    AUTH_OK,
+    AUTH_TEMP_FAILURE,
+    AUTH_UNDECODABLE,
+    AUTH_UNKNOWN_MECHANISM,
+    BAD_BODY,
+    BAD_SIZE,
+    BYE,
+    HELP_REPLY,
+    IN_TRANSACTION,
+    INTERNAL_ERROR,
+    LINE_TOO_LONG,
+    NEED_HELO,
+    NEED_MAIL,
+    NEED_RCPT,
+    NESTED_MAIL,
+    NO_VALID_RECIPIENTS,
+    NOT_IMPLEMENTED,
+    NOT_RECOGNIZED,
+    OK,
+    READY_FOR_TLS,
+    TLS_ACTIVE,
+    TOO_BIG,
+    TOO_MANY_RECIPIENTS,
+    VRFY_REPLY,
+    syntax,
+    unsupported,
+)
 from smtpbridge.tls import ServerTLS, connection_summary
 from smtpbridge.wire import (
     DataDecoder,
@@ -35,47 +68,6 @@ from smtpbridge.wire import (
 )
 
 log = Logger()
-
-OK = Reply(250, "2.0.0", "Ok")
-BYE = Reply(221, "2.0.0", "Bye")
-READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
-VRFY_REPLY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
-HELP_REPLY = Reply(214, "2.0.0", "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA RSET "
-                                 "NOOP QUIT VRFY HELP")
-AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
-AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
-AUTH_TEMP_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")
-AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
-AUTH_UNDECODABLE = Reply(501, "5.5.2", "Cannot decode AUTH response")
-AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication "
-                                      "mechanism; use STARTTLS first")
-AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
-AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
-ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Error: already authenticated")
-NOT_RECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized")
-NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
-LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
-NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
-NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
-NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
-NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
-IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
-NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
-TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
-TLS_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
-TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
-BAD_SIZE = Reply(501, "5.5.4", "Bad SIZE parameter")
-BAD_BODY = Reply(501, "5.5.4", "Bad BODY parameter; 7BIT or 8BITMIME")
-INTERNAL_ERROR = Reply(451, "4.3.0", "Error: internal error, try again later")
-
-
-def _syntax(usage: str) -> Reply:
-    return Reply(501, "5.5.4", f"Syntax: {usage}")
-
-
-def _unsupported(name: str) -> Reply:
-    return Reply(555, "5.5.4", f"Unsupported option: {name}")
-
 
 @attr.frozen
 class ListenerSettings:
@@ -271,7 +263,7 @@ class SMTPServerProtocol(SMTPLineReceiver, TimeoutMixin):
 
     def _greet(self, argument: str, usage: str) -> None:
         if not argument:
-            raise SMTPReplyError(_syntax(usage))
+            raise SMTPReplyError(syntax(usage))
         self._end_transaction(abort=True)
         self.client = attr.evolve(self.client, helo=argument.split()[0])
 
@@ -296,7 +288,7 @@ class SMTPServerProtocol(SMTPLineReceiver, TimeoutMixin):
         if self._tls_active:
             return TLS_ACTIVE
         if argument:
-            return _syntax("STARTTLS")
+            return syntax("STARTTLS")
         self.reply(READY_FOR_TLS)
         # Anything the client sent after STARTTLS in clear text is discarded.
         self.clearLineBuffer()
@@ -312,12 +304,12 @@ class SMTPServerProtocol(SMTPLineReceiver, TimeoutMixin):
 
     def smtp_RSET(self, argument: str) -> Reply:  # noqa: N802
         if argument:
-            return _syntax("RSET")
+            return syntax("RSET")
         self._end_transaction(abort=True)
         return OK
 
     def smtp_VRFY(self, argument: str) -> Reply:  # noqa: N802
-        return VRFY_REPLY if argument else _syntax("VRFY address")
+        return VRFY_REPLY if argument else syntax("VRFY address")
 
     def smtp_HELP(self, argument: str) -> Reply:  # noqa: N802
         return HELP_REPLY
@@ -335,7 +327,7 @@ class SMTPServerProtocol(SMTPLineReceiver, TimeoutMixin):
         return self.factory.checker is not None and (
             self._tls_active or self.settings.allow_plaintext_auth)
 
-    def smtp_AUTH(self, argument: str) -> Reply | Deferred:  # noqa: N802
+    def smtp_AUTH(self, argument: str) -> Reply | Deferred | None:  # noqa: N802
         if self.factory.checker is None:
             return AUTH_NOT_ENABLED
         if not self._tls_active and not self.settings.allow_plaintext_auth:
@@ -347,48 +339,28 @@ class SMTPServerProtocol(SMTPLineReceiver, TimeoutMixin):
         if self._transaction is not None:
             return IN_TRANSACTION
         mechanism, _, initial = argument.partition(" ")
-        mechanism, initial = mechanism.upper(), initial.strip()
-        if mechanism == "PLAIN":
-            return self._auth_plain(initial) if initial else self._challenge("", self._auth_plain)
-        if mechanism == "LOGIN":
-            if initial:
-                return self._auth_login_username(initial)
-            return self._challenge(sasl.LOGIN_USERNAME_PROMPT, self._auth_login_username)
-        return AUTH_UNKNOWN_MECHANISM if mechanism else _syntax("AUTH mechanism")
-
-    def _challenge(self, challenge: str, next_step: Callable[[str], Any]) -> None:
-        self._continuation = next_step
-        self.transport.write(b"334 " + challenge.encode("ascii") + b"\r\n")
-
-    def _decode(self, response: str) -> bytes:
-        if response.strip() == "*":
-            raise SMTPReplyError(AUTH_CANCELLED)
+        if not mechanism:
+            return syntax("AUTH mechanism")
         try:
-            return sasl.decode_response(response)
-        except sasl.SASLError:
-            raise SMTPReplyError(AUTH_UNDECODABLE)
+            exchange = sasl.ServerExchange(mechanism, initial)
+        except sasl.UnknownMechanism:
+            return AUTH_UNKNOWN_MECHANISM
+        return self._auth_step(exchange, exchange.start)
 
-    def _auth_plain(self, response: str) -> Deferred | Reply:
+    def _auth_step(self, exchange: sasl.ServerExchange, step: Callable[..., Any],
+                   *args: str) -> Reply | Deferred | None:
+        """Run one step of an AUTH exchange: a challenge to send, or credentials to check."""
         try:
-            username, password = sasl.parse_plain(self._decode(response))
+            result = step(*args)
+        except sasl.SASLCancelled:
+            return AUTH_CANCELLED
         except sasl.SASLError:
             return AUTH_UNDECODABLE
-        return self._authenticate(username, password)
-
-    def _auth_login_username(self, response: str) -> None:
-        try:
-            username = sasl.parse_login_field(self._decode(response))
-        except sasl.SASLError:
-            raise SMTPReplyError(AUTH_UNDECODABLE)
-        self._challenge(sasl.LOGIN_PASSWORD_PROMPT,
-                        lambda answer: self._auth_login_password(username, answer))
-
-    def _auth_login_password(self, username: str, response: str) -> Deferred | Reply:
-        try:
-            password = sasl.parse_login_field(self._decode(response))
-        except sasl.SASLError:
-            return AUTH_UNDECODABLE
-        return self._authenticate(username, password)
+        if isinstance(result, sasl.Challenge):
+            self._continuation = lambda line: self._auth_step(exchange, exchange.respond, line)
+            self.transport.write(b"334 " + result.text.encode("ascii") + b"\r\n")
+            return None
+        return self._authenticate(result.username, result.password)
 
     def _authenticate(self, username: str, password: str) -> Deferred:
         session = self.client.session_id
@@ -452,11 +424,11 @@ class SMTPServerProtocol(SMTPLineReceiver, TimeoutMixin):
                 value = value.upper()
             elif name == "SMTPUTF8":
                 if value is not None:
-                    raise SMTPReplyError(_syntax("SMTPUTF8 takes no value"))
+                    raise SMTPReplyError(syntax("SMTPUTF8 takes no value"))
             elif name == "AUTH":
                 continue
             else:
-                raise SMTPReplyError(_unsupported(name))
+                raise SMTPReplyError(unsupported(name))
             checked[name] = value
         return checked
 
@@ -466,7 +438,7 @@ class SMTPServerProtocol(SMTPLineReceiver, TimeoutMixin):
             return NEED_MAIL
         recipient, params = parse_rcpt_to(argument)
         for name in params:
-            raise SMTPReplyError(_unsupported(name))
+            raise SMTPReplyError(unsupported(name))
         if self._recipients >= self.settings.max_recipients:
             return TOO_MANY_RECIPIENTS
         self._recipients += 1
@@ -481,7 +453,7 @@ class SMTPServerProtocol(SMTPLineReceiver, TimeoutMixin):
     def smtp_DATA(self, argument: str) -> Reply | Deferred:  # noqa: N802
         transaction = self._transaction
         if argument:
-            return _syntax("DATA")
+            return syntax("DATA")
         if transaction is None:
             return NEED_MAIL
         if self._recipients == 0:
