@@ -1,0 +1,162 @@
+"""AUTH failure throttling per client address: growing reply delays, then a temporary block.
+
+Like Postfix's anvil together with C{smtpd_error_sleep_time}: each failed AUTH from an
+address is answered a little later than the one before, and an address that fails
+C{failure_limit} times within C{window} seconds is refused AUTH for C{block_time} seconds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections import OrderedDict, deque
+
+import attr
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+log = Logger()
+
+#: Most addresses tracked at once (per table) before the least recently seen are dropped.
+MAX_ADDRESSES = 100_000
+
+_non_negative = attr.validators.ge(0)
+
+
+@attr.frozen
+class ThrottleSettings:
+    """How AUTH failures are counted, delayed and blocked; zero limits switch a part off."""
+
+    #: Failures within C{window} seconds that block the address; 0 never blocks.
+    failure_limit: int = attr.field(default=10, validator=_non_negative)
+    #: Seconds over which failures are counted.
+    window: float = attr.field(default=600.0, validator=_non_negative)
+    #: Seconds an address stays blocked after reaching the limit.
+    block_time: float = attr.field(default=900.0, validator=_non_negative)
+    #: Each failed AUTH reply waits C{delay_step} times the failures so far; 0 never waits.
+    delay_step: float = attr.field(default=1.0, validator=_non_negative)
+    #: Longest wait before answering a failed AUTH.
+    max_delay: float = attr.field(default=10.0, validator=_non_negative)
+
+
+def normalise_address(host: str) -> str:
+    """The canonical spelling of a peer host string, so one client shares one counter.
+
+    An IPv4-mapped IPv6 address counts as its IPv4 address; a string that is not an IP
+    address is used as it is.
+    """
+    text = host.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+class AuthThrottle:
+    """Counts AUTH failures per client address and decides delays and blocks.
+
+    Memory stays bounded: an address is forgotten once its failures have left the window
+    and its block has expired, and at most C{max_addresses} addresses are kept per table.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        settings: ThrottleSettings = ThrottleSettings(),
+        *,
+        max_addresses: int = MAX_ADDRESSES,
+    ) -> None:
+        self._clock = clock
+        self.settings = settings
+        self._max_addresses = max(1, max_addresses)
+        # Failure times per address; least recently failed first, so the expired ones
+        # are always at the front.
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        # Block end per address; every block lasts block_time, so the first ends first.
+        self._blocks: OrderedDict[str, float] = OrderedDict()
+        # Failures beyond this many change neither the delay nor the block.
+        needed = settings.failure_limit
+        if settings.delay_step > 0:
+            needed = max(needed, math.ceil(settings.max_delay / settings.delay_step))
+        self._keep = max(1, needed)
+
+    def blocked(self, address: str) -> float:
+        """Seconds left of a block for this address, 0.0 if it is not blocked."""
+        now = self._prune()
+        until = self._blocks.get(normalise_address(address))
+        if until is None:
+            return 0.0
+        return until - now
+
+    def failed(self, address: str) -> float:
+        """Record one AUTH failure now; return the seconds to wait before answering it."""
+        now = self._prune()
+        settings = self.settings
+        if settings.failure_limit == 0 and settings.delay_step == 0:
+            return 0.0
+        key = normalise_address(address)
+        times = self._failures.pop(key, None)
+        if times is not None:
+            horizon = now - settings.window
+            while times and times[0] <= horizon:
+                times.popleft()
+        else:
+            times = deque(maxlen=self._keep)
+            if len(self._failures) >= self._max_addresses:
+                self._failures.popitem(last=False)
+        times.append(now)
+        self._failures[key] = times
+        count = len(times)
+        if settings.failure_limit and count >= settings.failure_limit and key not in self._blocks:
+            if len(self._blocks) >= self._max_addresses:
+                self._blocks.popitem(last=False)
+            self._blocks[key] = now + settings.block_time
+            log.warn(
+                "AUTH blocked for [{address}] for {block_time:g} s"
+                " after {failures} failures in {window:g} s",
+                address=key,
+                block_time=settings.block_time,
+                failures=count,
+                window=settings.window,
+            )
+        return min(settings.delay_step * count, settings.max_delay)
+
+    def succeeded(self, address: str) -> None:
+        """Forget the address's failures after a successful login; an active block stays."""
+        self._prune()
+        self._failures.pop(normalise_address(address), None)
+
+    def delay(self, seconds: float) -> Deferred[None]:
+        """A Deferred that fires after C{seconds} on the clock; cancelling it stops the wait."""
+        if seconds <= 0:
+            return succeed(None)
+        return deferLater(self._clock, seconds)
+
+    def tracked(self) -> int:
+        """How many addresses are held in memory, with failures or a block."""
+        return len(self._failures.keys() | self._blocks.keys())
+
+    def _prune(self) -> float:
+        """Drop expired failures and blocks; return the current time."""
+        now = self._clock.seconds()
+        horizon = now - self.settings.window
+        failures = self._failures
+        while failures:
+            key, times = next(iter(failures.items()))
+            if times[-1] > horizon:
+                break
+            del failures[key]
+        blocks = self._blocks
+        while blocks:
+            key, until = next(iter(blocks.items()))
+            if until > now:
+                break
+            del blocks[key]
+        return now

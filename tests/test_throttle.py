@@ -1,0 +1,260 @@
+"""Tests for smtpbridge.throttle: AUTH failure delays and temporary blocks per address."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from twisted.internet.defer import CancelledError
+from twisted.internet.task import Clock
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+
+from smtpbridge.throttle import AuthThrottle, ThrottleSettings, normalise_address
+
+ADDRESS = "192.0.2.1"
+OTHER = "198.51.100.7"
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def events() -> Iterator[list[LogEvent]]:
+    """Log events from smtpbridge.throttle while the test runs."""
+    captured: list[LogEvent] = []
+
+    def observer(event: LogEvent) -> None:
+        if event.get("log_namespace") == "smtpbridge.throttle":
+            captured.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    yield captured
+    globalLogPublisher.removeObserver(observer)
+
+
+def fail(throttle: AuthThrottle, address: str, times: int) -> list[float]:
+    return [throttle.failed(address) for _ in range(times)]
+
+
+def test_defaults() -> None:
+    assert ThrottleSettings() == ThrottleSettings(
+        failure_limit=10, window=600.0, block_time=900.0, delay_step=1.0, max_delay=10.0
+    )
+
+
+@pytest.mark.parametrize(
+    "field", ["failure_limit", "window", "block_time", "delay_step", "max_delay"]
+)
+def test_settings_reject_negative(field: str) -> None:
+    with pytest.raises(ValueError):
+        ThrottleSettings(**{field: -1})
+
+
+def test_delays_grow_and_cap(clock: Clock) -> None:
+    settings = ThrottleSettings(failure_limit=0, delay_step=1.5, max_delay=5.0)
+    throttle = AuthThrottle(clock, settings)
+    assert fail(throttle, ADDRESS, 6) == [1.5, 3.0, 4.5, 5.0, 5.0, 5.0]
+    assert throttle.failed(OTHER) == 1.5
+
+
+def test_block_after_limit_and_expiry(clock: Clock, events: list[LogEvent]) -> None:
+    throttle = AuthThrottle(clock, ThrottleSettings(failure_limit=3, block_time=100.0))
+    fail(throttle, ADDRESS, 2)
+    assert throttle.blocked(ADDRESS) == 0.0
+    assert events == []
+    clock.advance(5)
+    throttle.failed(ADDRESS)
+    assert throttle.blocked(ADDRESS) == 100.0
+    assert throttle.blocked(OTHER) == 0.0
+    assert len(events) == 1
+    clock.advance(99)
+    assert throttle.blocked(ADDRESS) == 1.0
+    clock.advance(1)
+    assert throttle.blocked(ADDRESS) == 0.0
+
+
+def test_failures_during_block_do_not_extend_it(clock: Clock, events: list[LogEvent]) -> None:
+    throttle = AuthThrottle(clock, ThrottleSettings(failure_limit=2, block_time=100.0))
+    fail(throttle, ADDRESS, 2)
+    clock.advance(50)
+    throttle.failed(ADDRESS)
+    assert throttle.blocked(ADDRESS) == 50.0
+    assert len(events) == 1
+
+
+def test_block_log_line(clock: Clock, events: list[LogEvent]) -> None:
+    throttle = AuthThrottle(clock)
+    fail(throttle, "::ffff:" + ADDRESS, 10)
+    [event] = events
+    assert formatEvent(event) == (
+        "AUTH blocked for [192.0.2.1] for 900 s after 10 failures in 600 s"
+    )
+    assert event["log_level"].name == "warn"
+    # Only the address and the counts travel with the event, nothing a login could leak.
+    fields = {key for key in event if not key.startswith("log_")}
+    assert fields == {"address", "block_time", "failures", "window"}
+
+
+def test_window_slides(clock: Clock) -> None:
+    throttle = AuthThrottle(clock, ThrottleSettings(failure_limit=3, window=60.0))
+    throttle.failed(ADDRESS)
+    clock.advance(30)
+    assert throttle.failed(ADDRESS) == 2.0
+    clock.advance(30)
+    # The first failure is now 60 s old and has left the window.
+    assert throttle.failed(ADDRESS) == 2.0
+    assert throttle.blocked(ADDRESS) == 0.0
+    clock.advance(1)
+    assert throttle.failed(ADDRESS) == 3.0
+    assert throttle.blocked(ADDRESS) == 900.0
+
+
+def test_success_clears_failures(clock: Clock) -> None:
+    throttle = AuthThrottle(clock, ThrottleSettings(failure_limit=3))
+    fail(throttle, ADDRESS, 2)
+    fail(throttle, OTHER, 2)
+    throttle.succeeded(ADDRESS)
+    assert throttle.failed(ADDRESS) == 1.0
+    assert throttle.blocked(ADDRESS) == 0.0
+    assert throttle.failed(OTHER) == 3.0
+
+
+def test_success_keeps_block(clock: Clock) -> None:
+    throttle = AuthThrottle(clock, ThrottleSettings(failure_limit=3))
+    fail(throttle, ADDRESS, 3)
+    throttle.succeeded(ADDRESS)
+    assert throttle.blocked(ADDRESS) == 900.0
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    ["::ffff:192.0.2.1", "::FFFF:c000:0201", "[::ffff:192.0.2.1]", " 192.0.2.1 "],
+)
+def test_mapped_ipv4_shares_counter(clock: Clock, spelling: str) -> None:
+    throttle = AuthThrottle(clock, ThrottleSettings(failure_limit=3))
+    fail(throttle, ADDRESS, 2)
+    assert throttle.failed(spelling) == 3.0
+    assert throttle.blocked(ADDRESS) == 900.0
+    assert throttle.blocked(spelling) == 900.0
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("192.0.2.1", "192.0.2.1"),
+        ("::ffff:192.0.2.1", "192.0.2.1"),
+        ("2001:DB8:0::1", "2001:db8::1"),
+        ("::1", "::1"),
+        ("unix-socket", "unix-socket"),
+        ("", ""),
+    ],
+)
+def test_normalise_address(host: str, expected: str) -> None:
+    assert normalise_address(host) == expected
+
+
+def test_ipv6_addresses_are_separate(clock: Clock) -> None:
+    throttle = AuthThrottle(clock, ThrottleSettings(failure_limit=2))
+    throttle.failed("2001:db8::1")
+    throttle.failed("2001:db8::2")
+    assert throttle.blocked("2001:db8::1") == 0.0
+    throttle.failed("2001:0db8::1")
+    assert throttle.blocked("2001:db8::1") == 900.0
+
+
+def test_limit_zero_never_blocks(clock: Clock, events: list[LogEvent]) -> None:
+    throttle = AuthThrottle(clock, ThrottleSettings(failure_limit=0))
+    assert fail(throttle, ADDRESS, 50)[-1] == 10.0
+    assert throttle.blocked(ADDRESS) == 0.0
+    assert events == []
+
+
+def test_delay_step_zero_never_waits(clock: Clock) -> None:
+    throttle = AuthThrottle(clock, ThrottleSettings(failure_limit=3, delay_step=0.0))
+    assert fail(throttle, ADDRESS, 3) == [0.0, 0.0, 0.0]
+    assert throttle.blocked(ADDRESS) == 900.0
+
+
+def test_both_disabled_remembers_nothing(clock: Clock) -> None:
+    throttle = AuthThrottle(clock, ThrottleSettings(failure_limit=0, delay_step=0.0))
+    assert fail(throttle, ADDRESS, 20) == [0.0] * 20
+    assert throttle.blocked(ADDRESS) == 0.0
+    assert throttle.tracked() == 0
+
+
+def test_expired_addresses_are_pruned(clock: Clock) -> None:
+    throttle = AuthThrottle(clock, ThrottleSettings(failure_limit=2, window=60.0))
+    for n in range(1000):
+        throttle.failed(f"10.0.{n // 256}.{n % 256}")
+    for n in range(10):
+        fail(throttle, f"10.9.0.{n}", 2)
+    assert throttle.tracked() == 1010
+    clock.advance(60)
+    throttle.failed(OTHER)
+    # Failures have left the window; the ten blocks have not expired yet.
+    assert throttle.tracked() == 11
+    clock.advance(900)
+    throttle.blocked(OTHER)
+    assert throttle.tracked() == 0
+
+
+def test_recent_failures_survive_pruning(clock: Clock) -> None:
+    throttle = AuthThrottle(clock, ThrottleSettings(failure_limit=3, window=60.0))
+    throttle.failed(OTHER)
+    clock.advance(30)
+    fail(throttle, ADDRESS, 2)
+    clock.advance(31)
+    throttle.succeeded("203.0.113.5")
+    assert throttle.tracked() == 1
+    assert throttle.failed(ADDRESS) == 3.0
+
+
+def test_address_count_is_capped(clock: Clock) -> None:
+    throttle = AuthThrottle(clock, ThrottleSettings(failure_limit=2), max_addresses=100)
+    fail(throttle, ADDRESS, 1)
+    for n in range(500):
+        throttle.failed(f"10.0.{n // 256}.{n % 256}")
+        assert throttle.tracked() <= 100
+    # The least recently seen address went first.
+    assert throttle.failed(ADDRESS) == 1.0
+    for n in range(500):
+        fail(throttle, f"10.1.{n // 256}.{n % 256}", 2)
+        assert throttle.tracked() <= 200
+
+
+def test_failures_per_address_are_capped(clock: Clock) -> None:
+    throttle = AuthThrottle(clock, ThrottleSettings(failure_limit=0, max_delay=10.0))
+    fail(throttle, ADDRESS, 10_000)
+    assert throttle.tracked() == 1
+    assert max(len(times) for times in throttle._failures.values()) == 10
+
+
+def test_delay_fires_after_clock_advance(clock: Clock) -> None:
+    throttle = AuthThrottle(clock)
+    fired: list[None] = []
+    throttle.delay(3.0).addCallback(fired.append)
+    clock.advance(2.9)
+    assert fired == []
+    clock.advance(0.1)
+    assert fired == [None]
+    assert clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize("seconds", [0, 0.0, -1.0])
+def test_delay_zero_has_fired(clock: Clock, seconds: float) -> None:
+    fired: list[None] = []
+    AuthThrottle(clock).delay(seconds).addCallback(fired.append)
+    assert fired == [None]
+    assert clock.getDelayedCalls() == []
+
+
+def test_delay_cancel_stops_timer(clock: Clock) -> None:
+    d = AuthThrottle(clock).delay(5.0)
+    errors: list[object] = []
+    d.addErrback(errors.append)
+    d.cancel()
+    assert clock.getDelayedCalls() == []
+    assert len(errors) == 1
+    assert errors[0].check(CancelledError)  # type: ignore[attr-defined]
