@@ -1,0 +1,17 @@
+"""A secret value (password, token) that never shows in a repr, a log line or an error."""
+
+from __future__ import annotations
+
+import attr
+
+
+@attr.frozen(repr=False)
+class Secret:
+    """A password or token; only C{value} holds it."""
+
+    value: str
+
+    def __repr__(self) -> str:
+        return "Secret(<hidden>)"
+
+    __str__ = __repr__
