@@ -15,7 +15,8 @@ from twisted.internet.threads import blockingCallFromThread
 
 from smtpbridge.config import parse_config
 from smtpbridge.demo import MailFolderDelivery, demo_upstream_factory
-from smtpbridge.service import ListenerService, make_service
+from smtpbridge.listener import ListenerService
+from smtpbridge.service import make_service
 from smtpbridge.tls import ServerTLS, create_self_signed, server_context
 from smtpbridge.users import hash_password
 
@@ -103,13 +104,25 @@ class DemoUpstream:
         return stored_messages(self.mail_dir)
 
 
+def without_bridge_trace(data: bytes) -> bytes:
+    """The message as the client sent it: the one Received: header the bridge adds at the
+    top (checked to be there) removed."""
+    assert data.startswith(b"Received: "), data[:80]
+    end = data.index(b"\r\n") + 2
+    while data[end:end + 1] == b"\t":
+        end = data.index(b"\r\n", end) + 2
+    assert b"(smtpbridge, listener " in data[:end], data[:end]
+    return data[end:]
+
+
 def stored_messages(mail_dir: str) -> list[bytes]:
-    """Every message stored in a demo mail folder, oldest first."""
+    """Every message stored in a demo mail folder, oldest first, without the bridge's
+    Received: header."""
     paths = sorted(glob.glob(os.path.join(mail_dir, "new", "*.eml")), key=os.path.getmtime)
     result = []
     for path in paths:
         with open(path, "rb") as f:
-            result.append(f.read())
+            result.append(without_bridge_trace(f.read()))
     return result
 
 

@@ -59,7 +59,7 @@ def test_the_annotated_example_parses(tmp_path):
     text = text.replace("/etc/smtpbridge/", f"{tmp_path}/")
     config = parse_config(text, str(tmp_path / "smtpbridge.toml"))
     assert [listener.name for listener in config.listeners] == ["smtps", "legacy"]
-    assert config.credentials.password.value == "not-a-real-password"
+    assert config.accounts["default"].password.value == "not-a-real-password"
     assert "not-a-real-password" not in repr(config)
 
 
@@ -130,10 +130,10 @@ def test_secret_from_file_and_env(tmp_path):
     with_file = MINIMAL.replace('password_env = "SMTPBRIDGE_TEST_PASSWORD"',
                                 'password_file = "pw"')
     config = parse_config(with_file, str(tmp_path / "c.toml"))
-    assert config.credentials.password.value == "from-file"
+    assert config.accounts["default"].password.value == "from-file"
     config = parse_config(MINIMAL, str(tmp_path / "c.toml"))
-    assert config.credentials.password.value == "from-env"
-    assert "from-env" not in repr(config) and "from-env" not in str(config.credentials)
+    assert config.accounts["default"].password.value == "from-env"
+    assert "from-env" not in repr(config) and "from-env" not in str(config.accounts)
     message = error_of(with_file.replace('"pw"', '"missing"'), str(tmp_path / "c.toml"))
     assert "credentials.password_file: cannot read" in message
     both = MINIMAL.replace('password_env', 'password_file = "pw"\npassword_env')

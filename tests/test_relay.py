@@ -239,7 +239,7 @@ def test_stored_bytes_equal_sent_bytes(relay: Relay, upstream: Upstream,
         assert client.sendmail(SENDER, [RECIPIENT], message,
                                mail_options=["BODY=8BITMIME"]) == {}
     [stored] = upstream.stored()
-    assert sha(stored.content) == sha(on_the_wire(message))
+    assert sha(stored.sent) == sha(on_the_wire(message))
     assert (stored.sender, stored.recipients) == (SENDER, [RECIPIENT])
     # smtplib gives SIZE itself, since the bridge advertises it.
     assert sorted(stored.mail_options) == ["BODY=8BITMIME", f"SIZE={len(message)}"]
@@ -261,7 +261,7 @@ def test_bare_lf_lines_are_stored_with_crlf(relay: Relay, upstream: Upstream) ->
     assert client.code() == "221"
     client.close()
     [stored] = upstream.stored()
-    assert stored.content == (b"Subject: bare LF\r\nX-Device: scanner\r\n\r\nfirst line\r\n"
+    assert stored.sent == (b"Subject: bare LF\r\nX-Device: scanner\r\n\r\nfirst line\r\n"
                               b".dotted line\r\n8-bit \xe9\xff\r\nlast line\r\n")
     # No parameters given, none passed on.
     assert stored.mail_options == []
@@ -282,7 +282,7 @@ def test_recipient_refused_upstream(relay: Relay, upstream_factory: Start,
     assert refused == {"nobody@example.com": (550, b"5.1.1 No such user")}
     [stored] = server.stored()
     assert stored.recipients == ["one@example.com", "two@example.com"]
-    assert stored.content == b"Subject: partly\r\n\r\nhi\r\n"
+    assert stored.sent == b"Subject: partly\r\n\r\nhi\r\n"
 
 
 def test_recipient_refusal_on_the_wire(relay: Relay, upstream_factory: Start) -> None:
@@ -418,7 +418,7 @@ def test_client_gone_mid_data(relay: Relay, upstream: Upstream,
     # The bridge goes on serving.
     with smtps(bridge, certificate) as again:
         assert again.sendmail(SENDER, [RECIPIENT], b"Subject: whole\r\n\r\nhi\r\n") == {}
-    assert [message.content for message in upstream.stored()] == [
+    assert [message.sent for message in upstream.stored()] == [
         b"Subject: whole\r\n\r\nhi\r\n"]
 
 
@@ -445,7 +445,7 @@ def test_smuggling_is_impossible(relay: Relay, upstream: Upstream,
         (SENDER, [RECIPIENT])]
     [stored] = upstream.stored()
     assert [reply[0][:3] for reply in replies] == ["250", "221"]
-    assert b"second message" in stored.content
+    assert b"second message" in stored.sent
     sent = under_tls(upstream)
     assert BARE_CR_OR_LF.search(sent) is None
     mails = [line for line in commands(sent) if line.upper().startswith(b"MAIL")]
@@ -474,6 +474,6 @@ def test_swaks(relay: Relay, upstream: Upstream, listener: str, option: str) -> 
     assert result.returncode == 0, result.stdout + result.stderr
     [stored] = upstream.stored()
     assert (stored.sender, stored.recipients) == (SENDER, [RECIPIENT])
-    assert b"Subject: swaks relay\r\n" in stored.content and b"from swaks" in stored.content
+    assert b"Subject: swaks relay\r\n" in stored.sent and b"from swaks" in stored.sent
     assert upstream.logins == [("PLAIN", upstream.username, True)]
 

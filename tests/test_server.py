@@ -33,6 +33,7 @@ class Session:
                  **settings: object) -> None:
         settings.setdefault("tls", "starttls")
         settings.setdefault("auth_required", False)
+        settings.setdefault("received_header", False)
         self.clock = Clock()
         self.delivery = MemoryDelivery()
         if checker == "default":
@@ -440,3 +441,73 @@ def test_rset_aborts_the_transaction():
     s.command("RSET")
     assert s.delivery.transactions[0].aborted
     assert s.command("RCPT TO:<b@example.com>")[0].startswith("503")
+
+
+def test_received_header_comes_first_and_describes_the_session():
+    s = Session(tls="implicit", received_header=True)
+    s.clock.advance(1_795_400_000)
+    s.command("EHLO scanner-7")
+    s.login()
+    s.command("MAIL FROM:<a@example.com>")
+    s.command("RCPT TO:<b@example.com>")
+    s.command("DATA")
+    s.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+    data = s.delivery.messages[0].data
+    header, _, rest = data.partition(b"\r\nSubject: x")
+    assert rest == b"\r\n\r\nbody\r\n"
+    assert header.startswith(b"Received: from scanner-7 ([127.0.0.1])")
+    assert b"(authenticated as alice)" in header and b"with ESMTPA" in header
+    assert b"(smtpbridge, listener test)" in header
+    assert f"id {s.protocol.client.session_id}".encode() in header
+    assert header.endswith(b"for <b@example.com>; Mon, 23 Nov 2026 02:13:20 +0000")
+
+
+def test_sender_rules_refuse_with_553():
+    from smtpbridge.policy import SenderRules
+
+    s = Session(tls="implicit")
+    s.factory.policy = AccessPolicy(
+        TrustedNetworks.parse(["127.0.0.0/8"], "test", "trusted"),
+        SenderRules({"alice": ["alice@example.com", "@dept.example.com"]},
+                    {"127.0.0.0/8": ["@devices.example.com"]}))
+    s.command("EHLO c")
+    assert s.command("MAIL FROM:<x@devices.example.com>")[0].startswith("250")
+    s.command("RSET")
+    assert s.command("MAIL FROM:<x@other.example>") == [
+        "553 5.7.1 Sender address <x@other.example> is not allowed for clients from "
+        "[127.0.0.1]"]
+    s.login()
+    assert s.command("MAIL FROM:<x@devices.example.com>")[0].startswith("553 5.7.1")
+    assert s.command("MAIL FROM:<Bob@Dept.Example.com>")[0].startswith("250")
+    s.command("RSET")
+    assert s.command("MAIL FROM:<alice@example.com>")[0].startswith("250")
+    s.command("RSET")
+    assert s.command("MAIL FROM:<>")[0].startswith("250")
+    assert len(s.delivery.transactions) == 4  # the refused MAILs reached no delivery
+
+
+def test_auth_failures_are_slowed_then_blocked():
+    from smtpbridge.throttle import AuthThrottle, ThrottleSettings
+
+    s = Session(tls="implicit", idle_timeout=3600)
+    s.factory.throttle = AuthThrottle(s.clock, ThrottleSettings(
+        failure_limit=3, window=600, block_time=900, delay_step=2, max_delay=10))
+    s.command("EHLO c")
+    bad = "AUTH PLAIN " + base64.b64encode(b"\0alice\0wrong").decode()
+    assert s.command(bad) == []  # the first failure waits 2 s
+    s.clock.advance(2)
+    assert s.codes() == ["535"]
+    s.send(bad + "\r\n")
+    s.clock.advance(3.9)
+    assert s.read() == []
+    s.clock.advance(0.1)
+    assert s.codes() == ["535"]
+    s.send(bad + "\r\n")
+    s.clock.advance(6)
+    assert s.codes() == ["535"]
+    # Blocked now: even the right password is not checked.
+    good = "AUTH PLAIN " + base64.b64encode(b"\0alice\0s3cret").decode()
+    assert s.command(good) == ["454 4.7.0 Too many failed logins from your address; "
+                               "try again later"]
+    s.clock.advance(901)
+    assert s.command(good)[0].startswith("235")

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import client_context
+from tests.conftest import client_context, stored_messages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -123,8 +123,7 @@ def test_demo_starts_and_stores_mail(tmp_path):
             client.login("device", "device")
             message = b"Subject: demo\r\n\r\nhello from the demo\r\n"
             client.sendmail("printer@example.com", ["office@example.com"], message)
-        stored = list((tmp_path / "var" / "mail" / "new").glob("*.eml"))
-        assert [p.read_bytes() for p in stored] == [message]
+        assert stored_messages(str(tmp_path / "var" / "mail")) == [message]
     finally:
         process.terminate()
         process.wait(30)

@@ -137,6 +137,13 @@ class StoredMessage:
     mail_options: list[str]
     rcpt_options: list[str]
 
+    @property
+    def sent(self) -> bytes:
+        """The content as the bridge's client sent it (the bridge's Received: removed)."""
+        from tests.conftest import without_bridge_trace
+
+        return without_bridge_trace(self.content)
+
 
 @attr.define
 class Upstream:

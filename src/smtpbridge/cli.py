@@ -102,18 +102,19 @@ async def _check_upstreams(reactor: object, config: object, assignments: list) -
     failures = 0
     for assignment in assignments:
         account = assignment.account
-        name = account.username if account is not None else "(no AUTH)"
-        print(f"upstream {assignment.route.host}:{assignment.route.port} as {name}")
-        try:
-            session = await client.connect(reactor, assignment.route, account,
-                                           config.server.hostname, progress=progress)
-        except SMTPReplyError as e:
-            reply = e.reply
-            print(f"  FAIL  {reply.code} {reply.enhanced} {reply.text}")
-            failures += 1
-            continue
-        await session.quit()
-        progress("QUIT", "session closed")
+        name = account.username if account is not None else "(no AUTH: passthrough)"
+        for route in assignment.routes:
+            print(f"upstream {route.host}:{route.port} as {name}")
+            try:
+                session = await client.connect(reactor, route, account,
+                                               config.server.hostname, progress=progress)
+            except SMTPReplyError as e:
+                reply = e.reply
+                print(f"  FAIL  {reply.code} {reply.enhanced} {reply.text}")
+                failures += 1
+                continue
+            await session.quit()
+            progress("QUIT", "session closed")
     return failures
 
 

@@ -36,6 +36,10 @@ log = Logger()
 _HIDDEN = "<hidden>"
 
 
+class LoginRejected(SMTPReplyError):
+    """The upstream refused the account's credentials (not a connection or TLS problem)."""
+
+
 def where(route: Route) -> str:
     """The upstream as administrators write it: host:port, IPv6 in brackets."""
     host = f"[{route.host}]" if ":" in route.host else route.host
@@ -348,7 +352,8 @@ async def _authenticate(protocol: UpstreamProtocol, account: UpstreamAccount,
         raise refuse(protocol, 454, "4.7.0", "offers no AUTH mechanism the bridge can use "
                                              f"(offered: {' '.join(offered) or 'none'})")
     if reply.code != 235:
-        raise refuse(protocol, 454, "4.7.0", f"rejected the login of {user}: {_show(reply)}")
+        error = refuse(protocol, 454, "4.7.0", f"rejected the login of {user}: {_show(reply)}")
+        raise LoginRejected(error.reply)
     return "PLAIN" if "PLAIN" in offered else "LOGIN"
 
 
@@ -406,8 +411,10 @@ def set_up(protocol: UpstreamProtocol, account: UpstreamAccount | None, helo_nam
     def failed(failure: Failure) -> Failure:
         if not failure.check(SMTPReplyError, CancelledError):
             log.failure("upstream {where}: setup failed", failure, where=where(protocol.route))
-        protocol.fail(failure.value if failure.check(SMTPReplyError)
-                      else protocol.error_for(451, "4.3.0", "session setup failed"))
+        if failure.check(SMTPReplyError):
+            protocol.fail(failure.value)
+            return failure  # keeps its kind (LoginRejected)
+        protocol.fail(protocol.error_for(451, "4.3.0", "session setup failed"))
         return Failure(protocol.error)
 
     return Deferred.fromCoroutine(_set_up(protocol, account, helo_name, tls_options,

@@ -7,7 +7,9 @@ Pure: no reactor, no sockets; it only reads the files the configuration names.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Callable
@@ -16,26 +18,22 @@ from typing import Any, TypeVar
 import attr
 
 from smtpbridge.errors import ConfigError
+from smtpbridge.secret import Secret
+from smtpbridge.tomlreader import REQUIRED, Table
+
+__all__ = ["Config", "ConfigError", "Secret", "load_config", "parse_config"]
 
 T = TypeVar("T")
 
 TLS_MODES = ("implicit", "starttls", "none")
 AUTH_MODES = ("required", "optional")
 TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
+CLIENT_CERTIFICATE_MODES = ("none", "request", "require")
+BUILTIN_MAPPERS = ("static", "per-user", "per-sender", "per-device", "passthrough")
 DEFAULT_MAX_MESSAGE_SIZE = 36_700_160  # 35 MiB, like Microsoft 365's limit
 DEFAULT_TRUSTED_NETWORKS = ("127.0.0.0/8", "::1/128")
-
-
-@attr.frozen(repr=False)
-class Secret:
-    """A password or token: its value never shows in a repr, a log line or an error."""
-
-    value: str
-
-    def __repr__(self) -> str:
-        return "Secret(<hidden>)"
-
-    __str__ = __repr__
+DEFAULT = "default"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 @attr.frozen
@@ -43,6 +41,7 @@ class ServerConfig:
     hostname: str
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     idle_timeout: int = 300
+    received_header: bool = True
 
 
 @attr.frozen
@@ -61,17 +60,26 @@ class ListenerConfig:
     min_tls_version: str = "1.2"
     allow_plaintext_auth: bool = False
     accept_bare_lf_end: bool = False
+    client_certificates: str = "none"
+    client_ca: str | None = None
 
 
 @attr.frozen
 class AccessConfig:
     trusted_networks: tuple[str, ...] = DEFAULT_TRUSTED_NETWORKS
     users_file: str | None = None
+    auth_failure_limit: int = 10
+    auth_failure_window: float = 600.0
+    auth_block_time: float = 900.0
+    auth_failure_delay: float = 1.0
 
 
 @attr.frozen
-class UpstreamConfig:
-    host: str
+class RouteConfig:
+    """One upstream route: hosts tried in order, port, TLS mode, CA bundle."""
+
+    name: str
+    hosts: tuple[str, ...]
     port: int = 587
     tls: str = "starttls"
     ca_certificates: str | None = None
@@ -79,10 +87,36 @@ class UpstreamConfig:
 
 
 @attr.frozen
+class AccountConfig:
+    """One upstream login and the route it uses."""
+
+    name: str
+    username: str
+    password: Secret | None
+    origin: str  # the table it was written in, for error messages
+    route: str = DEFAULT
+    rewrite_sender: bool = False
+    address: str | None = None  # the sender address rewrite_sender uses; default: username
+
+
+@attr.frozen
 class CredentialsConfig:
+    """How transactions are mapped to accounts."""
+
     mapper: str = "static"
-    username: str | None = None
-    password: Secret | None = None
+    account: str = DEFAULT  # static: the one account
+    default: str | None = None  # per-user/-sender/-device: the account when nothing matches
+    route: str = DEFAULT  # passthrough: the route the clients' own logins are used on
+    map: tuple[tuple[str, str], ...] = ()  # key -> account name, in the order written
+    options: dict[str, Any] = attr.field(factory=dict)  # a plugin mapper's own table
+
+
+@attr.frozen
+class SendersConfig:
+    """Which envelope senders local users and trusted networks may use."""
+
+    users: dict[str, tuple[str, ...]] = attr.field(factory=dict)
+    networks: dict[str, tuple[str, ...]] = attr.field(factory=dict)
 
 
 @attr.frozen
@@ -102,133 +136,19 @@ class Config:
     tls: TLSConfig
     listeners: tuple[ListenerConfig, ...]
     access: AccessConfig
-    upstream: UpstreamConfig
+    routes: dict[str, RouteConfig]
+    accounts: dict[str, AccountConfig]
     credentials: CredentialsConfig
+    senders: SendersConfig
     demo: DemoConfig | None
 
-
-_REQUIRED: Any = object()
-
-
-class _Table:
-    """Reads one TOML table, remembering which keys were used to reject the rest."""
-
-    def __init__(self, file: str, name: str, data: Any, base_dir: str) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(file, name, f"must be a table, not {_type_name(data)}")
-        self.file = file
-        self.name = name
-        self.data = data
-        self.base_dir = base_dir
-        self._used: set[str] = set()
-
-    def key(self, key: str) -> str:
-        return f"{self.name}.{key}" if self.name else key
-
-    def error(self, key: str | None, reason: str) -> ConfigError:
-        return ConfigError(self.file, self.key(key) if key else self.name, reason)
-
-    def _get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
-        self._used.add(key)
-        if key not in self.data:
-            if default is _REQUIRED:
-                raise self.error(key, "required key is missing")
-            return default
-        value = self.data[key]
-        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
-            expected = kind.__name__ if isinstance(kind, type) else "value"
-            raise self.error(key, f"expected {_NAMES.get(expected, expected)}, "
-                                  f"got {_type_name(value)}")
-        return value
-
-    def string(self, key: str, default: Any = _REQUIRED, choices: tuple[str, ...] = ()) -> Any:
-        value = self._get(key, str, default)
-        if isinstance(value, str) and choices and value not in choices:
-            raise self.error(key, f"must be one of {', '.join(map(repr, choices))}, "
-                                  f"not {value!r}")
-        if value == "" and default is _REQUIRED:
-            raise self.error(key, "must not be empty")
-        return value
-
-    def integer(self, key: str, default: Any = _REQUIRED, minimum: int = 0,
-                maximum: int | None = None) -> Any:
-        value = self._get(key, int, default)
-        if isinstance(value, int) and (value < minimum or maximum is not None and value > maximum):
-            bounds = f"at least {minimum}" if maximum is None else f"{minimum}..{maximum}"
-            raise self.error(key, f"must be {bounds}, not {value}")
-        return value
-
-    def boolean(self, key: str, default: Any = _REQUIRED) -> Any:
-        return self._get(key, bool, default)
-
-    def strings(self, key: str, default: Any = _REQUIRED) -> Any:
-        value = self._get(key, list, default)
-        if isinstance(value, list):
-            for item in value:
-                if not isinstance(item, str):
-                    raise self.error(key, f"expected a list of strings, found {_type_name(item)}")
-            return tuple(value)
-        return value
-
-    def path(self, key: str, default: Any = _REQUIRED) -> Any:
-        value = self.string(key, default)
-        if not value:
-            return None if value == "" else value
-        return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(value)))
-
-    def secret(self, key: str) -> Secret | None:
-        """A secret given as ``<key>_file`` (a file holding it) or ``<key>_env`` (a variable)."""
-        from_file = self.path(f"{key}_file", None)
-        from_env = self.string(f"{key}_env", None)
-        if key in self.data:
-            self._used.add(key)
-            raise self.error(key, f"secrets are not written in the config; "
-                                  f"use {key}_file or {key}_env")
-        if from_file and from_env:
-            raise self.error(f"{key}_file", f"give either {key}_file or {key}_env, not both")
-        if from_file:
-            try:
-                with open(from_file, encoding="utf-8") as f:
-                    value = f.read().strip("\r\n")
-            except OSError as e:
-                raise self.error(f"{key}_file", f"cannot read {from_file}: {e.strerror}")
-            except UnicodeDecodeError:
-                raise self.error(f"{key}_file", f"{from_file} is not UTF-8 text")
-            if not value:
-                raise self.error(f"{key}_file", f"{from_file} is empty")
-            return Secret(value)
-        if from_env:
-            value = os.environ.get(from_env)
-            if not value:
-                raise self.error(f"{key}_env", f"environment variable {from_env} is not set")
-            return Secret(value)
-        return None
-
-    def table(self, key: str, required: bool = False) -> _Table | None:
-        self._used.add(key)
-        if key not in self.data:
-            if required:
-                raise self.error(key, "required table is missing")
-            return None
-        return _Table(self.file, self.key(key), self.data[key], self.base_dir)
-
-    def done(self) -> None:
-        for key in self.data:
-            if key not in self._used:
-                raise self.error(key, "unknown key")
+    @property
+    def upstream(self) -> RouteConfig:
+        """The default route (the plain ``[upstream]`` table)."""
+        return self.routes[DEFAULT]
 
 
-_NAMES = {"str": "a string", "int": "an integer", "bool": "true or false", "list": "a list",
-          "dict": "a table"}
-
-
-def _type_name(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    return _NAMES.get(type(value).__name__, type(value).__name__)
-
-
-def _section(root: _Table, name: str, read: Callable[[_Table], T],
+def _section(root: Table, name: str, read: Callable[[Table], T],
              required: bool = False) -> T | None:
     table = root.table(name, required)
     if table is None:
@@ -238,15 +158,16 @@ def _section(root: _Table, name: str, read: Callable[[_Table], T],
     return value
 
 
-def _server(t: _Table) -> ServerConfig:
+def _server(t: Table) -> ServerConfig:
     return ServerConfig(
         hostname=t.string("hostname", socket.getfqdn()),
         max_message_size=t.integer("max_message_size", DEFAULT_MAX_MESSAGE_SIZE, minimum=1024),
         idle_timeout=t.integer("idle_timeout", 300, minimum=10),
+        received_header=t.boolean("received_header", True),
     )
 
 
-def _tls(t: _Table) -> TLSConfig:
+def _tls(t: Table) -> TLSConfig:
     return TLSConfig(
         certificate=t.path("certificate", None),
         key=t.path("key", None),
@@ -254,7 +175,7 @@ def _tls(t: _Table) -> TLSConfig:
     )
 
 
-def _listener(t: _Table) -> ListenerConfig:
+def _listener(t: Table) -> ListenerConfig:
     listener = ListenerConfig(
         name=t.string("name"),
         endpoint=t.string("endpoint"),
@@ -263,24 +184,45 @@ def _listener(t: _Table) -> ListenerConfig:
         min_tls_version=t.string("min_tls_version", "1.2", choices=TLS_VERSIONS),
         allow_plaintext_auth=t.boolean("allow_plaintext_auth", False),
         accept_bare_lf_end=t.boolean("accept_bare_lf_end", False),
+        client_certificates=t.string("client_certificates", "none",
+                                     choices=CLIENT_CERTIFICATE_MODES),
+        client_ca=t.path("client_ca", None),
     )
     nobody_can_send = listener.auth == "required" and not listener.allow_plaintext_auth
     if listener.tls == "none" and nobody_can_send:
         raise t.error("auth", 'a listener with tls = "none" and auth = "required" accepts '
                               'no one; set allow_plaintext_auth = true or auth = "optional"')
+    if listener.client_certificates != "none":
+        if listener.tls == "none":
+            raise t.error("client_certificates", 'needs tls = "implicit" or "starttls"')
+        if listener.client_ca is None:
+            raise t.error("client_ca", "required when client_certificates is "
+                                       f"{listener.client_certificates!r}")
     return listener
 
 
-def _access(t: _Table) -> AccessConfig:
+def _access(t: Table) -> AccessConfig:
     return AccessConfig(
         trusted_networks=t.strings("trusted_networks", DEFAULT_TRUSTED_NETWORKS),
         users_file=t.path("users_file", None),
+        auth_failure_limit=t.integer("auth_failure_limit", 10),
+        auth_failure_window=t.number("auth_failure_window", 600.0, minimum=1.0),
+        auth_block_time=t.number("auth_block_time", 900.0),
+        auth_failure_delay=t.number("auth_failure_delay", 1.0),
     )
 
 
-def _upstream(t: _Table) -> UpstreamConfig:
-    return UpstreamConfig(
-        host=t.string("host"),
+def _route(t: Table, name: str) -> RouteConfig:
+    host = t.string("host", None)
+    hosts = t.strings("hosts", None)
+    if (host is None) == (hosts is None):
+        raise t.error("host", "give either host or hosts (a list tried in order)")
+    hosts = (host,) if host is not None else hosts
+    if not hosts or any(not h for h in hosts):
+        raise t.error("hosts", "must name at least one host, none empty")
+    return RouteConfig(
+        name=name,
+        hosts=tuple(hosts),
         port=t.integer("port", 587, minimum=1, maximum=65535),
         tls=t.string("tls", "starttls", choices=("starttls", "implicit")),
         ca_certificates=t.path("ca_certificates", ""),
@@ -288,21 +230,108 @@ def _upstream(t: _Table) -> UpstreamConfig:
     )
 
 
-def _credentials(t: _Table) -> CredentialsConfig:
-    credentials = CredentialsConfig(
-        mapper=t.string("mapper", "static", choices=("static",)),
-        username=t.string("username", None),
+def _routes(t: Table) -> dict[str, RouteConfig]:
+    """``[upstream]`` is the route "default"; ``[upstream.NAME]`` tables are named routes."""
+    routes = {}
+    for name, table in t.tables():
+        _check_name(table, name)
+        routes[name] = _route(table, name)
+        table.done()
+    if any(not isinstance(value, dict) for value in t.data.values()):
+        if DEFAULT in routes:
+            raise t.error(DEFAULT, "the route 'default' is the plain [upstream] table")
+        routes[DEFAULT] = _route(t, DEFAULT)
+    if not routes:
+        raise t.error("host", "required key is missing")
+    return routes
+
+
+def _account(t: Table, name: str) -> AccountConfig:
+    return AccountConfig(
+        name=name,
+        username=t.string("username"),
         password=t.secret("password"),
+        origin=t.name,
+        route=t.string("route", DEFAULT),
+        rewrite_sender=t.boolean("rewrite_sender", False),
+        address=t.string("address", None),
     )
-    if credentials.username is None:
-        raise t.error("username", "required key is missing")
-    if credentials.password is None:
-        raise t.error("password_file", "the upstream password is missing: "
-                                       "give password_file or password_env")
-    return credentials
 
 
-def _demo(t: _Table) -> DemoConfig:
+def _map(t: Table) -> tuple[tuple[str, str], ...]:
+    entries = []
+    map_table = t.table("map")
+    if map_table is not None:
+        for key in map_table.data:
+            entries.append((key, map_table.string(key)))
+    map_file = t.path("map_file", None)
+    if map_file is not None:
+        entries += _read_map_file(t, map_file)
+    return tuple(entries)
+
+
+def _read_map_file(t: Table, path: str) -> list[tuple[str, str]]:
+    """A map file: one "key account" pair per line; blank lines and # comments ignored."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise t.error("map_file", f"cannot read {path}: {getattr(e, 'strerror', None) or e}")
+    entries = []
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ConfigError(path, f"line {number}", "expected: <key> <account>")
+        entries.append((parts[0], parts[1]))
+    return entries
+
+
+def _credentials(t: Table, accounts: dict[str, AccountConfig]) -> CredentialsConfig:
+    """``[credentials]``: the mapper and its settings; username/password here are the
+    account "default" (the single-account form)."""
+    if "username" in t.data or any(key.startswith("password") for key in t.data):
+        if DEFAULT in accounts:
+            raise t.error("username", "an [account.default] table exists already")
+        accounts[DEFAULT] = _account(t, DEFAULT)
+    mapper = t.string("mapper", "static")
+    if mapper not in BUILTIN_MAPPERS and not _NAME.match(mapper):
+        raise t.error("mapper", f"{mapper!r} is neither a built-in mapper "
+                                f"({', '.join(BUILTIN_MAPPERS)}) nor a plugin name")
+    options = t.table("options")
+    return CredentialsConfig(
+        mapper=mapper,
+        account=t.string("account", DEFAULT),
+        default=t.string("default", None),
+        route=t.string("route", DEFAULT),
+        map=_map(t),
+        options=dict(options.data) if options is not None else {},
+    )
+
+
+def _senders(t: Table) -> SendersConfig:
+    def lists(name: str) -> dict[str, tuple[str, ...]]:
+        table = t.table(name)
+        if table is None:
+            return {}
+        result = {key: table.strings(key) for key in table.data}
+        for key, patterns in result.items():
+            for pattern in patterns:
+                if not _sender_pattern(pattern):
+                    raise table.error(key, f"{pattern!r} is neither an address nor @domain")
+        return result
+
+    return SendersConfig(users=lists("users"), networks=lists("networks"))
+
+
+def _sender_pattern(pattern: str) -> bool:
+    local, at, domain = pattern.rpartition("@")
+    return bool(at and domain and " " not in pattern)
+
+
+def _demo(t: Table) -> DemoConfig:
     demo = DemoConfig(
         endpoint=t.string("endpoint"),
         mail_dir=t.path("mail_dir"),
@@ -314,18 +343,22 @@ def _demo(t: _Table) -> DemoConfig:
     return demo
 
 
+def _check_name(t: Table, name: str) -> None:
+    if not _NAME.match(name):
+        raise ConfigError(t.file, t.name, "names use letters, digits, '.', '_' and '-'")
+
+
 def parse_config(text: str, path: str) -> Config:
     """Check and freeze the configuration held in C{text}, read from C{path}."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, None, f"not valid TOML: {e}")
-    root = _Table(path, "", data, os.path.dirname(os.path.abspath(path)))
-
-    listeners_data = root._get("listener", list, _REQUIRED)
+    root = Table(path, "", data, os.path.dirname(os.path.abspath(path)))
+    listeners_data = root._get("listener", list, REQUIRED)
     listeners = []
     for index, item in enumerate(listeners_data):
-        table = _Table(path, f"listener[{index}]", item, root.base_dir)
+        table = Table(path, f"listener[{index}]", item, root.base_dir)
         listeners.append(_listener(table))
         table.done()
     if not listeners:
@@ -335,14 +368,26 @@ def parse_config(text: str, path: str) -> Config:
         if name in names[:index]:
             raise ConfigError(path, f"listener[{index}].name", f"duplicate listener name {name!r}")
 
+    accounts: dict[str, AccountConfig] = {}
+    account_tables = root.table("account")
+    if account_tables is not None:
+        for name, table in account_tables.tables():
+            _check_name(table, name)
+            accounts[name] = _account(table, name)
+            table.done()
+        account_tables.done()
+
     config = Config(
         path=path,
         server=_section(root, "server", _server) or ServerConfig(hostname=socket.getfqdn()),
         tls=_section(root, "tls", _tls) or TLSConfig(),
         listeners=tuple(listeners),
         access=_section(root, "access", _access) or AccessConfig(),
-        upstream=_section(root, "upstream", _upstream, required=True),
-        credentials=_section(root, "credentials", _credentials, required=True),
+        routes=_section(root, "upstream", _routes, required=True),
+        accounts=accounts,
+        credentials=_section(root, "credentials", lambda t: _credentials(t, accounts),
+                             required=True),
+        senders=_section(root, "senders", _senders) or SendersConfig(),
         demo=_section(root, "demo", _demo),
     )
     root.done()
@@ -351,11 +396,72 @@ def parse_config(text: str, path: str) -> Config:
 
 
 def _check_whole(config: Config) -> None:
-    """Rules that span tables."""
+    """Rules that span tables: TLS material, names that must exist, networks that must parse."""
+    def fail(key: str, reason: str) -> ConfigError:
+        return ConfigError(config.path, key, reason)
+
     if any(listener.tls != "none" for listener in config.listeners):
         if not config.tls.certificate or not config.tls.key:
-            raise ConfigError(config.path, "tls.certificate",
-                              "a listener uses TLS, so [tls] certificate and key are required")
+            raise fail("tls.certificate",
+                       "a listener uses TLS, so [tls] certificate and key are required")
+    credentials = config.credentials
+    for account in config.accounts.values():
+        where = account.origin
+        if account.route not in config.routes:
+            raise fail(f"{where}.route", f"no route named {account.route!r} "
+                                         f"(routes: {', '.join(config.routes)})")
+        if account.password is None and credentials.mapper != "passthrough":
+            raise fail(f"{where}.password_file", "the upstream password is missing: "
+                                                 "give password_file or password_env")
+
+    def need_account(key: str, name: str) -> None:
+        if name not in config.accounts:
+            known = ", ".join(config.accounts) or "none"
+            raise fail(key, f"no account named {name!r} (accounts: {known})")
+
+    mapper = credentials.mapper
+    if mapper == "static" and not config.accounts:
+        raise fail("credentials.username", "required key is missing")
+    if mapper == "static":
+        need_account("credentials.account", credentials.account)
+    if mapper in ("per-user", "per-sender", "per-device"):
+        if credentials.default is not None:
+            need_account("credentials.default", credentials.default)
+        for key, account in credentials.map:
+            need_account(f"credentials.map.{key}", account)
+            _check_map_key(config, mapper, key)
+    if mapper == "passthrough" and credentials.route not in config.routes:
+        raise fail("credentials.route", f"no route named {credentials.route!r}")
+    for network in config.senders.networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise fail(f"senders.networks.{network}", "is not an IP network")
+
+
+def _check_map_key(config: Config, mapper: str, key: str) -> None:
+    def fail(reason: str) -> ConfigError:
+        return ConfigError(config.path, f"credentials.map.{key}", reason)
+
+    if mapper == "per-sender" and not _sender_pattern(key):
+        raise fail("per-sender keys are addresses or @domain")
+    if mapper != "per-device":
+        return
+    kind, _, value = key.partition(":")
+    if kind == "listener":
+        if value not in {listener.name for listener in config.listeners}:
+            raise fail(f"no listener named {value!r}")
+    elif kind == "network":
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise fail(f"{value!r} is not an IP network")
+    elif kind == "certificate":
+        if not re.fullmatch(r"[0-9a-fA-F:]{64,95}", value) or \
+                len(value.replace(":", "")) != 64:
+            raise fail("expected the SHA-256 fingerprint of a client certificate (64 hex digits)")
+    else:
+        raise fail("per-device keys are listener:NAME, network:CIDR or certificate:SHA256")
 
 
 def load_config(path: str) -> Config:

@@ -110,12 +110,16 @@ class AuthenticatedOnly:
     def may_submit(self, client: ClientInfo, auth_required: bool) -> Reply | None:
         return None if client.login else Reply(530, "5.7.0", "Authentication required")
 
+    def may_send_as(self, client: ClientInfo, sender: str) -> Reply | None:
+        return None
+
 
 def demo_upstream_factory(delivery: IDelivery, username: str, password: str,
                           tls: ServerTLS, clock: IReactorTime,
                           hostname: str = "localhost") -> SMTPServerFactory:
     """The demo upstream: STARTTLS offered, AUTH required after it, messages to files."""
+    # No Received: header of its own, so the stored file shows what the bridge sent.
     settings = ListenerSettings(name="demo-upstream", hostname=hostname, tls="starttls",
-                                auth_required=True)
+                                auth_required=True, received_header=False)
     return SMTPServerFactory(settings, delivery, AuthenticatedOnly(),
                              SingleUserChecker({username: password}), clock, tls)

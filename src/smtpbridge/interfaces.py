@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 
 class ITransaction(Interface):
@@ -57,6 +57,9 @@ class IAccessPolicy(Interface):
     def may_submit(client: object, auth_required: bool) -> object:
         """None when the client may start a transaction, else the refusing Reply."""
 
+    def may_send_as(client: object, sender: str) -> object:
+        """None when the client may use this envelope sender, else the refusing Reply."""
+
 
 
 class ICredentialMapper(Interface):
@@ -66,3 +69,19 @@ class ICredentialMapper(Interface):
         """An L{smtpbridge.model.Assignment} (or a Deferred firing with one) for the
         client (a L{smtpbridge.model.ClientInfo}) and envelope sender; fails with
         L{smtpbridge.errors.SMTPReplyError} when no account may serve them."""
+
+
+class ICredentialMapperFactory(Interface):
+    """A third-party credential mapper, offered as a Twisted plugin.
+
+    Put a module in a ``twisted/plugins/`` directory on the Python path that
+    provides an object with C{IPlugin} and this interface; ``[credentials]
+    mapper = "<name>"`` selects it and ``[credentials.options]`` is its table.
+    """
+
+    name = Attribute("The name that [credentials] mapper = ... uses.")
+
+    def make(options: dict, accounts: dict, reactor: object) -> ICredentialMapper:
+        """Build the mapper from its options table and the configured accounts
+        (account name -> L{smtpbridge.model.Assignment}); raise C{ValueError}
+        with a clear reason for a bad option."""

@@ -45,6 +45,9 @@ class ClientInfo:
     tls_version: str | None = None
     tls_cipher: str | None = None
     login: str | None = None
+    esmtp: bool = True
+    certificate: str | None = None  # SHA-256 fingerprint (hex) of the client's TLS certificate
+    password: object = attr.field(default=None, repr=False)  # kept only for passthrough
 
 
 @attr.frozen
@@ -72,12 +75,17 @@ class UpstreamAccount:
     """The upstream login used for a transaction. The password's repr hides it."""
 
     username: str
-    password: object = attr.field(repr=False)  # smtpbridge.config.Secret
+    password: object = attr.field(repr=False)  # a smtpbridge.secret.Secret
+    name: str = "default"
+    rewrite_sender: str | None = None  # the address envelope sender and From: become
+
+
 
 
 @attr.frozen
 class Assignment:
-    """The answer of a credential mapper: which route and account serve a transaction."""
+    """The answer of a credential mapper: the routes (tried in order until one accepts
+    the login) and the account that serve a transaction."""
 
-    route: Route
+    routes: tuple[Route, ...]
     account: UpstreamAccount | None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from zope.interface import implementer
 
@@ -17,7 +17,7 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 REPLY_AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 
 
-def _peer_address(host: object) -> Address | None:
+def peer_address(host: object) -> Address | None:
     """The IP address in a peer host string as Twisted reports it, or None."""
     if not isinstance(host, str):
         return None
@@ -56,7 +56,7 @@ class TrustedNetworks:
         An IPv4-mapped IPv6 address (``::ffff:192.0.2.1``, as a dual-stack
         listener reports IPv4 peers) also matches the IPv4 networks.
         """
-        address = _peer_address(host)
+        address = peer_address(host)
         if address is None:
             return False
         candidates: list[Address] = [address]
@@ -68,12 +68,50 @@ class TrustedNetworks:
         return f"TrustedNetworks({[str(n) for n in self.networks]!r})"
 
 
+def sender_matches(sender: str, patterns: Iterable[str]) -> bool:
+    """True when C{sender} is one of the addresses or in one of the @domains (any case)."""
+    address = sender.lower()
+    domain = "@" + address.rpartition("@")[2]
+    return any(p.lower() in (address, domain) for p in patterns)
+
+
+class SenderRules:
+    """Which envelope senders a local user, or a trusted network's clients, may use.
+
+    A user or network without rules may use any sender; the null sender (bounces)
+    is always allowed.  For clients without AUTH the most specific network counts.
+    """
+
+    def __init__(self, users: Mapping[str, Iterable[str]],
+                 networks: Mapping[str, Iterable[str]]) -> None:
+        self._users = {name: tuple(p) for name, p in users.items()}
+        parsed = [(ipaddress.ip_network(n, strict=False), tuple(p)) for n, p in networks.items()]
+        parsed.sort(key=lambda item: -item[0].prefixlen)
+        self._networks = [(TrustedNetworks([net]), patterns) for net, patterns in parsed]
+
+    def refusal(self, client: ClientInfo, sender: str) -> Reply | None:
+        """None when C{client} may use C{sender}, else the 553 refusing it."""
+        if sender == "":
+            return None
+        if client.login:
+            patterns = self._users.get(client.login)
+            who = f"user {client.login}"
+        else:
+            patterns = next((p for net, p in self._networks if client.peer_host in net), None)
+            who = f"clients from [{client.peer_host}]"
+        if patterns is None or sender_matches(sender, patterns):
+            return None
+        return Reply(553, "5.7.1", f"Sender address <{sender}> is not allowed for {who}")
+
+
 @implementer(IAccessPolicy)
 class AccessPolicy:
-    """Authenticated clients may submit; trusted networks too where AUTH is optional."""
+    """Authenticated clients may submit; trusted networks too where AUTH is optional;
+    sender rules limit the envelope senders either may use."""
 
-    def __init__(self, trusted: TrustedNetworks) -> None:
+    def __init__(self, trusted: TrustedNetworks, senders: SenderRules | None = None) -> None:
         self._trusted = trusted
+        self._senders = senders or SenderRules({}, {})
 
     def may_submit(self, client: ClientInfo, auth_required: bool) -> Reply | None:
         """None when C{client} may start a transaction, else the reply refusing it."""
@@ -82,3 +120,7 @@ class AccessPolicy:
         if not auth_required and client.peer_host in self._trusted:
             return None
         return REPLY_AUTH_REQUIRED
+
+    def may_send_as(self, client: ClientInfo, sender: str) -> Reply | None:
+        """None when C{client} may use the envelope sender C{sender}, else the 553."""
+        return self._senders.refusal(client, sender)

@@ -16,14 +16,51 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from smtpbridge.client import LoginRejected
 from smtpbridge.errors import SMTPReplyError
 from smtpbridge.interfaces import ICredentialMapper, IDelivery, ITransaction
-from smtpbridge.model import Assignment, ClientInfo, Reply, Route, UpstreamAccount
+from smtpbridge.model import ClientInfo, Reply, Route, UpstreamAccount
+from smtpbridge.rewrite import SenderRewriter
 
 log = Logger()
 
 Connector = Callable[[Route, UpstreamAccount | None], Deferred]
 GONE = Reply(451, "4.3.0", "Upstream session is no longer available")
+
+
+async def connect_first(connect: Connector, routes: tuple[Route, ...],
+                        account: UpstreamAccount | None) -> object:
+    """A session on the first route that connects, verifies and accepts the login.
+
+    Only setup failures move on to the next host, and they all happen before
+    MAIL FROM, so failing over can never send a message twice.
+    """
+    error: SMTPReplyError | None = None
+    for index, route in enumerate(routes):
+        try:
+            return await connect(route, account)
+        except SMTPReplyError as e:
+            error = e
+            if index + 1 < len(routes):
+                log.warn("upstream {host}:{port} failed ({text}); trying {next}",
+                         host=route.host, port=route.port, text=e.reply.text,
+                         next=routes[index + 1].host)
+    assert error is not None, "a route list is never empty"
+    raise error
+
+
+def try_login(connect: Connector) -> Callable[[tuple[Route, ...], UpstreamAccount], Deferred]:
+    """A check that logs in upstream with an account: True, False if the login was
+    refused, an error if the upstream could not be asked."""
+    async def check(routes: tuple[Route, ...], account: UpstreamAccount) -> bool:
+        try:
+            session = await connect_first(connect, routes, account)
+        except LoginRejected:
+            return False
+        await session.quit()
+        return True
+
+    return lambda routes, account: Deferred.fromCoroutine(check(routes, account))
 
 
 @implementer(ITransaction)
@@ -35,22 +72,27 @@ class InlineTransaction:
         self._connect = connect
         self._client = client
         self._session: object | None = None
+        self._rewriter: SenderRewriter | None = None
         self._in_data = False
         self._over = False
 
     def mail(self, sender: str, params: dict) -> Deferred:
-        def connect(assignment: Assignment) -> Deferred:
-            return self._connect(assignment.route, assignment.account)
+        return Deferred.fromCoroutine(self._mail(sender, params))
 
-        def connected(session: object) -> Deferred:
-            if self._over:  # the client left while we were connecting
-                session.quit()
-                raise SMTPReplyError(GONE)
-            self._session = session
-            return session.mail(sender, params)
-
-        d = maybeDeferred(self._mapper.map, self._client, sender)
-        return d.addCallback(connect).addCallback(connected)
+    async def _mail(self, sender: str, params: dict) -> Reply:
+        assignment = await maybeDeferred(self._mapper.map, self._client, sender)
+        account = assignment.account
+        session = await connect_first(self._connect, assignment.routes, account)
+        if self._over:  # the client left while we were connecting
+            session.quit()
+            raise SMTPReplyError(GONE)
+        self._session = session
+        if account is not None and account.rewrite_sender:
+            # Providers refuse mail whose sender is not the login's own address.
+            self._rewriter = SenderRewriter(account.rewrite_sender)
+            if sender:
+                sender = account.rewrite_sender
+        return await session.mail(sender, params)
 
     def _current(self) -> object:
         if self._session is None or self._over:
@@ -71,13 +113,20 @@ class InlineTransaction:
 
     def write(self, lines: list[bytes]) -> None:
         if self._in_data and not self._over:
-            self._session.write_lines(lines)
+            if self._rewriter is not None:
+                lines = self._rewriter.feed(lines)
+            if lines:
+                self._session.write_lines(lines)
 
     def finish(self) -> Deferred:
         try:
             session = self._current()
         except SMTPReplyError as e:
             return fail(e)
+        if self._rewriter is not None and self._in_data:
+            rest = self._rewriter.close()
+            if rest:
+                session.write_lines(rest)
         self._over = True
         self._in_data = False
         session.unregister_producer()

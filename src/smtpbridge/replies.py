@@ -13,6 +13,7 @@ HELP_REPLY = Reply(214, "2.0.0", "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DA
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_TEMP_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")
+AUTH_BLOCKED = Reply(454, "4.7.0", "Too many failed logins from your address; try again later")
 AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
 AUTH_UNDECODABLE = Reply(501, "5.5.2", "Cannot decode AUTH response")
 AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication "

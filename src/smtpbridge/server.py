@@ -7,6 +7,7 @@ everything the client sent ahead is thrown away (RFC 3207, CVE-2011-0411).
 
 from __future__ import annotations
 
+import datetime
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,7 @@ from smtpbridge.lines import SMTPLineReceiver
 from smtpbridge.model import ClientInfo, Reply
 from smtpbridge.replies import (
     ALREADY_AUTHENTICATED,
+    AUTH_BLOCKED,
     AUTH_CANCELLED,
     AUTH_FAILED,
     AUTH_NEEDS_TLS,
@@ -58,7 +60,10 @@ from smtpbridge.replies import (
     syntax,
     unsupported,
 )
-from smtpbridge.tls import ServerTLS, connection_summary
+from smtpbridge.rewrite import received_header
+from smtpbridge.secret import Secret
+from smtpbridge.throttle import AuthThrottle
+from smtpbridge.tls import ServerTLS, connection_summary, peer_fingerprint
 from smtpbridge.wire import (
     DataDecoder,
     format_reply,
@@ -83,6 +88,7 @@ class ListenerSettings:
     idle_timeout: int = 300
     max_recipients: int = 1000
     max_errors: int = 20
+    received_header: bool = True
 
 
 class SMTPServerFactory(Factory):
@@ -92,13 +98,16 @@ class SMTPServerFactory(Factory):
 
     def __init__(self, settings: ListenerSettings, delivery: IDelivery, policy: IAccessPolicy,
                  checker: IPasswordChecker | None, clock: IReactorTime,
-                 tls: ServerTLS | None = None) -> None:
+                 tls: ServerTLS | None = None, throttle: AuthThrottle | None = None,
+                 keep_password: bool = False) -> None:
         self.settings = settings
         self.delivery = delivery
         self.policy = policy
         self.checker = checker
         self.clock = clock
         self.tls = tls
+        self.throttle = throttle
+        self.keep_password = keep_password  # passthrough needs the login's password
 
     def buildProtocol(self, addr: object) -> SMTPServerProtocol:  # noqa: N802
         protocol = SMTPServerProtocol(self)
@@ -139,7 +148,7 @@ class SMTPServerProtocol(SMTPLineReceiver, TimeoutMixin):
         self._continuation: Callable[[str], Any] | None = None
         self._transaction: ITransaction | None = None
         self._recipients = 0
-        self._accepted = 0
+        self._accepted: list[str] = []
         self._decoder: DataDecoder | None = None
         self._size = 0
         self._body_refusal: Reply | None = None
@@ -160,9 +169,12 @@ class SMTPServerProtocol(SMTPLineReceiver, TimeoutMixin):
 
     def handshakeCompleted(self) -> None:  # noqa: N802
         version, cipher = connection_summary(self.transport)
-        self.client = attr.evolve(self.client, tls_version=version, tls_cipher=cipher)
-        log.info("{session} TLS established: {version} {cipher}",
-                 session=self.client.session_id, version=version, cipher=cipher)
+        certificate = peer_fingerprint(self.transport)
+        self.client = attr.evolve(self.client, tls_version=version, tls_cipher=cipher,
+                                  certificate=certificate)
+        log.info("{session} TLS established: {version} {cipher}{certificate}",
+                 session=self.client.session_id, version=version, cipher=cipher,
+                 certificate=f", client certificate {certificate}" if certificate else "")
 
     def connectionLost(self, reason: Failure) -> None:  # noqa: N802
         self._gone = True
@@ -261,18 +273,18 @@ class SMTPServerProtocol(SMTPLineReceiver, TimeoutMixin):
 
     # Session commands.
 
-    def _greet(self, argument: str, usage: str) -> None:
+    def _greet(self, argument: str, usage: str, esmtp: bool) -> None:
         if not argument:
             raise SMTPReplyError(syntax(usage))
         self._end_transaction(abort=True)
-        self.client = attr.evolve(self.client, helo=argument.split()[0])
+        self.client = attr.evolve(self.client, helo=argument.split()[0], esmtp=esmtp)
 
     def smtp_HELO(self, argument: str) -> Reply:  # noqa: N802
-        self._greet(argument, "HELO hostname")
+        self._greet(argument, "HELO hostname", esmtp=False)
         return Reply(250, None, self.settings.hostname)
 
     def smtp_EHLO(self, argument: str) -> Reply:  # noqa: N802
-        self._greet(argument, "EHLO hostname")
+        self._greet(argument, "EHLO hostname", esmtp=True)
         lines = [self.settings.hostname, "PIPELINING", f"SIZE {self.settings.max_message_size}",
                  "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"]
         if self.settings.tls == "starttls" and not self._tls_active:
@@ -363,23 +375,37 @@ class SMTPServerProtocol(SMTPLineReceiver, TimeoutMixin):
         return self._authenticate(result.username, result.password)
 
     def _authenticate(self, username: str, password: str) -> Deferred:
-        session = self.client.session_id
+        return Deferred.fromCoroutine(self._check_login(username, password))
 
-        def checked(ok: bool) -> Reply:
-            if not ok:
-                log.info("{session} AUTH failed for user {user!r} from [{host}]",
-                         session=session, user=username, host=self.client.peer_host)
-                return AUTH_FAILED
-            self.client = attr.evolve(self.client, login=username)
-            log.info("{session} AUTH ok: user {user!r}", session=session, user=username)
-            return AUTH_OK
-
-        def broken(failure: Failure) -> Reply:
-            log.failure("{session} password check failed", failure, session=session)
+    async def _check_login(self, username: str, password: str) -> Reply:
+        """Check a login; failures are slowed down and, repeated, blocked per address."""
+        session, host = self.client.session_id, self.client.peer_host
+        throttle = self.factory.throttle
+        if throttle is not None and throttle.blocked(host):
+            log.info("{session} AUTH refused: [{host}] is blocked after repeated failures",
+                     session=session, host=host)
+            return AUTH_BLOCKED
+        try:
+            ok = await maybeDeferred(self.factory.checker.check, username, password)
+        except SMTPReplyError as e:
+            log.warn("{session} password check failed: {text}", session=session,
+                     text=e.reply.text)
             return AUTH_TEMP_FAILURE
-
-        return maybeDeferred(self.factory.checker.check, username, password).addCallbacks(
-            checked, broken)
+        except Exception:
+            log.failure("{session} password check failed", Failure(), session=session)
+            return AUTH_TEMP_FAILURE
+        if not ok:
+            log.info("{session} AUTH failed for user {user!r} from [{host}]",
+                     session=session, user=username, host=host)
+            if throttle is not None:
+                await throttle.delay(throttle.failed(host))
+            return AUTH_FAILED
+        if throttle is not None:
+            throttle.succeeded(host)
+        kept = Secret(password) if self.factory.keep_password else None
+        self.client = attr.evolve(self.client, login=username, password=kept)
+        log.info("{session} AUTH ok: user {user!r}", session=session, user=username)
+        return AUTH_OK
 
     # The mail transaction.
 
@@ -389,14 +415,15 @@ class SMTPServerProtocol(SMTPLineReceiver, TimeoutMixin):
         if self._transaction is not None:
             return NESTED_MAIL
         sender, params = parse_mail_from(argument)
-        refusal = self.factory.policy.may_submit(self.client, self.settings.auth_required)
+        refusal = (self.factory.policy.may_submit(self.client, self.settings.auth_required)
+                   or self.factory.policy.may_send_as(self.client, sender))
         if refusal is not None:
             log.info("{session} MAIL from <{sender}> refused: {text}",
                      session=self.client.session_id, sender=sender, text=refusal.text)
             return refusal
         params = self._mail_params(params)
         transaction = self.factory.delivery.transaction(self.client)
-        self._transaction, self._recipients, self._accepted = transaction, 0, 0
+        self._transaction, self._recipients, self._accepted = transaction, 0, []
 
         def answered(reply: Reply) -> Reply:
             if not reply.positive:
@@ -445,7 +472,7 @@ class SMTPServerProtocol(SMTPLineReceiver, TimeoutMixin):
 
         def answered(reply: Reply) -> Reply:
             if reply.positive and self._transaction is transaction:
-                self._accepted += 1
+                self._accepted.append(recipient)
             return reply
 
         return maybeDeferred(transaction.rcpt, recipient, params).addCallback(answered)
@@ -458,7 +485,7 @@ class SMTPServerProtocol(SMTPLineReceiver, TimeoutMixin):
             return NEED_MAIL
         if self._recipients == 0:
             return NEED_RCPT
-        if self._accepted == 0:
+        if not self._accepted:
             return NO_VALID_RECIPIENTS
 
         def answered(reply: Reply) -> Reply:
@@ -469,6 +496,12 @@ class SMTPServerProtocol(SMTPLineReceiver, TimeoutMixin):
                 self._size = 0
                 self._body_refusal = None
                 self.setRawMode()
+                if self.settings.received_header:
+                    now = datetime.datetime.fromtimestamp(self.factory.clock.seconds(),
+                                                          datetime.UTC)
+                    transaction.write(received_header(self.client, self.settings.hostname,
+                                                      self._accepted, now,
+                                                      esmtp=self.client.esmtp))
             else:
                 self._end_transaction(abort=True)
             return reply
@@ -497,7 +530,7 @@ class SMTPServerProtocol(SMTPLineReceiver, TimeoutMixin):
     def _end_of_data(self, transaction: ITransaction, rest: bytes) -> None:
         refusal = self._body_refusal
         self._transaction = self._decoder = None
-        self._recipients = self._accepted = 0
+        self._recipients, self._accepted = 0, []
         self.release("body")
         if refusal is not None:
             log.info("{session} message refused: {text}", session=self.client.session_id,
@@ -520,7 +553,7 @@ class SMTPServerProtocol(SMTPLineReceiver, TimeoutMixin):
         if transaction is None or (only is not None and transaction is not only):
             return
         self._transaction = self._decoder = None
-        self._recipients = self._accepted = 0
+        self._recipients, self._accepted = 0, []
         if not self.line_mode:
             self.setLineMode()
         self.release("body")

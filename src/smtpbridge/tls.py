@@ -46,10 +46,14 @@ TLS_VERSIONS = {
 
 
 def server_context(certificate: str, key: str, min_version: str = "1.2",
-                   config_file: str = "", key_name: str = "tls") -> SSL.Context:
+                   config_file: str = "", key_name: str = "tls",
+                   client_certificates: str = "none", client_ca: str | None = None,
+                   ) -> SSL.Context:
     """An OpenSSL server context with our certificate, allowing C{min_version} and up.
 
-    Unreadable or mismatched files raise L{ConfigError} naming C{key_name}.
+    C{client_certificates} "request" or "require" asks clients for a certificate
+    issued by a CA of the C{client_ca} bundle.  Unreadable or mismatched files
+    raise L{ConfigError} naming C{key_name}.
     """
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_min_proto_version(TLS_VERSIONS[min_version])
@@ -74,6 +78,17 @@ def server_context(certificate: str, key: str, min_version: str = "1.2",
     except SSL.Error:
         raise ConfigError(config_file, f"{key_name}.key",
                           f"{key} holds no usable PEM private key for the certificate")
+    if client_certificates != "none":
+        try:
+            context.load_verify_locations(client_ca)
+        except SSL.Error:
+            raise ConfigError(config_file, "client_ca", f"{client_ca} holds no usable "
+                                                        "PEM CA certificate")
+        mode = SSL.VERIFY_PEER
+        if client_certificates == "require":
+            mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+        context.set_verify(mode, None)
+        context.set_session_id(b"smtpbridge")
     return context
 
 
@@ -95,6 +110,15 @@ def connection_summary(transport: object) -> tuple[str | None, str | None]:
     if not isinstance(handle, SSL.Connection):
         return None, None
     return handle.get_protocol_version_name(), handle.get_cipher_name()
+
+
+def peer_fingerprint(transport: object) -> str | None:
+    """The SHA-256 fingerprint (lower-case hex) of the peer's TLS certificate, if it sent one."""
+    get_certificate = getattr(transport, "getPeerCertificate", None)
+    certificate = get_certificate() if get_certificate else None
+    if certificate is None:
+        return None
+    return certificate.to_cryptography().fingerprint(hashes.SHA256()).hex()
 
 
 def create_self_signed(certificate: str, key: str, hostname: str) -> None:
