@@ -159,6 +159,7 @@ class Upstream:
     messages: list[StoredMessage] = attr.Factory(list)
     logins: list[tuple[str, str, bool]] = attr.Factory(list)  # (mechanism, user, accepted)
     received: list[tuple[bool, bytes]] = attr.Factory(list)  # (under TLS, bytes)
+    sni: list[str | None] = attr.Factory(list)  # the server name of each TLS handshake
     lock: threading.Lock = attr.Factory(threading.Lock)
 
     def route(self, **changes: Any) -> Route:
@@ -266,6 +267,7 @@ def start_upstream(
     reject_recipients: dict[str, str] | None = None,
     data_reply: str | None = None,
     smtputf8: bool = True,
+    max_tls_version: ssl.TLSVersion | None = None,
 ) -> Upstream:
     """Start an upstream on 127.0.0.1 (a free port); stop it with C{Upstream.stop()}.
 
@@ -275,6 +277,8 @@ def start_upstream(
     C{certificate_names}: the names its certificate is valid for.
     C{reject_recipients}: address -> reply such as "550 5.1.1 No such user".
     C{data_reply}: the reply to the final dot instead of storing the message.
+    C{max_tls_version}: the newest TLS version it speaks.  The server names clients
+    ask for (SNI) are recorded in C{Upstream.sni}.
     """
     directory = directory or tempfile.mkdtemp(prefix="upstream-")
     os.makedirs(directory, exist_ok=True)
@@ -283,6 +287,14 @@ def start_upstream(
         cert, key = write_certificate(directory, certificate_names, expired_certificate)
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(cert, key)
+        if max_tls_version is not None:
+            context.maximum_version = max_tls_version
+
+        def record_sni(connection: Any, name: str | None, context: Any) -> None:
+            with upstream_box[0].lock:
+                upstream_box[0].sni.append(name)
+
+        context.sni_callback = record_sni
     handler = _Handler(None, dict(reject_recipients or {}), data_reply)
     upstream_box: list[Upstream] = []
 

@@ -28,7 +28,12 @@ from zope.interface import implementer
 from smtpbridge.errors import SMTPReplyError
 from smtpbridge.lines import SMTPLineReceiver
 from smtpbridge.model import Reply, Route, UpstreamAccount
-from smtpbridge.tls import connection_summary, tls_failure_reason, upstream_tls_options
+from smtpbridge.tls import (
+    connection_summary,
+    public_key_pin,
+    tls_failure_reason,
+    upstream_tls_options,
+)
 from smtpbridge.wire import END_OF_DATA, ReplyParser, encode_lines
 
 log = Logger()
@@ -113,6 +118,12 @@ class UpstreamProtocol(SMTPLineReceiver):
         self.greeting = self.expect("TLS handshake" if self.handshaking else "greeting")
 
     def handshakeCompleted(self) -> None:  # noqa: N802
+        if self.route.pins:
+            pin = public_key_pin(self.transport.getPeerCertificate())
+            if pin not in self.route.pins:
+                self.fail(self.error_for(454, "4.7.5", "TLS failed: the certificate's public "
+                                                       f"key sha256/{pin} is not the pinned one"))
+                return
         self.handshaking = False
         if self._pending and self._pending[0].step == "TLS handshake":
             self._pending[0].step = "EHLO" if self.route.tls == "starttls" else "greeting"
@@ -121,9 +132,13 @@ class UpstreamProtocol(SMTPLineReceiver):
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         if self.error is not None:
             return
-        if self.handshaking and reason.check(SSL.Error, VerificationError):
-            text = f"TLS failed: {tls_failure_reason(reason, self.route.host)}"
-            self.fail(self.error_for(454, "4.7.5", text), close="none")
+        if self.handshaking:
+            if reason.check(SSL.Error, VerificationError):
+                why = tls_failure_reason(reason, self.route.host)
+            else:
+                why = ("the connection was closed during the handshake (no TLS version or "
+                       "cipher in common?)")
+            self.fail(self.error_for(454, "4.7.5", f"TLS failed: {why}"), close="none")
             return
         self.fail(self.error_for(451, "4.4.2", f"closed the connection during {self._step}"),
                   close="none")

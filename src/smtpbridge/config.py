@@ -7,6 +7,7 @@ Pure: no reactor, no sockets; it only reads the files the configuration names.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 import re
@@ -62,6 +63,8 @@ class ListenerConfig:
     accept_bare_lf_end: bool = False
     client_certificates: str = "none"
     client_ca: str | None = None
+    certificate: str | None = None  # this listener's own certificate instead of [tls]'s
+    key: str | None = None
 
 
 @attr.frozen
@@ -84,6 +87,8 @@ class RouteConfig:
     tls: str = "starttls"
     ca_certificates: str | None = None
     timeout: int = 60
+    min_tls_version: str = "1.2"
+    pin_sha256: tuple[str, ...] = ()
 
 
 @attr.frozen
@@ -187,7 +192,12 @@ def _listener(t: Table) -> ListenerConfig:
         client_certificates=t.string("client_certificates", "none",
                                      choices=CLIENT_CERTIFICATE_MODES),
         client_ca=t.path("client_ca", None),
+        certificate=t.path("certificate", None),
+        key=t.path("key", None),
     )
+    if (listener.certificate is None) != (listener.key is None):
+        raise t.error("certificate" if listener.certificate is None else "key",
+                      "a listener's own certificate needs both certificate and key")
     nobody_can_send = listener.auth == "required" and not listener.allow_plaintext_auth
     if listener.tls == "none" and nobody_can_send:
         raise t.error("auth", 'a listener with tls = "none" and auth = "required" accepts '
@@ -227,7 +237,21 @@ def _route(t: Table, name: str) -> RouteConfig:
         tls=t.string("tls", "starttls", choices=("starttls", "implicit")),
         ca_certificates=t.path("ca_certificates", ""),
         timeout=t.integer("timeout", 60, minimum=1),
+        min_tls_version=t.string("min_tls_version", "1.2", choices=("1.2", "1.3")),
+        pin_sha256=tuple(_pin(t, value) for value in t.strings("pin_sha256", ())),
     )
+
+
+def _pin(t: Table, value: str) -> str:
+    """A public key pin as base64 of 32 bytes; "sha256/" in front is allowed."""
+    text = value.removeprefix("sha256/")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise t.error("pin_sha256", f"{value!r} is not a base64 SHA-256 pin (44 characters)")
+    return text
 
 
 def _routes(t: Table) -> dict[str, RouteConfig]:
@@ -400,10 +424,11 @@ def _check_whole(config: Config) -> None:
     def fail(key: str, reason: str) -> ConfigError:
         return ConfigError(config.path, key, reason)
 
-    if any(listener.tls != "none" for listener in config.listeners):
-        if not config.tls.certificate or not config.tls.key:
-            raise fail("tls.certificate",
-                       "a listener uses TLS, so [tls] certificate and key are required")
+    for listener in config.listeners:
+        if listener.tls != "none" and listener.certificate is None:
+            if not config.tls.certificate or not config.tls.key:
+                raise fail("tls.certificate", f"listener {listener.name!r} uses TLS, so [tls] "
+                                              "certificate and key are required")
     credentials = config.credentials
     for account in config.accounts.values():
         where = account.origin

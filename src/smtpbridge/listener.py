@@ -1,13 +1,21 @@
-"""A listening endpoint as a twistd service; a port that cannot be bound stops the start."""
+"""Services that keep the listeners running: the listening endpoints, and the reload of
+their certificates on SIGHUP."""
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+from collections.abc import Callable
 
+from OpenSSL import SSL
 from twisted.application.service import Service
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from smtpbridge.errors import ConfigError
+from smtpbridge.tls import ServerTLS
 
 log = Logger()
 
@@ -48,3 +56,42 @@ class ListenerService(Service):
         super().stopService()
         port, self.port = self.port, None
         return port.stopListening() if port is not None else None
+
+
+class CertificateReloader(Service):
+    """Reloads every listener's certificate and key on SIGHUP.
+
+    New connections use the new files at once; connections already open keep the
+    certificate they started with.  Files that do not load leave the old ones in use.
+    """
+
+    def __init__(self, reactor: object,
+                 contexts: list[tuple[ServerTLS, Callable[[], SSL.Context]]]) -> None:
+        self._reactor = reactor
+        self._contexts = contexts
+        self._previous: object = None
+
+    def reload(self) -> bool:
+        """Load every certificate again; False (and nothing changed) if one fails."""
+        try:
+            fresh = [(tls, build()) for tls, build in self._contexts]
+        except ConfigError as e:
+            log.error("certificates not reloaded, the old ones stay in use: {error}",
+                      error=str(e))
+            return False
+        for tls, context in fresh:
+            tls.context = context
+        log.info("certificates reloaded for {count} TLS context(s)", count=len(fresh))
+        return True
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(
+                signal.SIGHUP, lambda signum, frame: self._reactor.callFromThread(self.reload))
+
+    def stopService(self) -> None:  # noqa: N802
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None

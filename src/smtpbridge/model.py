@@ -68,6 +68,8 @@ class Route:
     tls: str = "starttls"  # starttls | implicit
     ca_certificates: str | None = None  # PEM bundle; None: the system trust store
     timeout: float = 60.0
+    min_tls_version: str = "1.2"  # "1.2" | "1.3"
+    pins: tuple[str, ...] = ()  # base64 SHA-256 of accepted public keys (SPKI); empty: any
 
 
 @attr.frozen

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from OpenSSL import SSL
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
@@ -22,7 +23,7 @@ from smtpbridge.config import DEFAULT, Config, ListenerConfig
 from smtpbridge.demo import MailFolderDelivery, demo_upstream_factory
 from smtpbridge.errors import ConfigError
 from smtpbridge.interfaces import ICredentialMapper, IPasswordChecker
-from smtpbridge.listener import ListenerService
+from smtpbridge.listener import CertificateReloader, ListenerService
 from smtpbridge.mapping import (
     PassthroughMapper,
     PerDeviceMapper,
@@ -51,13 +52,22 @@ def _endpoint_service(reactor: object, config: Config, key: str, name: str,
     return ListenerService(name, description, endpoint, factory)
 
 
-def _server_tls(config: Config, listener: ListenerConfig | None = None) -> ServerTLS:
-    if listener is None:
-        return ServerTLS(server_context(config.tls.certificate, config.tls.key, "1.2",
-                                        config.path))
-    return ServerTLS(server_context(
-        config.tls.certificate, config.tls.key, listener.min_tls_version, config.path,
-        client_certificates=listener.client_certificates, client_ca=listener.client_ca))
+def _context_builder(config: Config, listener: ListenerConfig | None,
+                     index: int = 0) -> Callable[[], SSL.Context]:
+    """Builds the listener's server context from its files (again on each SIGHUP)."""
+    if listener is not None and listener.certificate is not None:
+        files, key_name = (listener.certificate, listener.key), f"listener[{index}]"
+    else:
+        files, key_name = (config.tls.certificate, config.tls.key), "tls"
+
+    def build() -> SSL.Context:
+        if listener is None:
+            return server_context(*files, "1.2", config.path, key_name)
+        return server_context(*files, listener.min_tls_version, config.path, key_name,
+                              client_certificates=listener.client_certificates,
+                              client_ca=listener.client_ca,
+                              client_ca_key=f"listener[{index}].client_ca")
+    return build
 
 
 def _routes(config: Config, name: str) -> tuple[Route, ...]:
@@ -68,7 +78,8 @@ def _routes(config: Config, name: str) -> tuple[Route, ...]:
         reason = "does not exist" if not os.path.exists(ca) else "is not readable"
         key = "upstream" if name == DEFAULT else f"upstream.{name}"
         raise ConfigError(config.path, f"{key}.ca_certificates", f"{ca} {reason}")
-    return tuple(Route(host, route.port, route.tls, ca, float(route.timeout))
+    return tuple(Route(host, route.port, route.tls, ca, float(route.timeout),
+                       route.min_tls_version, route.pin_sha256)
                  for host in route.hosts)
 
 
@@ -164,6 +175,13 @@ def make_service(config: Config, reactor: object) -> MultiService:
     policy = _policy(config)
     checker = _checker(config, reactor)
     throttle = _throttle(config, reactor)
+    contexts: list[tuple[ServerTLS, Callable[[], SSL.Context]]] = []
+
+    def server_tls(build: Callable[[], SSL.Context]) -> ServerTLS:
+        tls = ServerTLS(build())
+        contexts.append((tls, build))
+        return tls
+
     for index, listener in enumerate(config.listeners):
         settings = ListenerSettings(
             name=listener.name,
@@ -176,18 +194,23 @@ def make_service(config: Config, reactor: object) -> MultiService:
             idle_timeout=config.server.idle_timeout,
             received_header=config.server.received_header,
         )
-        server_tls = _server_tls(config, listener) if listener.tls != "none" else None
-        factory = SMTPServerFactory(settings, delivery, policy, checker, reactor, server_tls,
+        listener_tls = (server_tls(_context_builder(config, listener, index))
+                        if listener.tls != "none" else None)
+        factory = SMTPServerFactory(settings, delivery, policy, checker, reactor, listener_tls,
                                     throttle, config.credentials.mapper == "passthrough")
         if listener.tls == "implicit":
-            factory = TLSMemoryBIOFactory(server_tls, False, factory)
+            factory = TLSMemoryBIOFactory(listener_tls, False, factory)
         _endpoint_service(reactor, config, f"listener[{index}].endpoint",
                           f"listener {listener.name}", listener.endpoint,
                           factory).setServiceParent(top)
     if config.demo is not None:
         demo = config.demo
         factory = demo_upstream_factory(MailFolderDelivery(demo.mail_dir), demo.username,
-                                        demo.password.value, _server_tls(config), reactor)
+                                        demo.password.value,
+                                        server_tls(_context_builder(config, None)), reactor)
         _endpoint_service(reactor, config, "demo.endpoint", "demo upstream", demo.endpoint,
                           factory).setServiceParent(top)
+    reloader = CertificateReloader(reactor, contexts)
+    reloader.setName("certificates")
+    reloader.setServiceParent(top)
     return top

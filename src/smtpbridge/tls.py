@@ -8,6 +8,7 @@ devices need.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import ipaddress
 import os
@@ -48,7 +49,7 @@ TLS_VERSIONS = {
 def server_context(certificate: str, key: str, min_version: str = "1.2",
                    config_file: str = "", key_name: str = "tls",
                    client_certificates: str = "none", client_ca: str | None = None,
-                   ) -> SSL.Context:
+                   client_ca_key: str = "client_ca") -> SSL.Context:
     """An OpenSSL server context with our certificate, allowing C{min_version} and up.
 
     C{client_certificates} "request" or "require" asks clients for a certificate
@@ -82,7 +83,7 @@ def server_context(certificate: str, key: str, min_version: str = "1.2",
         try:
             context.load_verify_locations(client_ca)
         except SSL.Error:
-            raise ConfigError(config_file, "client_ca", f"{client_ca} holds no usable "
+            raise ConfigError(config_file, client_ca_key, f"{client_ca} holds no usable "
                                                         "PEM CA certificate")
         mode = SSL.VERIFY_PEER
         if client_certificates == "require":
@@ -167,8 +168,12 @@ def _load_certificates(path: str) -> list[Certificate]:
     return [Certificate.loadPEM(block) for block in blocks]
 
 
+_CLIENT_MINIMUM = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
+
+
 def upstream_tls_options(route: Route) -> TLSOptions:
-    """TLS 1.2+ client options that verify the upstream's certificate for C{route.host}.
+    """Client options that verify the upstream's certificate for C{route.host} (and send
+    it as SNI when it is a DNS name), with TLS 1.2 or newer.
 
     The trust root is the system store, or the PEM bundle of C{route.ca_certificates}.
     """
@@ -176,8 +181,23 @@ def upstream_tls_options(route: Route) -> TLSOptions:
         trust = platformTrust()
     else:
         trust = trustRootFromCertificates(_load_certificates(route.ca_certificates))
+    minimum = _CLIENT_MINIMUM[route.min_tls_version]
     return optionsForClientTLS(route.host, trustRoot=trust,
-                               extraCertificateOptions={"raiseMinimumTo": TLSVersion.TLSv1_2})
+                               extraCertificateOptions={"raiseMinimumTo": minimum})
+
+
+def public_key_pin(certificate: object) -> str:
+    """The pin of a certificate's public key: base64 of the SHA-256 of its SubjectPublicKeyInfo.
+
+    The same value as ``openssl x509 -pubkey -noout | openssl pkey -pubin -outform der |
+    openssl dgst -sha256 -binary | base64``.
+    """
+    key = certificate.to_cryptography().public_key()
+    der = key.public_bytes(serialization.Encoding.DER,
+                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(der)
+    return base64.b64encode(digest.finalize()).decode("ascii")
 
 
 def tls_failure_reason(reason: Failure, host: str) -> str:
