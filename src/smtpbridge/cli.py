@@ -52,19 +52,20 @@ def _hash_password(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     """Check the configuration, then perform a real upstream handshake with each account."""
+    from twisted.internet import reactor
+
     from smtpbridge.config import load_config
     from smtpbridge.service import upstream_assignments
 
     try:
         config = load_config(args.config)
-        assignments = upstream_assignments(config)
+        assignments = upstream_assignments(config, reactor)
     except ConfigError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
     print(f"config ok: {args.config}")
     if args.config_only:
         return 0
-    from twisted.internet import reactor
 
     failures = _run(reactor, _check_upstreams(reactor, config, assignments))
     print("PASS: the upstream accepts the bridge" if not failures
@@ -106,6 +107,9 @@ async def _check_upstreams(reactor: object, config: object, assignments: list) -
         for route in assignment.routes:
             print(f"upstream {route.host}:{route.port} as {name}")
             try:
+                if account is not None and account.token_source is not None:
+                    await account.token_source.token()
+                    progress("token", "OAuth2 access token obtained")
                 session = await client.connect(reactor, route, account,
                                                config.server.hostname, progress=progress)
             except SMTPReplyError as e:

@@ -7,7 +7,6 @@ MAIL, RCPT, DATA and the final dot are returned as they are, to be passed on ver
 
 from __future__ import annotations
 
-import base64
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from smtpbridge import sasl
 from smtpbridge.errors import SMTPReplyError
 from smtpbridge.lines import SMTPLineReceiver
 from smtpbridge.model import Reply, Route, UpstreamAccount
@@ -344,32 +344,72 @@ def _password(account: UpstreamAccount) -> str:
     return str(getattr(account.password, "value", account.password))
 
 
-def _b64(text: str) -> str:
-    return base64.b64encode(text.encode("utf-8")).decode("ascii")
-
-
 async def _authenticate(protocol: UpstreamProtocol, account: UpstreamAccount,
                         features: dict[str, str]) -> str:
-    """AUTH PLAIN (with initial response) if offered, else LOGIN; the mechanism used."""
-    user, password = account.username, _password(account)
-    plain = _b64(f"\0{user}\0{password}")
-    protocol.secrets = tuple(s for s in (password, _b64(password), plain) if s)
-    offered = features.get("AUTH", "").split()
-    if "PLAIN" in offered:
-        reply = await protocol.send(f"AUTH PLAIN {plain}", "AUTH")
-    elif "LOGIN" in offered:
-        reply = await protocol.send("AUTH LOGIN", "AUTH")
-        for answer in (user, password):
-            if reply.code != 334:
-                break
-            reply = await protocol.send(_b64(answer), "AUTH")
+    """Log in with the account's mechanism (or the best offered); the mechanism used."""
+    offered = features.get("AUTH", "").upper().split()
+    oauth = account.token_source is not None
+    mechanism = sasl.choose_mechanism(offered, account.mechanism, oauth)
+    if mechanism is None:
+        kind = "OAuth2 " if oauth else ""
+        raise refuse(protocol, 454, "4.7.0", f"offers no {kind}AUTH mechanism the bridge can "
+                                             f"use (offered: {' '.join(offered) or 'none'})")
+    if oauth:
+        reply = await _oauth_login(protocol, account, mechanism)
     else:
-        raise refuse(protocol, 454, "4.7.0", "offers no AUTH mechanism the bridge can use "
-                                             f"(offered: {' '.join(offered) or 'none'})")
+        reply = await _password_login(protocol, account, mechanism)
     if reply.code != 235:
-        error = refuse(protocol, 454, "4.7.0", f"rejected the login of {user}: {_show(reply)}")
+        error = refuse(protocol, 454, "4.7.0", f"rejected the login of {account.username}: "
+                                               f"{_show(reply)}")
         raise LoginRejected(error.reply)
-    return "PLAIN" if "PLAIN" in offered else "LOGIN"
+    return mechanism
+
+
+async def _password_login(protocol: UpstreamProtocol, account: UpstreamAccount,
+                          mechanism: str) -> Reply:
+    user, password = account.username, _password(account)
+    plain = sasl.plain_response(user, password)
+    protocol.secrets = tuple(s for s in (password, sasl.b64(password), plain) if s)
+    if mechanism == "PLAIN":
+        return await protocol.send(f"AUTH PLAIN {plain}", "AUTH")
+    reply = await protocol.send("AUTH LOGIN", "AUTH")
+    for answer in (user, password):
+        if reply.code != 334:
+            break
+        reply = await protocol.send(sasl.b64(answer), "AUTH")
+    return reply
+
+
+async def _oauth_login(protocol: UpstreamProtocol, account: UpstreamAccount,
+                       mechanism: str) -> Reply:
+    """XOAUTH2 or OAUTHBEARER with a fresh token; a rejected token is dropped and the
+    login tried once more with a new one."""
+    source = account.token_source
+    reply = Reply(535, None, "no attempt")
+    for _attempt in range(2):
+        try:
+            token = await source.token()
+        except SMTPReplyError as e:
+            protocol.fail(e, close="quit")
+            raise
+        if mechanism == "XOAUTH2":
+            response = sasl.xoauth2_response(account.username, token)
+        else:
+            response = sasl.oauthbearer_response(account.username, token,
+                                                 protocol.route.host, protocol.route.port)
+        protocol.secrets += (token, response)
+        reply = await protocol.send(f"AUTH {mechanism} {response}", "AUTH")
+        if reply.code == 334:  # the server's error details; answering ends the exchange
+            details = sasl.oauth_error(reply.text)
+            ack = "" if mechanism == "XOAUTH2" else sasl.OAUTHBEARER_ERROR_ACK
+            reply = await protocol.send(ack, "AUTH")
+            reply = attr.evolve(reply, text=f"{reply.text} ({details})")
+        if reply.code == 235:
+            return reply
+        source.invalidate(token)
+        log.info("upstream {where}: OAuth2 token for {user} refused ({text}); it is dropped",
+                 where=where(protocol.route), user=account.username, text=_show(reply))
+    return reply
 
 
 def refuse(protocol: UpstreamProtocol, code: int, enhanced: str, text: str) -> SMTPReplyError:

@@ -31,6 +31,8 @@ AUTH_MODES = ("required", "optional")
 TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 CLIENT_CERTIFICATE_MODES = ("none", "request", "require")
 BUILTIN_MAPPERS = ("static", "per-user", "per-sender", "per-device", "passthrough")
+MECHANISMS = ("auto", "plain", "login", "xoauth2", "oauthbearer")
+GRANTS = ("refresh_token", "client_credentials", "token_file")
 DEFAULT_MAX_MESSAGE_SIZE = 36_700_160  # 35 MiB, like Microsoft 365's limit
 DEFAULT_TRUSTED_NETWORKS = ("127.0.0.0/8", "::1/128")
 DEFAULT = "default"
@@ -102,6 +104,8 @@ class AccountConfig:
     route: str = DEFAULT
     rewrite_sender: bool = False
     address: str | None = None  # the sender address rewrite_sender uses; default: username
+    mechanism: str = "auto"  # auto | plain | login | xoauth2 | oauthbearer
+    oauth: Any = None  # smtpbridge.oauth.OAuthSettings when the account logs in with OAuth2
 
 
 @attr.frozen
@@ -271,7 +275,12 @@ def _routes(t: Table) -> dict[str, RouteConfig]:
 
 
 def _account(t: Table, name: str) -> AccountConfig:
-    return AccountConfig(
+    oauth_table = t.table("oauth")
+    oauth = None
+    if oauth_table is not None:
+        oauth = _oauth(oauth_table)
+        oauth_table.done()
+    account = AccountConfig(
         name=name,
         username=t.string("username"),
         password=t.secret("password"),
@@ -279,7 +288,75 @@ def _account(t: Table, name: str) -> AccountConfig:
         route=t.string("route", DEFAULT),
         rewrite_sender=t.boolean("rewrite_sender", False),
         address=t.string("address", None),
+        mechanism=t.string("mechanism", "auto", choices=MECHANISMS),
+        oauth=oauth,
     )
+    if oauth is not None and account.password is not None:
+        raise t.error("password_file", "an OAuth2 account has no password; remove it")
+    if account.mechanism in ("xoauth2", "oauthbearer") and oauth is None:
+        raise t.error("mechanism", f"{account.mechanism} needs an [{t.name}.oauth] table")
+    if account.mechanism in ("plain", "login") and oauth is not None:
+        raise t.error("mechanism", f"{account.mechanism} is a password mechanism; "
+                                   "use xoauth2, oauthbearer or auto")
+    return account
+
+
+TOKEN_URLS = {
+    "google": "https://oauth2.googleapis.com/token",
+    "microsoft": "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token",
+}
+
+
+def _oauth(t: Table) -> Any:
+    """``[account.NAME.oauth]``: where and how the account's access tokens are obtained."""
+    from smtpbridge.oauth import OAuthSettings
+
+    grant = t.string("grant", choices=GRANTS)
+    provider = t.string("provider", None, choices=tuple(TOKEN_URLS))
+    tenant = t.string("tenant", None)
+    token_url = t.string("token_url", None)
+    if token_url is None and provider == "microsoft":
+        if tenant is None:
+            raise t.error("tenant", 'required for provider = "microsoft" (your tenant ID '
+                                    "or domain, e.g. contoso.onmicrosoft.com)")
+        token_url = TOKEN_URLS["microsoft"].format(tenant=tenant)
+    elif token_url is None and provider == "google":
+        token_url = TOKEN_URLS["google"]
+    elif tenant is not None and provider != "microsoft":
+        raise t.error("tenant", 'only used with provider = "microsoft"')
+    settings = OAuthSettings(
+        grant=grant,
+        token_url=token_url,
+        client_id=t.string("client_id", None),
+        client_secret=t.secret("client_secret"),
+        client_certificate=t.path("client_certificate", None),
+        client_key=t.path("client_key", None),
+        scope=t.string("scope", None),
+        refresh_token_file=t.path("refresh_token_file", None),
+        token_file=t.path("token_file", None),
+        ca_certificates=t.path("ca_certificates", None),
+        timeout=t.number("timeout", 30.0, minimum=1.0),
+    )
+    needs = {
+        "refresh_token": ("token_url", "client_id", "refresh_token_file"),
+        "client_credentials": ("token_url", "client_id", "scope"),
+        "token_file": ("token_file",),
+    }[grant]
+    for key in needs:
+        if getattr(settings, key) is None:
+            hint = " (or provider)" if key == "token_url" else ""
+            raise t.error(key, f"required for grant = {grant!r}{hint}")
+    if grant == "client_credentials":
+        has_secret = settings.client_secret is not None
+        has_certificate = settings.client_certificate is not None
+        if has_secret == has_certificate:
+            raise t.error("client_secret", "give client_secret_file/_env, or "
+                                           "client_certificate and client_key, not both")
+        if has_certificate and settings.client_key is None:
+            raise t.error("client_key", "required with client_certificate")
+    if settings.token_url is not None and not settings.token_url.startswith("https://"):
+        raise t.error("token_url", "must be an https:// URL")
+    return settings
 
 
 def _map(t: Table) -> tuple[tuple[str, str], ...]:
@@ -435,7 +512,8 @@ def _check_whole(config: Config) -> None:
         if account.route not in config.routes:
             raise fail(f"{where}.route", f"no route named {account.route!r} "
                                          f"(routes: {', '.join(config.routes)})")
-        if account.password is None and credentials.mapper != "passthrough":
+        if account.password is None and account.oauth is None and \
+                credentials.mapper != "passthrough":
             raise fail(f"{where}.password_file", "the upstream password is missing: "
                                                  "give password_file or password_env")
 

@@ -37,6 +37,18 @@ class ITransaction(Interface):
         """Give up: nothing of this transaction may be delivered."""
 
 
+class ITokenSource(Interface):
+    """OAuth2 access tokens for one upstream account."""
+
+    def token() -> object:
+        """A Deferred firing with a valid access token (str): the cached one while it is
+        fresh, else a new one (concurrent callers share one request).  Fails with
+        L{smtpbridge.errors.SMTPReplyError} (454 4.7.0 naming the token endpoint's error)."""
+
+    def invalidate(token: str) -> None:
+        """The upstream rejected C{token}: the next L{token} call fetches a new one."""
+
+
 class IDelivery(Interface):
     """Where messages go: the demo folder, the upstream in-line, or the spool."""
 

@@ -80,6 +80,8 @@ class UpstreamAccount:
     password: object = attr.field(repr=False)  # a smtpbridge.secret.Secret
     name: str = "default"
     rewrite_sender: str | None = None  # the address envelope sender and From: become
+    token_source: object = attr.field(default=None, repr=False)  # an ITokenSource: OAuth2
+    mechanism: str = "auto"  # auto | plain | login | xoauth2 | oauthbearer
 
 
 

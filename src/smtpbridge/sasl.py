@@ -101,3 +101,52 @@ class ServerExchange:
             self._username = _text(data)
             return Challenge(LOGIN_PASSWORD_PROMPT)
         return Credentials(self._username, _text(data))
+
+
+# The bridge as a client of the upstream: building responses.
+
+PASSWORD_MECHANISMS = ("PLAIN", "LOGIN")
+OAUTH_MECHANISMS = ("XOAUTH2", "OAUTHBEARER")
+OAUTHBEARER_ERROR_ACK = base64.b64encode(b"\x01").decode()  # RFC 7628 3.2.3
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+def plain_response(username: str, password: str) -> str:
+    """The PLAIN initial response (RFC 4616), base64."""
+    return b64(f"\0{username}\0{password}")
+
+
+def xoauth2_response(username: str, token: str) -> str:
+    """Google's and Microsoft's XOAUTH2 initial response, base64."""
+    return b64(f"user={username}\x01auth=Bearer {token}\x01\x01")
+
+
+def oauthbearer_response(username: str, token: str, host: str, port: int) -> str:
+    """The OAUTHBEARER initial response (RFC 7628), base64."""
+    return b64(f"n,a={username},\x01host={host}\x01port={port}\x01auth=Bearer {token}\x01\x01")
+
+
+def choose_mechanism(offered: list[str], wanted: str, oauth: bool) -> str | None:
+    """The mechanism to use: C{wanted} if offered, or with "auto" the first offered of
+    XOAUTH2, OAUTHBEARER (tokens) or PLAIN, LOGIN (passwords)."""
+    candidates = (OAUTH_MECHANISMS if oauth else PASSWORD_MECHANISMS) if wanted == "auto" \
+        else (wanted.upper(),)
+    return next((m for m in candidates if m in offered), None)
+
+
+def oauth_error(challenge: str) -> str:
+    """Readable words for the JSON error a server sends as a 334 challenge after a refused
+    token, e.g. ``status 401, schemes bearer``."""
+    import json
+
+    try:
+        data = json.loads(base64.b64decode(challenge.strip(), validate=True))
+    except ValueError:
+        return "no details"
+    if not isinstance(data, dict):
+        return "no details"
+    return ", ".join(f"{key} {data[key]}" for key in ("status", "schemes", "scope")
+                     if key in data) or "no details"

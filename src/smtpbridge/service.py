@@ -83,27 +83,34 @@ def _routes(config: Config, name: str) -> tuple[Route, ...]:
                  for host in route.hosts)
 
 
-def accounts(config: Config) -> dict[str, Assignment]:
-    """Every configured account with its routes, by account name."""
-    return {
-        name: Assignment(_routes(config, account.route), UpstreamAccount(
+def accounts(config: Config, reactor: object = None) -> dict[str, Assignment]:
+    """Every configured account with its routes, by account name.  OAuth2 accounts get
+    their token source (with C{reactor}; without one, none is made)."""
+    result = {}
+    for name, account in config.accounts.items():
+        tokens = None
+        if account.oauth is not None and reactor is not None:
+            from smtpbridge.oauth import token_source
+
+            tokens = token_source(account.oauth, reactor)
+        result[name] = Assignment(_routes(config, account.route), UpstreamAccount(
             account.username, account.password, name=name,
             rewrite_sender=(account.address or account.username)
-            if account.rewrite_sender else None))
-        for name, account in config.accounts.items()
-    }
+            if account.rewrite_sender else None,
+            token_source=tokens, mechanism=account.mechanism))
+    return result
 
 
-def upstream_assignments(config: Config) -> list[Assignment]:
+def upstream_assignments(config: Config, reactor: object = None) -> list[Assignment]:
     """Every route and account the configuration may use upstream (what C{check} tries)."""
     if config.credentials.mapper == "passthrough":
         return [Assignment(_routes(config, config.credentials.route), None)]
-    return list(accounts(config).values())
+    return list(accounts(config, reactor).values())
 
 
 def _mapper(config: Config, reactor: object) -> ICredentialMapper:
     credentials = config.credentials
-    known = accounts(config)
+    known = accounts(config, reactor)
     default = known[credentials.default] if credentials.default is not None else None
     table = [(key, known[name]) for key, name in credentials.map]
     kind = credentials.mapper
