@@ -92,7 +92,10 @@ def accounts(config: Config, reactor: object = None) -> dict[str, Assignment]:
         if account.oauth is not None and reactor is not None:
             from smtpbridge.oauth import token_source
 
-            tokens = token_source(account.oauth, reactor)
+            try:
+                tokens = token_source(account.oauth, reactor)
+            except ValueError as e:
+                raise ConfigError(config.path, f"{account.origin}.oauth", str(e))
         result[name] = Assignment(_routes(config, account.route), UpstreamAccount(
             account.username, account.password, name=name,
             rewrite_sender=(account.address or account.username)

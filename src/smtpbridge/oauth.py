@@ -1,0 +1,446 @@
+"""OAuth2 access tokens for upstream XOAUTH2/OAUTHBEARER logins.
+
+Three grants (a refresh token kept in a file and rotated, client credentials with a
+secret or a certificate assertion, a token file maintained by another tool) behind a
+cache that shares one request among concurrent callers.  The client secret, refresh
+token, assertion and access token never appear in a log line, a reply or an exception.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import tempfile
+import uuid
+from collections.abc import Callable, Iterable
+from contextlib import suppress
+from typing import Any
+from urllib.parse import urlsplit
+
+import attr
+import treq
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from OpenSSL import SSL
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.error import TimeoutError as ConnectTimeout
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.ssl import trustRootFromCertificates
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+from zope.interface import implementer
+
+from smtpbridge.errors import SMTPReplyError
+from smtpbridge.interfaces import ITokenSource
+from smtpbridge.model import Reply
+from smtpbridge.secret import Secret
+from smtpbridge.tls import _load_certificates
+
+log = Logger()
+
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+ASSERTION_LIFETIME = 600
+DEFAULT_EXPIRES_IN = 3600
+TOKEN_FILE_REUSE = 300.0  # seconds a token read from a token file is used before re-reading
+DETAIL_LIMIT = 200
+NEEDS = {"refresh_token": ("token_url", "client_id", "refresh_token_file"),
+         "client_credentials": ("token_url", "client_id", "scope"),
+         "token_file": ("token_file",)}
+
+
+@attr.frozen
+class OAuthSettings:
+    """How one upstream account obtains its access tokens (the [account.NAME.oauth] table)."""
+
+    grant: str  # refresh_token | client_credentials | token_file
+    token_url: str | None = None
+    client_id: str | None = None
+    client_secret: Secret | None = None
+    client_certificate: str | None = None  # PEM certificate for a client assertion ...
+    client_key: str | None = None  # ... and its RSA private key, instead of client_secret
+    scope: str | None = None
+    refresh_token_file: str | None = None  # rotated refresh tokens are written back here
+    token_file: str | None = None  # an access token kept fresh by another tool
+    ca_certificates: str | None = None  # PEM bundle for the token endpoint; None: system
+    timeout: float = 30.0
+
+
+@attr.frozen
+class Token:
+    """An access token and when it expires, in seconds of the clock that fetched it."""
+
+    access_token: str = attr.field(repr=False)
+    expires_at: float
+
+
+class TokenError(SMTPReplyError):
+    """No access token could be obtained: 454 4.7.0 with the reason (never a secret)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(Reply(454, "4.7.0", text))
+
+
+def clip(text: str, limit: int = DETAIL_LIMIT) -> str:
+    """The first line of C{text}, at most C{limit} characters: fit for a reply."""
+    lines = str(text).strip().splitlines()
+    first = lines[0].strip() if lines else ""
+    return first if len(first) <= limit else first[:limit - 3] + "..."
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """C{text} with every occurrence of one of C{secrets} hidden."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "<hidden>")
+    return text
+
+
+@implementer(ITokenSource)
+class CachedTokenSource:
+    """Caches the token of C{fetch} and shares one fetch among concurrent callers.
+
+    A token obtained at time C{t} expiring at C{e} is reused while the clock is before
+    C{e - min(margin, (e - t) / 10)}: normally up to C{margin} seconds before it expires,
+    but never more than a tenth of its lifetime early, so short-lived tokens are reused
+    too.  A failed fetch fails every waiting caller; the next call tries again.
+    """
+
+    def __init__(self, fetch: Callable[[], Deferred[Token]], clock: IReactorTime,
+                 margin: float = 60.0) -> None:
+        self._fetch = fetch
+        self._clock = clock
+        self._margin = margin
+        self._token: Token | None = None
+        self._refresh_at = 0.0
+        self._waiters: list[Deferred[str]] | None = None
+
+    def token(self) -> Deferred[str]:
+        if self._token is not None and self._clock.seconds() < self._refresh_at:
+            return succeed(self._token.access_token)
+        waiter: Deferred[str] = Deferred()
+        if self._waiters is not None:  # a fetch is under way: wait for it
+            self._waiters.append(waiter)
+            return waiter
+        self._waiters = [waiter]
+        maybeDeferred(self._fetch).addCallback(self._fetched).addErrback(self._failed)
+        return waiter
+
+    def invalidate(self, token: str) -> None:
+        if self._token is not None and self._token.access_token == token:
+            self._token = None
+
+    def _fetched(self, token: Token) -> None:
+        lifetime = max(token.expires_at - self._clock.seconds(), 0.0)
+        self._token = token
+        self._refresh_at = token.expires_at - min(self._margin, lifetime / 10)
+        waiters, self._waiters = self._waiters or [], None
+        for waiter in waiters:
+            waiter.callback(token.access_token)
+
+    def _failed(self, failure: Failure) -> None:
+        if not failure.check(TokenError):  # a bug: its text is not shown, it might leak
+            failure = Failure(TokenError(f"OAuth2 token request failed: internal error "
+                                         f"({failure.type.__name__})"))
+        log.warn("{text}", text=failure.value.reply.text)
+        waiters, self._waiters = self._waiters or [], None
+        for waiter in waiters:
+            waiter.errback(failure)
+
+
+class TokenEndpoint:
+    """Posts form requests to one token endpoint and reads its JSON answer."""
+
+    def __init__(self, url: str, client_id: str, reactor: Any, client: HTTPClient,
+                 timeout: float) -> None:
+        self.url = url
+        self.host = urlsplit(url).netloc.rpartition("@")[2]  # no user info, path or query
+        self.client_id = client_id
+        self._reactor = reactor
+        self._client = client
+        self._timeout = timeout
+
+    def failed(self, detail: str) -> TokenError:
+        return TokenError(f"OAuth2 token request to {self.host} failed: {detail}")
+
+    def request(self, form: dict[str, str],
+                secrets: Iterable[str]) -> Deferred[tuple[Token, str | None]]:
+        """POST C{form}: the token and a rotated refresh token (or None).  Fails with
+        L{TokenError}, any of C{secrets} hidden in its text."""
+        exchange = Deferred.fromCoroutine(self._exchange(form, tuple(secrets)))
+        timed_out = False
+
+        def expire() -> None:
+            nonlocal timed_out
+            timed_out = True
+            exchange.cancel()
+
+        call = self._reactor.callLater(self._timeout, expire)
+
+        def done(result: Any) -> Any:
+            if call.active():
+                call.cancel()
+            if isinstance(result, Failure) and not result.check(TokenError):
+                raise self.failed("timed out" if timed_out else transport_detail(result))
+            return result
+
+        return exchange.addBoth(done)
+
+    async def _exchange(self, form: dict[str, str],
+                        secrets: tuple[str, ...]) -> tuple[Token, str | None]:
+        response = await self._client.post(
+            self.url, data=form, headers={"Accept": "application/json"},
+            allow_redirects=False, reactor=self._reactor)
+        body = await treq.content(response)
+        try:
+            data = json.loads(body.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError included
+            data = None
+        if not isinstance(data, dict):
+            raise self.failed(f"HTTP {response.code}")
+        if "access_token" not in data and "error" in data:
+            error = clip(redact(str(data["error"]), secrets), 60)
+            description = clip(redact(str(data.get("error_description") or ""), secrets))
+            raise self.failed(f"{error}: {description}" if description else error)
+        if not 200 <= response.code < 300:
+            raise self.failed(f"HTTP {response.code}")
+        access_token = data.get("access_token")
+        if not isinstance(access_token, str) or not access_token:
+            raise self.failed(f"HTTP {response.code} without an access_token")
+        token_type = data.get("token_type", "Bearer")
+        if not isinstance(token_type, str) or token_type.lower() != "bearer":
+            raise self.failed(f"unexpected token_type {clip(str(token_type), 30)!r}")
+        try:  # a number or a numeric string
+            expires_in = max(int(float(data.get("expires_in", DEFAULT_EXPIRES_IN))), 0)
+        except (TypeError, ValueError, OverflowError):
+            raise self.failed(f"invalid expires_in {clip(str(data['expires_in']), 30)!r}")
+        log.info("OAuth2 token for {client_id} from {host}: expires in {expires_in} s",
+                 client_id=self.client_id, host=self.host, expires_in=expires_in)
+        rotated = data.get("refresh_token")
+        return (Token(access_token, self._reactor.seconds() + expires_in),
+                rotated if isinstance(rotated, str) and rotated else None)
+
+
+def transport_detail(failure: Failure) -> str:
+    """Why the endpoint could not be asked: "unreachable: <reason>" or "timed out"."""
+    error = failure.value
+    wrapped = getattr(error, "reasons", None)  # ResponseFailed, RequestTransmissionFailed
+    if isinstance(wrapped, list) and all(isinstance(r, Failure) for r in wrapped):
+        reasons = [r for r in wrapped if not r.check(ConnectionDone, ConnectionLost)]
+        error = (reasons or wrapped or [failure])[0].value
+    if isinstance(error, ConnectTimeout):
+        return "timed out"
+    if isinstance(error, SSL.Error):
+        errors = error.args[0] if error.args and isinstance(error.args[0], list) else []
+        reason = "; ".join(str(e[-1]) for e in errors if isinstance(e, tuple) and e)
+        return f"unreachable: TLS failed: {clip(reason or type(error).__name__)}"
+    return f"unreachable: {clip(str(error) or type(error).__name__)}"
+
+
+def read_text(path: str) -> str:
+    """The stripped text of a UTF-8 file; OSError or ValueError, never with the content."""
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip()
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Replace C{path} by a file holding C{text}, mode 0600: a temporary file in the same
+    directory, synced, then renamed over it, so a crash leaves the old or the new file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
+                                     suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(temporary)
+        raise
+    with suppress(OSError):  # make the rename itself durable
+        directory_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(directory_fd)
+        finally:
+            os.close(directory_fd)
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, UnicodeDecodeError):  # its text would show a byte of the file
+        return "not UTF-8 text"
+    return getattr(error, "strerror", None) or str(error)
+
+
+class EndpointGrant:
+    """The refresh_token and client_credentials grants, asking a token endpoint.
+
+    A refresh token is read from its file for each request; a rotated one is saved back.
+    Should saving fail, the new one is used from memory for as long as the file still
+    holds the one it replaced.  A certificate and key are read for each assertion, so
+    renewed files are picked up.
+    """
+
+    def __init__(self, settings: OAuthSettings, endpoint: TokenEndpoint,
+                 clock: IReactorTime) -> None:
+        self._settings = settings
+        self._endpoint = endpoint
+        self._clock = clock
+        self._unsaved: tuple[str, str] | None = None  # (token in the file, token to use)
+
+    def fetch(self) -> Deferred[Token]:
+        return Deferred.fromCoroutine(self._fetch())
+
+    async def _fetch(self) -> Token:
+        settings = self._settings
+        form = {"grant_type": settings.grant, "client_id": self._endpoint.client_id}
+        if settings.scope:
+            form["scope"] = settings.scope
+        if settings.client_secret is not None:
+            form["client_secret"] = settings.client_secret.value
+        in_file = ""
+        if settings.grant == "refresh_token":
+            in_file = self._read(str(settings.refresh_token_file), "refresh token file ")
+            unsaved = self._unsaved
+            form["refresh_token"] = unsaved[1] if unsaved and unsaved[0] == in_file else in_file
+        elif settings.client_secret is None:
+            form["client_assertion_type"] = ASSERTION_TYPE
+            form["client_assertion"] = self._assertion()
+        token, rotated = await self._endpoint.request(form, [form.get(name, "") for name in (
+            "client_secret", "refresh_token", "client_assertion")])
+        if rotated is not None and settings.grant == "refresh_token" \
+                and rotated != form["refresh_token"]:
+            self._save(in_file, rotated)
+        return token
+
+    def _read(self, path: str, what: str = "") -> str:
+        try:
+            text = read_text(path)
+        except (OSError, ValueError) as e:
+            raise self._endpoint.failed(f"cannot read {what}{path}: {_reason(e)}")
+        if not text:
+            raise self._endpoint.failed(f"{what}{path} is empty")
+        return text
+
+    def _save(self, in_file: str, rotated: str) -> None:
+        path = str(self._settings.refresh_token_file)
+        try:
+            write_atomically(path, rotated + "\n")
+        except OSError as e:
+            self._unsaved = (in_file, rotated)
+            log.error("OAuth2: cannot save the rotated refresh token to {path}: {reason}; "
+                      "it is kept in memory only", path=path, reason=_reason(e))
+        else:
+            self._unsaved = None
+
+    def _assertion(self) -> str:
+        pem = [self._read(str(path)).encode("utf-8") for path in (
+            self._settings.client_certificate, self._settings.client_key)]
+        try:
+            return client_assertion(pem[0], pem[1], self._endpoint.client_id,
+                                    self._endpoint.url, self._clock.seconds())
+        except ValueError as e:
+            raise self._endpoint.failed(str(e))
+
+
+def client_assertion(certificate: bytes, key: bytes, client_id: str, audience: str,
+                     now: float) -> str:
+    """A JWT client assertion signed RS256 with C{key}, valid for ten minutes from C{now}.
+
+    Raises ValueError (with a reason that holds no key material) for unusable PEM data.
+    """
+    try:
+        cert = x509.load_pem_x509_certificates(certificate)[0]
+    except (ValueError, IndexError):
+        raise ValueError("client_certificate holds no usable PEM certificate") from None
+    try:
+        private_key = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError):
+        raise ValueError("client_key holds no usable unencrypted PEM private key") from None
+    if not isinstance(private_key, rsa.RSAPrivateKey):
+        raise ValueError("client_key is not an RSA private key")
+    if private_key.public_key().public_numbers() != cert.public_key().public_numbers():
+        raise ValueError("client_key does not belong to client_certificate")
+    issued = int(now)
+    header = {"alg": "RS256", "typ": "JWT",
+              "x5t": _b64url(cert.fingerprint(hashes.SHA1())),  # noqa: S303 - a name only
+              "x5t#S256": _b64url(cert.fingerprint(hashes.SHA256()))}
+    claims = {"aud": audience, "iss": client_id, "sub": client_id, "jti": str(uuid.uuid4()),
+              "nbf": issued, "iat": issued, "exp": issued + ASSERTION_LIFETIME}
+    signing_input = f"{_b64url(_json(header))}.{_b64url(_json(claims))}"
+    signature = private_key.sign(signing_input.encode("ascii"), padding.PKCS1v15(),
+                                 hashes.SHA256())
+    return f"{signing_input}.{_b64url(signature)}"
+
+
+def _json(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+class TokenFileGrant:
+    """An access token that another tool keeps fresh in a file."""
+
+    def __init__(self, path: str, clock: IReactorTime) -> None:
+        self._path = path
+        self._clock = clock
+        self._last: str | None = None
+
+    def fetch(self) -> Deferred[Token]:
+        try:
+            value = read_text(self._path)
+        except (OSError, ValueError) as e:
+            raise TokenError(f"OAuth2 token file {self._path} unusable: {_reason(e)}")
+        if not value:
+            raise TokenError(f"OAuth2 token file {self._path} is empty")
+        if value != self._last:
+            log.info("OAuth2 token read from {path}", path=self._path)
+            self._last = value
+        return succeed(Token(value, self._clock.seconds() + TOKEN_FILE_REUSE))
+
+
+def token_source(settings: OAuthSettings, reactor: Any, *, agent: Any = None,
+                 margin: float = 60.0) -> CachedTokenSource:
+    """The cached token source for C{settings}.  The endpoint is asked through C{agent}
+    (default: an Agent verifying its certificate against C{settings.ca_certificates} or
+    the system store).  A token file is re-read every five minutes, C{margin} does not
+    apply to it.  Raises ValueError for incomplete settings or an unreadable CA bundle."""
+    if settings.grant not in NEEDS:
+        raise ValueError(f"unknown grant {settings.grant!r}")
+    for key in NEEDS[settings.grant]:
+        if not getattr(settings, key):
+            raise ValueError(f"grant {settings.grant!r} needs {key}")
+    if settings.grant == "token_file":
+        return CachedTokenSource(TokenFileGrant(settings.token_file, reactor).fetch,
+                                 reactor, margin=0.0)
+    if not settings.token_url.startswith("https://") or not urlsplit(
+            settings.token_url).hostname:
+        raise ValueError("token_url must be an https:// URL")
+    with_certificate = bool(settings.client_certificate and settings.client_key)
+    if settings.grant == "client_credentials" and \
+            (settings.client_secret is not None) == with_certificate:
+        raise ValueError("grant 'client_credentials' needs client_secret, or "
+                         "client_certificate and client_key, not both")
+    if agent is None:
+        trust = None
+        if settings.ca_certificates is not None:
+            try:
+                trust = trustRootFromCertificates(_load_certificates(settings.ca_certificates))
+            except OSError as e:
+                raise ValueError(f"cannot read {settings.ca_certificates}: {_reason(e)}")
+        agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust),
+                      connectTimeout=settings.timeout)
+    client = HTTPClient(agent)
+    endpoint = TokenEndpoint(settings.token_url, settings.client_id, reactor, client,
+                             settings.timeout)
+    return CachedTokenSource(EndpointGrant(settings, endpoint, reactor).fetch, reactor,
+                             margin=margin)
