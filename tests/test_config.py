@@ -144,3 +144,44 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path):
     config = parse_config("[access]\nusers_file = 'users'\n" + MINIMAL,
                           str(tmp_path / "sub" / "c.toml"))
     assert config.access.users_file == str(tmp_path / "sub" / "users")
+
+
+@pytest.mark.parametrize("name", ["m365.toml", "gmail.toml"])
+def test_the_provider_examples_parse(tmp_path, name):
+    with open(os.path.join(ROOT, "etc", name), encoding="utf-8") as f:
+        text = f.read().replace("/etc/smtpbridge/", f"{tmp_path}/")
+    for secret in ("m365-client-secret", "gmail-client-secret", "gmail-refresh-token"):
+        (tmp_path / secret).write_text("not-a-real-secret\n")
+    config = parse_config(text, str(tmp_path / name))
+    [account] = config.accounts.values()
+    assert account.mechanism == "xoauth2" and account.rewrite_sender
+    assert account.oauth.token_url.startswith("https://")
+    if name == "m365.toml":
+        assert account.oauth.grant == "client_credentials"
+        assert account.oauth.scope == "https://outlook.office365.com/.default"
+        assert config.upstream.hosts == ("smtp.office365.com",)
+    else:
+        assert account.oauth.grant == "refresh_token"
+        assert account.oauth.token_url == "https://oauth2.googleapis.com/token"
+        assert config.upstream.hosts == ("smtp.gmail.com",)
+
+
+@pytest.mark.parametrize("oauth, key, reason", [
+    ('grant = "refresh_token"\nprovider = "google"\nclient_id = "x"\n',
+     "account.a.oauth.refresh_token_file", "required for grant = 'refresh_token'"),
+    ('grant = "client_credentials"\nprovider = "microsoft"\nclient_id = "x"\nscope = "s"\n'
+     'client_secret_env = "SMTPBRIDGE_TEST_PASSWORD"\n', "account.a.oauth.tenant", "required"),
+    ('grant = "client_credentials"\ntoken_url = "https://t.example/token"\nclient_id = "x"\n'
+     'scope = "s"\n', "account.a.oauth.client_secret", "not both"),
+    ('grant = "token_file"\ntoken_url = "http://t.example/token"\ntoken_file = "t"\n',
+     "account.a.oauth.token_url", "https://"),
+    ('grant = "device"\n', "account.a.oauth.grant", "must be one of"),
+])
+def test_oauth_mistakes(oauth, key, reason):
+    text = MINIMAL.replace('[credentials]', '[account.a]\nusername = "a@example.com"\n'
+                           'mechanism = "xoauth2"\n[account.a.oauth]\n' + oauth
+                           + '\n[credentials]\naccount = "a"')
+    single_account = 'username = "relay@example.com"\npassword_env = "SMTPBRIDGE_TEST_PASSWORD"\n'
+    text = text.replace(single_account, "")
+    message = error_of(text)
+    assert f": {key}: " in message and reason in message

@@ -37,6 +37,7 @@ DEFAULT_MAX_MESSAGE_SIZE = 36_700_160  # 35 MiB, like Microsoft 365's limit
 DEFAULT_TRUSTED_NETWORKS = ("127.0.0.0/8", "::1/128")
 DEFAULT = "default"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_ADDRESS = re.compile(r"^[^\s<>()@,;:\\\"\[\]]+@[^\s<>()@,;:\\\"\[\]]+\.[^\s<>()@,;:\\\"\[\]]+$")
 
 
 @attr.frozen
@@ -291,6 +292,13 @@ def _account(t: Table, name: str) -> AccountConfig:
         mechanism=t.string("mechanism", "auto", choices=MECHANISMS),
         oauth=oauth,
     )
+    if account.rewrite_sender:
+        address = account.address or account.username
+        if not _ADDRESS.match(address):
+            key = "address" if account.address else "rewrite_sender"
+            raise t.error(key, f"rewrite_sender needs a plain address such as "
+                               f"user@example.com, not {address!r}"
+                               + ("" if account.address else "; set address"))
     if oauth is not None and account.password is not None:
         raise t.error("password_file", "an OAuth2 account has no password; remove it")
     if account.mechanism in ("xoauth2", "oauthbearer") and oauth is None:

@@ -33,20 +33,24 @@ async def connect_first(connect: Connector, routes: tuple[Route, ...],
     """A session on the first route that connects, verifies and accepts the login.
 
     Only setup failures move on to the next host, and they all happen before
-    MAIL FROM, so failing over can never send a message twice.
+    MAIL FROM, so failing over can never send a message twice.  When every host
+    fails, a refused login (a verdict on the credentials) wins over the others.
     """
     error: SMTPReplyError | None = None
+    refused: LoginRejected | None = None
     for index, route in enumerate(routes):
         try:
             return await connect(route, account)
         except SMTPReplyError as e:
             error = e
+            if isinstance(e, LoginRejected) and refused is None:
+                refused = e
             if index + 1 < len(routes):
                 log.warn("upstream {host}:{port} failed ({text}); trying {next}",
                          host=route.host, port=route.port, text=e.reply.text,
                          next=routes[index + 1].host)
     assert error is not None, "a route list is never empty"
-    raise error
+    raise refused or error
 
 
 def try_login(connect: Connector) -> Callable[[tuple[Route, ...], UpstreamAccount], Deferred]:
