@@ -1,4 +1,5 @@
-"""The ``smtpbridge`` command: configuration and upstream check, password hashing."""
+"""The ``smtpbridge`` command: configuration and upstream check, password hashing, OAuth2
+sign-in."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import getpass
 import sys
 
 from smtpbridge.errors import ConfigError
+from smtpbridge.oauthlogin import add_command as add_oauth_login
 from smtpbridge.users import hash_password
 
 PROG = "smtpbridge"
@@ -144,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
         " and print its hash for a 'name:hash' line of the users file.",
     )
     hashing.set_defaults(func=_hash_password)
+    add_oauth_login(commands)
     return parser
 
 

@@ -1,0 +1,437 @@
+"""The ``smtpbridge oauth-login`` command: obtain an account's first OAuth2 refresh token.
+
+An administrator signs in once, through the device code flow (RFC 8628) or the
+authorization code flow with PKCE (RFC 7636) and a loopback redirect (RFC 8252); the
+refresh token is written (mode 0600) to the file a ``grant = "refresh_token"`` account
+reads.  Neither the refresh token nor the access token is ever printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import html
+import json
+import os
+import secrets
+import sys
+from contextlib import suppress
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
+
+import attr
+import treq
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred
+from twisted.internet.defer import TimeoutError as WaitTimeout
+from twisted.internet.error import ReactorNotRunning
+from twisted.internet.ssl import trustRootFromCertificates
+from twisted.internet.task import deferLater
+from twisted.protocols.policies import WrappingFactory
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from smtpbridge.oauth import clip, read_text, redact, transport_detail, write_atomically
+from smtpbridge.secret import Secret
+from smtpbridge.tls import _load_certificates
+
+PROG = "smtpbridge: oauth-login"
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+REQUEST_TIMEOUT = 30.0  # seconds for one request to an endpoint
+CLOSE_WAIT = 2.0  # seconds the browser gets to receive its page before we exit
+DEFAULT_INTERVAL = 5.0  # RFC 8628 section 3.2
+NOT_OFFLINE = (
+    "the sign-in succeeded but the token endpoint returned no refresh token: offline "
+    "access was not granted (Microsoft: the scope needs offline_access; Google: the "
+    "authorization needs access_type=offline and prompt=consent, which --provider google "
+    "sends)")
+MICROSOFT = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/"
+PROVIDERS: dict[str, dict[str, str]] = {  # defaults; "{tenant}" is --tenant
+    "microsoft": {"flow": "device", "scope": "https://outlook.office.com/SMTP.Send "
+                  "offline_access", "authorize_url": MICROSOFT + "authorize",
+                  "token_url": MICROSOFT + "token", "device_url": MICROSOFT + "devicecode"},
+    # Google's device flow does not allow the Gmail scope: the code flow is the default.
+    "google": {"flow": "code", "scope": "https://mail.google.com/",
+               "authorize_url": "https://accounts.google.com/o/oauth2/v2/auth",
+               "token_url": "https://oauth2.googleapis.com/token",
+               "device_url": "https://oauth2.googleapis.com/device/code"},
+}
+EXTRAS = {"google": (("access_type", "offline"), ("prompt", "consent"))}  # a refresh token
+
+
+class LoginError(Exception):
+    """The login failed; the text says why, never with a secret.  C{error}: the error code
+    an endpoint answered with, if any."""
+
+    def __init__(self, text: str, error: object = None) -> None:
+        super().__init__(text)
+        self.error = error if isinstance(error, str) else None
+
+
+@attr.frozen
+class LoginSettings:
+    """What one login needs: the command line with the provider's defaults filled in."""
+
+    flow: str  # device | code
+    client_id: str
+    client_secret: Secret | None
+    scope: str
+    refresh_token_file: str
+    login_hint: str | None
+    authorize_url: str | None
+    token_url: str
+    device_url: str | None
+    extras: tuple[tuple[str, str], ...]
+    ca_certificates: str | None
+    timeout: float
+
+
+def add_command(commands: Any) -> argparse.ArgumentParser:
+    """Register ``oauth-login`` with the C{commands} of the ``smtpbridge`` parser."""
+    parser = commands.add_parser(
+        "oauth-login", help="obtain the first OAuth2 refresh token of an account",
+        description="Sign in once as the sending account; the refresh token is written to a "
+        "file (mode 0600) for grant = \"refresh_token\", never printed.")
+    add = parser.add_argument
+    add("--provider", choices=sorted(PROVIDERS),
+        help="default endpoints, scope and flow; without it give --flow, --scope and the URLs")
+    add("--flow", choices=("device", "code"), help="device code flow, or authorization code "
+        "flow with PKCE and a loopback redirect (default: microsoft device, google code)")
+    add("--tenant", help="Microsoft tenant ID or domain (default: organizations)")
+    add("--client-id", required=True, metavar="ID", help="the application (client) ID")
+    add("--client-secret-file", metavar="FILE", help="the client secret, if there is one")
+    add("--scope", help="space-separated scopes (default: microsoft \"https://outlook."
+        "office.com/SMTP.Send offline_access\", google \"https://mail.google.com/\")")
+    add("--refresh-token-file", required=True, metavar="FILE",
+        help="where the refresh token is written (replaced atomically, mode 0600)")
+    add("--login-hint", metavar="ADDRESS", help="the account to sign in as (code flow)")
+    add("--authorize-url", metavar="URL", help="authorization endpoint (code flow)")
+    add("--token-url", metavar="URL", help="token endpoint")
+    add("--device-url", metavar="URL", help="device authorization endpoint (device flow)")
+    add("--ca-certificates", metavar="FILE",
+        help="PEM bundle to trust for the endpoints (default: the system trust store)")
+    add("--timeout", type=float, default=600.0, metavar="SECONDS",
+        help="how long to wait for the sign-in (default: 600)")
+    add("--no-browser", action="store_true",
+        help="no effect: the URL is always printed and no browser is started")
+    parser.set_defaults(func=main)
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    """The command's entry point: run the login on the global reactor; the exit status."""
+    from twisted.internet import reactor
+
+    outcome: list[int] = []
+
+    def start() -> None:
+        def stop(_: object) -> None:
+            with suppress(ReactorNotRunning):
+                reactor.stop()
+
+        Deferred.fromCoroutine(login(reactor, args)).addCallback(outcome.append).addBoth(stop)
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+    return outcome[0] if outcome else fail("interrupted, nothing written")
+
+
+def say(text: str, stream: Any = None) -> None:
+    """A line on standard output (or C{stream}) at once, without control characters (an
+    endpoint chooses some of the text)."""
+    print("".join(c if c.isprintable() else "?" for c in text), file=stream or sys.stdout,
+          flush=True)
+
+
+def fail(reason: str) -> int:
+    """Report the failure in one line on standard error; exit status 1."""
+    say(f"{PROG}: {reason}", sys.stderr)
+    return 1
+
+
+async def login(reactor: Any, args: argparse.Namespace) -> int:
+    """Sign in with the flow C{args} ask for and write the refresh token; the exit status."""
+    try:
+        settings = settings_from(args)
+        poster = FormPoster(reactor, settings)
+        flow = device_flow if settings.flow == "device" else code_flow
+        token = (await flow(reactor, settings, poster)).get("refresh_token")
+        if not isinstance(token, str) or not token.strip():
+            raise LoginError(NOT_OFFLINE)
+        try:
+            write_atomically(settings.refresh_token_file, token.strip() + "\n")
+        except OSError as e:
+            raise LoginError(f"cannot write {settings.refresh_token_file}: {e.strerror or e}")
+    except LoginError as e:
+        return fail(str(e))
+    except Exception as e:  # a bug: its text is not shown, it might hold a secret
+        return fail(f"internal error ({type(e).__name__})")
+    say(f"refresh token written to {settings.refresh_token_file}")
+    return 0
+
+
+def settings_from(args: argparse.Namespace) -> LoginSettings:
+    """The settings for C{args}, the provider's defaults filled in; LoginError if unusable."""
+    provider = PROVIDERS.get(args.provider or "")
+    if args.tenant is not None and args.provider != "microsoft":
+        raise LoginError("--tenant is only used with --provider microsoft")
+    tenant = quote(args.tenant or "organizations", safe="")
+
+    def option(name: str) -> str | None:
+        value = getattr(args, name)
+        if value is None and provider is not None:
+            value = provider[name].format(tenant=tenant)
+        return value or None
+
+    flow, scope = option("flow"), option("scope")
+    if flow is None or scope is None:
+        raise LoginError(f"--{'scope' if flow else 'flow'} is needed without --provider")
+    names = ("token_url", "device_url" if flow == "device" else "authorize_url")
+    urls = {name: option(name) for name in names}
+    for name, url in urls.items():
+        flag = "--" + name.replace("_", "-")
+        if url is None:
+            raise LoginError(f"{flag} is needed without --provider")
+        if not url.startswith("https://") or not urlsplit(url).hostname:
+            raise LoginError(f"{flag} must be an https:// URL")
+    if not 0 < args.timeout <= 86400:
+        raise LoginError("--timeout must be more than 0 and at most 86400 seconds")
+    client_secret = None
+    if args.client_secret_file is not None:
+        path = args.client_secret_file
+        try:
+            client_secret = Secret(read_text(path))
+        except (OSError, ValueError) as e:  # the text is not shown: it is a secret
+            raise LoginError(f"cannot read the client secret file {path}: "
+                             f"{getattr(e, 'strerror', None) or 'not UTF-8 text'}")
+        if not client_secret.value:
+            raise LoginError(f"the client secret file {path} is empty")
+    path = args.refresh_token_file  # checked now rather than after the sign-in
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.access(directory, os.W_OK | os.X_OK):
+        raise LoginError(f"cannot write {path}: " + ("it is a directory" if os.path.isdir(
+            path) else f"the directory {directory} is missing or not writable"))
+    return LoginSettings(
+        flow=flow, client_id=args.client_id, client_secret=client_secret, scope=scope,
+        refresh_token_file=args.refresh_token_file, login_hint=args.login_hint,
+        authorize_url=urls.get("authorize_url"), token_url=str(urls["token_url"]),
+        device_url=urls.get("device_url"), extras=EXTRAS.get(args.provider or "", ()),
+        ca_certificates=args.ca_certificates, timeout=args.timeout)
+
+
+def error_text(answer: dict[str, Any], hidden: list[str]) -> str:
+    """An OAuth error answer's error and error_description, C{hidden} values hidden."""
+    error = clip(redact(str(answer["error"]), hidden), 60)
+    description = clip(redact(str(answer.get("error_description") or ""), hidden))
+    return f"{error}: {description}" if description else error
+
+
+class FormPoster:
+    """Posts forms to the login's HTTPS endpoints and reads their JSON answers.  The
+    values in C{hidden} are hidden in any text taken from an answer."""
+
+    def __init__(self, reactor: Any, settings: LoginSettings) -> None:
+        trust = None
+        if settings.ca_certificates is not None:
+            try:
+                trust = trustRootFromCertificates(_load_certificates(settings.ca_certificates))
+            except (OSError, ValueError) as e:
+                raise LoginError(f"cannot read {settings.ca_certificates}: "
+                                 f"{getattr(e, 'strerror', None) or e}")
+        agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust),
+                      connectTimeout=REQUEST_TIMEOUT)
+        self._client = HTTPClient(agent)
+        self._reactor = reactor
+        secret = settings.client_secret
+        self.hidden: list[str] = [secret.value] if secret is not None else []
+
+    async def post(self, what: str, url: str, form: dict[str, str]) -> dict[str, Any]:
+        """POST C{form} to C{url}: the JSON object of a successful answer.  LoginError
+        (C{what} request failed) for an error answer, with its error code, or none."""
+        failed = f"{what} request to {urlsplit(url).netloc.rpartition('@')[2]} failed"
+        exchange = Deferred.fromCoroutine(self._exchange(url, form))
+        try:
+            code, body = await exchange.addTimeout(REQUEST_TIMEOUT, self._reactor)
+        except WaitTimeout:
+            raise LoginError(f"{failed}: timed out")
+        except Exception:
+            raise LoginError(f"{failed}: {transport_detail(Failure())}")
+        try:
+            data = json.loads(body.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError included
+            data = None
+        if not isinstance(data, dict):
+            raise LoginError(f"{failed}: HTTP {code}, not a JSON object")
+        if "error" in data:
+            raise LoginError(f"{failed}: {error_text(data, self.hidden)}", data["error"])
+        if not 200 <= code < 300:
+            raise LoginError(f"{failed}: HTTP {code}")
+        return data
+
+    async def _exchange(self, url: str, form: dict[str, str]) -> tuple[int, bytes]:
+        response = await self._client.post(
+            url, data=form, headers={"Accept": "application/json"}, allow_redirects=False,
+            reactor=self._reactor)
+        return response.code, await treq.content(response)
+
+
+def token_form(settings: LoginSettings, **fields: str) -> dict[str, str]:
+    """A token request: C{fields}, the client ID and the client secret if there is one."""
+    form = {**fields, "client_id": settings.client_id}
+    if settings.client_secret is not None:
+        form["client_secret"] = settings.client_secret.value
+    return form
+
+
+def seconds(value: object, default: float) -> float:
+    """C{value} as a positive number of seconds (below a day), else C{default}."""
+    with suppress(TypeError, ValueError, OverflowError):
+        if 0 < (number := float(value)) < 86400:  # type: ignore[arg-type]
+            return number
+    return default
+
+
+async def device_flow(reactor: Any, settings: LoginSettings,
+                      poster: FormPoster) -> dict[str, Any]:
+    """RFC 8628: show a code to enter on any device, poll the token endpoint meanwhile;
+    the token answer."""
+    data = await poster.post("device authorization", str(settings.device_url),
+                             {"client_id": settings.client_id, "scope": settings.scope})
+    device_code, user_code = data.get("device_code"), data.get("user_code")
+    uri = data.get("verification_uri") or data.get("verification_url")  # Google's name
+    if not all(isinstance(v, str) and v for v in (device_code, user_code, uri)):
+        raise LoginError("the device authorization answer lacks device_code, user_code or "
+                         "verification_uri")
+    poster.hidden.append(device_code)
+    interval = seconds(data.get("interval"), DEFAULT_INTERVAL)
+    wait = min(settings.timeout, seconds(data.get("expires_in"), settings.timeout))
+    say(f"To sign in, open {uri} and enter the code {user_code}")
+    if isinstance(data.get("verification_uri_complete"), str):
+        say(f"(or open {data['verification_uri_complete']}, which includes the code)")
+    say(f"Waiting for the sign-in (up to {wait:.0f} s) ...")
+    form = token_form(settings, grant_type=DEVICE_GRANT, device_code=device_code)
+    deadline = reactor.seconds() + wait
+    while True:
+        await deferLater(reactor, interval, lambda: None)
+        try:
+            return await poster.post("token", settings.token_url, form)
+        except LoginError as e:
+            if e.error not in ("authorization_pending", "slow_down"):
+                raise
+            if reactor.seconds() >= deadline:
+                raise LoginError(f"no sign-in within {wait:.0f} s, nothing written")
+            interval += 5 if e.error == "slow_down" else 0
+
+
+def authorize_url(settings: LoginSettings, redirect_uri: str, state: str,
+                  challenge: str) -> str:
+    """The authorization request the browser opens."""
+    params = [("response_type", "code"), ("client_id", settings.client_id),
+              ("redirect_uri", redirect_uri), ("scope", settings.scope), ("state", state),
+              ("code_challenge", challenge), ("code_challenge_method", "S256"),
+              *settings.extras]
+    if settings.login_hint:
+        params.append(("login_hint", settings.login_hint))
+    base = str(settings.authorize_url)
+    return base + ("&" if "?" in base else "?") + urlencode(params, quote_via=quote)
+
+
+def page(text: str) -> bytes:
+    """A minimal HTML page saying C{text}."""
+    return ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>smtpbridge</title>"
+            f"</head><body><p>{html.escape(text)}</p></body></html>\n").encode()
+
+
+class RedirectResource(Resource):
+    """The loopback redirect target: answers the browser's first authorization response
+    (a request to / with a code or an error) and hands the code, or the reason there is
+    none, to the waiting login."""
+
+    isLeaf = True
+
+    def __init__(self, reactor: Any, state: str, hidden: list[str]) -> None:
+        super().__init__()
+        self._reactor = reactor
+        self._state = state
+        self._hidden = hidden
+        self.code: Deferred[str] = Deferred()
+
+    def render_GET(self, request: Any) -> bytes:  # noqa: N802 - twisted.web's name
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        args = {key.decode("utf-8", "replace"): values[0].decode("utf-8", "replace")
+                for key, values in request.args.items() if values}
+        if request.path != b"/" or ("code" not in args and "error" not in args):
+            request.setResponseCode(404)
+            return page("smtpbridge: not the sign-in's redirect")
+        if self.code.called:
+            request.setResponseCode(409)
+            return page("smtpbridge: this sign-in is already over")
+        try:
+            result: str | Failure = self._code_of(args)
+            text = "smtpbridge: signed in, you can close this window"
+        except LoginError as e:
+            result = Failure(e)
+            request.setResponseCode(400)
+            text = f"smtpbridge: sign-in failed: {e}"
+        self._reactor.callLater(0, self._deliver, result)  # once this page is on its way
+        return page(text)
+
+    def _deliver(self, result: str | Failure) -> None:
+        if not self.code.called:  # it may have timed out meanwhile
+            self.code.errback(result) if isinstance(result, Failure) \
+                else self.code.callback(result)
+
+    def _code_of(self, args: dict[str, str]) -> str:
+        if "error" in args:
+            raise LoginError(f"the sign-in was refused: {error_text(args, self._hidden)}")
+        if not secrets.compare_digest(args.get("state", "").encode(), self._state.encode()):
+            raise LoginError("the redirect's state does not match this sign-in (a stale or "
+                             "forged redirect), nothing written")
+        if not args["code"]:
+            raise LoginError("the redirect carries an empty code")
+        return args["code"]
+
+
+async def code_flow(reactor: Any, settings: LoginSettings,
+                    poster: FormPoster) -> dict[str, Any]:
+    """RFC 7636 + RFC 8252: the browser signs in, then is redirected to 127.0.0.1 here;
+    the token answer."""
+    verifier = secrets.token_urlsafe(64)  # 86 characters, RFC 7636 allows 43 to 128
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest())
+    state = secrets.token_urlsafe(24)
+    poster.hidden.append(verifier)
+    resource = RedirectResource(reactor, state, poster.hidden)
+    factory = WrappingFactory(Site(resource, reactor=reactor))
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        number = port.getHost().port
+        redirect_uri = f"http://127.0.0.1:{number}/"
+        url = authorize_url(settings, redirect_uri, state,
+                            challenge.rstrip(b"=").decode("ascii"))
+        say(f"Open this URL in a browser on this machine (or forward port {number}): {url}")
+        say(f"Waiting for the sign-in (up to {settings.timeout:.0f} s) ...")
+        try:
+            code = await resource.code.addTimeout(settings.timeout, reactor)
+        except WaitTimeout:
+            raise LoginError(f"no sign-in within {settings.timeout:.0f} s, nothing written")
+    finally:
+        await close(reactor, port, factory)
+    poster.hidden.append(code)
+    say("Signed in; exchanging the authorization code ...")
+    form = token_form(settings, grant_type="authorization_code", code=code,
+                      redirect_uri=redirect_uri, code_verifier=verifier)
+    return await poster.post("token", settings.token_url, form)
+
+
+async def close(reactor: Any, port: Any, factory: WrappingFactory) -> None:
+    """Stop listening; close the browser's connections once their pages are sent."""
+    await port.stopListening()
+    for protocol in list(factory.protocols):
+        protocol.transport.loseConnection()  # after writing what is buffered
+    waited = 0.0
+    while factory.protocols and waited < CLOSE_WAIT:
+        await deferLater(reactor, 0.05, lambda: None)
+        waited += 0.05
