@@ -10,36 +10,37 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import tempfile
 import uuid
 from collections.abc import Callable, Iterable
-from contextlib import suppress
 from typing import Any
 from urllib.parse import urlsplit
 
 import attr
-import treq
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from OpenSSL import SSL
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.ssl import trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 from zope.interface import implementer
 
 from smtpbridge.errors import SMTPReplyError
 from smtpbridge.interfaces import ITokenSource
 from smtpbridge.model import Reply
+from smtpbridge.oauthwire import (
+    clip,
+    endpoint_host,
+    error_text,
+    https_client,
+    post_form,
+    read_text,
+    reason,
+    transport_detail,
+    write_atomically,
+)
 from smtpbridge.secret import Secret
-from smtpbridge.tls import _load_certificates
 
 log = Logger()
 
@@ -83,21 +84,6 @@ class TokenError(SMTPReplyError):
 
     def __init__(self, text: str) -> None:
         super().__init__(Reply(454, "4.7.0", text))
-
-
-def clip(text: str, limit: int = DETAIL_LIMIT) -> str:
-    """The first line of C{text}, at most C{limit} characters: fit for a reply."""
-    lines = str(text).strip().splitlines()
-    first = lines[0].strip() if lines else ""
-    return first if len(first) <= limit else first[:limit - 3] + "..."
-
-
-def redact(text: str, secrets: Iterable[str]) -> str:
-    """C{text} with every occurrence of one of C{secrets} hidden."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "<hidden>")
-    return text
 
 
 @implementer(ITokenSource)
@@ -158,7 +144,7 @@ class TokenEndpoint:
     def __init__(self, url: str, client_id: str, reactor: Any, client: HTTPClient,
                  timeout: float) -> None:
         self.url = url
-        self.host = urlsplit(url).netloc.rpartition("@")[2]  # no user info, path or query
+        self.host = endpoint_host(url)
         self.client_id = client_id
         self._reactor = reactor
         self._client = client
@@ -192,25 +178,16 @@ class TokenEndpoint:
 
     async def _exchange(self, form: dict[str, str],
                         secrets: tuple[str, ...]) -> tuple[Token, str | None]:
-        response = await self._client.post(
-            self.url, data=form, headers={"Accept": "application/json"},
-            allow_redirects=False, reactor=self._reactor)
-        body = await treq.content(response)
-        try:
-            data = json.loads(body.decode("utf-8"))
-        except ValueError:  # UnicodeDecodeError included
-            data = None
-        if not isinstance(data, dict):
-            raise self.failed(f"HTTP {response.code}")
+        code, data = await post_form(self._client, self._reactor, self.url, form)
+        if data is None:
+            raise self.failed(f"HTTP {code}")
         if "access_token" not in data and "error" in data:
-            error = clip(redact(str(data["error"]), secrets), 60)
-            description = clip(redact(str(data.get("error_description") or ""), secrets))
-            raise self.failed(f"{error}: {description}" if description else error)
-        if not 200 <= response.code < 300:
-            raise self.failed(f"HTTP {response.code}")
+            raise self.failed(error_text(data, secrets))
+        if not 200 <= code < 300:
+            raise self.failed(f"HTTP {code}")
         access_token = data.get("access_token")
         if not isinstance(access_token, str) or not access_token:
-            raise self.failed(f"HTTP {response.code} without an access_token")
+            raise self.failed(f"HTTP {code} without an access_token")
         token_type = data.get("token_type", "Bearer")
         if not isinstance(token_type, str) or token_type.lower() != "bearer":
             raise self.failed(f"unexpected token_type {clip(str(token_type), 30)!r}")
@@ -223,59 +200,6 @@ class TokenEndpoint:
         rotated = data.get("refresh_token")
         return (Token(access_token, self._reactor.seconds() + expires_in),
                 rotated if isinstance(rotated, str) and rotated else None)
-
-
-def transport_detail(failure: Failure) -> str:
-    """Why the endpoint could not be asked: "unreachable: <reason>" or "timed out"."""
-    error = failure.value
-    wrapped = getattr(error, "reasons", None)  # ResponseFailed, RequestTransmissionFailed
-    if isinstance(wrapped, list) and all(isinstance(r, Failure) for r in wrapped):
-        reasons = [r for r in wrapped if not r.check(ConnectionDone, ConnectionLost)]
-        error = (reasons or wrapped or [failure])[0].value
-    if isinstance(error, ConnectTimeout):
-        return "timed out"
-    if isinstance(error, SSL.Error):
-        errors = error.args[0] if error.args and isinstance(error.args[0], list) else []
-        reason = "; ".join(str(e[-1]) for e in errors if isinstance(e, tuple) and e)
-        return f"unreachable: TLS failed: {clip(reason or type(error).__name__)}"
-    return f"unreachable: {clip(str(error) or type(error).__name__)}"
-
-
-def read_text(path: str) -> str:
-    """The stripped text of a UTF-8 file; OSError or ValueError, never with the content."""
-    with open(path, encoding="utf-8") as f:
-        return f.read().strip()
-
-
-def write_atomically(path: str, text: str) -> None:
-    """Replace C{path} by a file holding C{text}, mode 0600: a temporary file in the same
-    directory, synced, then renamed over it, so a crash leaves the old or the new file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.",
-                                     suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with suppress(OSError):
-            os.unlink(temporary)
-        raise
-    with suppress(OSError):  # make the rename itself durable
-        directory_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(directory_fd)
-        finally:
-            os.close(directory_fd)
-
-
-def _reason(error: Exception) -> str:
-    if isinstance(error, UnicodeDecodeError):  # its text would show a byte of the file
-        return "not UTF-8 text"
-    return getattr(error, "strerror", None) or str(error)
 
 
 class EndpointGrant:
@@ -323,7 +247,7 @@ class EndpointGrant:
         try:
             text = read_text(path)
         except (OSError, ValueError) as e:
-            raise self._endpoint.failed(f"cannot read {what}{path}: {_reason(e)}")
+            raise self._endpoint.failed(f"cannot read {what}{path}: {reason(e)}")
         if not text:
             raise self._endpoint.failed(f"{what}{path} is empty")
         return text
@@ -335,7 +259,7 @@ class EndpointGrant:
         except OSError as e:
             self._unsaved = (in_file, rotated)
             log.error("OAuth2: cannot save the rotated refresh token to {path}: {reason}; "
-                      "it is kept in memory only", path=path, reason=_reason(e))
+                      "it is kept in memory only", path=path, reason=reason(e))
         else:
             self._unsaved = None
 
@@ -399,7 +323,7 @@ class TokenFileGrant:
         try:
             value = read_text(self._path)
         except (OSError, ValueError) as e:
-            raise TokenError(f"OAuth2 token file {self._path} unusable: {_reason(e)}")
+            raise TokenError(f"OAuth2 token file {self._path} unusable: {reason(e)}")
         if not value:
             raise TokenError(f"OAuth2 token file {self._path} is empty")
         if value != self._last:
@@ -431,15 +355,12 @@ def token_source(settings: OAuthSettings, reactor: Any, *, agent: Any = None,
         raise ValueError("grant 'client_credentials' needs client_secret, or "
                          "client_certificate and client_key, not both")
     if agent is None:
-        trust = None
-        if settings.ca_certificates is not None:
-            try:
-                trust = trustRootFromCertificates(_load_certificates(settings.ca_certificates))
-            except OSError as e:
-                raise ValueError(f"cannot read {settings.ca_certificates}: {_reason(e)}")
-        agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust),
-                      connectTimeout=settings.timeout)
-    client = HTTPClient(agent)
+        try:
+            client = https_client(reactor, settings.ca_certificates, settings.timeout)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read {settings.ca_certificates}: {reason(e)}")
+    else:
+        client = HTTPClient(agent)
     endpoint = TokenEndpoint(settings.token_url, settings.client_id, reactor, client,
                              settings.timeout)
     return CachedTokenSource(EndpointGrant(settings, endpoint, reactor).fetch, reactor,

@@ -12,7 +12,6 @@ import argparse
 import base64
 import hashlib
 import html
-import json
 import os
 import secrets
 import sys
@@ -21,22 +20,26 @@ from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 import attr
-import treq
-from treq.client import HTTPClient
 from twisted.internet.defer import Deferred
 from twisted.internet.defer import TimeoutError as WaitTimeout
 from twisted.internet.error import ReactorNotRunning
-from twisted.internet.ssl import trustRootFromCertificates
 from twisted.internet.task import deferLater
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from smtpbridge.oauth import clip, read_text, redact, transport_detail, write_atomically
+from smtpbridge.oauthwire import (
+    endpoint_host,
+    error_text,
+    https_client,
+    post_form,
+    read_text,
+    reason,
+    transport_detail,
+    write_atomically,
+)
 from smtpbridge.secret import Secret
-from smtpbridge.tls import _load_certificates
 
 PROG = "smtpbridge: oauth-login"
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
@@ -222,28 +225,15 @@ def settings_from(args: argparse.Namespace) -> LoginSettings:
         ca_certificates=args.ca_certificates, timeout=args.timeout)
 
 
-def error_text(answer: dict[str, Any], hidden: list[str]) -> str:
-    """An OAuth error answer's error and error_description, C{hidden} values hidden."""
-    error = clip(redact(str(answer["error"]), hidden), 60)
-    description = clip(redact(str(answer.get("error_description") or ""), hidden))
-    return f"{error}: {description}" if description else error
-
-
 class FormPoster:
     """Posts forms to the login's HTTPS endpoints and reads their JSON answers.  The
     values in C{hidden} are hidden in any text taken from an answer."""
 
     def __init__(self, reactor: Any, settings: LoginSettings) -> None:
-        trust = None
-        if settings.ca_certificates is not None:
-            try:
-                trust = trustRootFromCertificates(_load_certificates(settings.ca_certificates))
-            except (OSError, ValueError) as e:
-                raise LoginError(f"cannot read {settings.ca_certificates}: "
-                                 f"{getattr(e, 'strerror', None) or e}")
-        agent = Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trustRoot=trust),
-                      connectTimeout=REQUEST_TIMEOUT)
-        self._client = HTTPClient(agent)
+        try:
+            self._client = https_client(reactor, settings.ca_certificates, REQUEST_TIMEOUT)
+        except (OSError, ValueError) as e:
+            raise LoginError(f"cannot read {settings.ca_certificates}: {reason(e)}")
         self._reactor = reactor
         secret = settings.client_secret
         self.hidden: list[str] = [secret.value] if secret is not None else []
@@ -251,31 +241,21 @@ class FormPoster:
     async def post(self, what: str, url: str, form: dict[str, str]) -> dict[str, Any]:
         """POST C{form} to C{url}: the JSON object of a successful answer.  LoginError
         (C{what} request failed) for an error answer, with its error code, or none."""
-        failed = f"{what} request to {urlsplit(url).netloc.rpartition('@')[2]} failed"
-        exchange = Deferred.fromCoroutine(self._exchange(url, form))
+        failed = f"{what} request to {endpoint_host(url)} failed"
+        exchange = Deferred.fromCoroutine(post_form(self._client, self._reactor, url, form))
         try:
-            code, body = await exchange.addTimeout(REQUEST_TIMEOUT, self._reactor)
+            code, data = await exchange.addTimeout(REQUEST_TIMEOUT, self._reactor)
         except WaitTimeout:
             raise LoginError(f"{failed}: timed out")
         except Exception:
             raise LoginError(f"{failed}: {transport_detail(Failure())}")
-        try:
-            data = json.loads(body.decode("utf-8"))
-        except ValueError:  # UnicodeDecodeError included
-            data = None
-        if not isinstance(data, dict):
+        if data is None:
             raise LoginError(f"{failed}: HTTP {code}, not a JSON object")
         if "error" in data:
             raise LoginError(f"{failed}: {error_text(data, self.hidden)}", data["error"])
         if not 200 <= code < 300:
             raise LoginError(f"{failed}: HTTP {code}")
         return data
-
-    async def _exchange(self, url: str, form: dict[str, str]) -> tuple[int, bytes]:
-        response = await self._client.post(
-            url, data=form, headers={"Accept": "application/json"}, allow_redirects=False,
-            reactor=self._reactor)
-        return response.code, await treq.content(response)
 
 
 def token_form(settings: LoginSettings, **fields: str) -> dict[str, str]:

@@ -159,7 +159,7 @@ def create_self_signed(certificate: str, key: str, hostname: str) -> None:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def _load_certificates(path: str) -> list[Certificate]:
+def load_certificates(path: str) -> list[Certificate]:
     """Every certificate of a PEM bundle."""
     with open(path, "rb") as f:
         blocks = _PEM_CERTIFICATE.findall(f.read())
@@ -180,7 +180,7 @@ def upstream_tls_options(route: Route) -> TLSOptions:
     if route.ca_certificates is None:
         trust = platformTrust()
     else:
-        trust = trustRootFromCertificates(_load_certificates(route.ca_certificates))
+        trust = trustRootFromCertificates(load_certificates(route.ca_certificates))
     minimum = _CLIENT_MINIMUM[route.min_tls_version]
     return optionsForClientTLS(route.host, trustRoot=trust,
                                extraCertificateOptions={"raiseMinimumTo": minimum})
