@@ -214,3 +214,50 @@ def test_the_annotated_example_documents_every_mapper():
         text = f.read()
     for name in ("static", "per-user", "per-sender", "per-device", "passthrough"):
         assert f'"{name}"' in text or name in text
+
+
+def test_failover_and_login_checks_over_several_hosts():
+    from twisted.internet.defer import fail, succeed
+
+    from smtpbridge.client import LoginRejected
+    from smtpbridge.model import Reply
+    from smtpbridge.relay import connect_first, try_login
+
+    routes = (Route("a.example"), Route("b.example"), Route("c.example"))
+    rejected = LoginRejected(Reply(454, "4.7.0", "rejected the login"))
+    unreachable = SMTPReplyError(Reply(451, "4.4.1", "unreachable"))
+    tried: list[str] = []
+
+    class Session:
+        def quit(self):
+            return succeed(None)
+
+    def connect_with(outcomes):
+        def connect(route, account):
+            tried.append(route.host)
+            outcome = outcomes[route.host]
+            return fail(outcome) if isinstance(outcome, Exception) else succeed(outcome)
+        return connect
+
+    def result(d):
+        box = []
+        d.addBoth(box.append)
+        return box[0]
+
+    # Relaying fails over past any setup failure, a refused login included.
+    session = Session()
+    connect = connect_with({"a.example": unreachable, "b.example": rejected,
+                            "c.example": session})
+    from twisted.internet.defer import Deferred
+    assert result(Deferred.fromCoroutine(connect_first(connect, routes, None))) is session
+    assert tried == ["a.example", "b.example", "c.example"]
+    # When all fail, the refused login is the answer.
+    tried.clear()
+    connect = connect_with({"a.example": rejected, "b.example": unreachable,
+                            "c.example": unreachable})
+    assert result(Deferred.fromCoroutine(connect_first(connect, routes, None))).value \
+        is rejected
+    # Checking a client's own password stops at the first refusal.
+    tried.clear()
+    assert result(try_login(connect)(routes, UpstreamAccount("u", Secret("x")))) is False
+    assert tried == ["a.example"]

@@ -29,12 +29,14 @@ GONE = Reply(451, "4.3.0", "Upstream session is no longer available")
 
 
 async def connect_first(connect: Connector, routes: tuple[Route, ...],
-                        account: UpstreamAccount | None) -> object:
+                        account: UpstreamAccount | None,
+                        stop_on_rejection: bool = False) -> object:
     """A session on the first route that connects, verifies and accepts the login.
 
     Only setup failures move on to the next host, and they all happen before
     MAIL FROM, so failing over can never send a message twice.  When every host
-    fails, a refused login (a verdict on the credentials) wins over the others.
+    fails, a refused login (a verdict on the credentials) wins over the others;
+    C{stop_on_rejection} makes it final at once.
     """
     error: SMTPReplyError | None = None
     refused: LoginRejected | None = None
@@ -45,6 +47,8 @@ async def connect_first(connect: Connector, routes: tuple[Route, ...],
             error = e
             if isinstance(e, LoginRejected) and refused is None:
                 refused = e
+                if stop_on_rejection:
+                    break
             if index + 1 < len(routes):
                 log.warn("upstream {host}:{port} failed ({text}); trying {next}",
                          host=route.host, port=route.port, text=e.reply.text,
@@ -55,10 +59,11 @@ async def connect_first(connect: Connector, routes: tuple[Route, ...],
 
 def try_login(connect: Connector) -> Callable[[tuple[Route, ...], UpstreamAccount], Deferred]:
     """A check that logs in upstream with an account: True, False if the login was
-    refused, an error if the upstream could not be asked."""
+    refused, an error if the upstream could not be asked.  A refusal is not tried on the
+    other hosts: a wrong password should not count against the account everywhere."""
     async def check(routes: tuple[Route, ...], account: UpstreamAccount) -> bool:
         try:
-            session = await connect_first(connect, routes, account)
+            session = await connect_first(connect, routes, account, stop_on_rejection=True)
         except LoginRejected:
             return False
         await session.quit()
