@@ -7,7 +7,7 @@ import re
 
 import attr
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from smtpbridge.model import ClientInfo
@@ -167,6 +167,7 @@ def _balanced(text: str) -> bool:
 
 @given(helo=st.none() | st.text(), login=st.none() | st.text(), rcpt=st.text(),
        listener=st.text())
+@example(helo="0" * 64, login=None, rcpt="", listener="")  # "from" must not stand alone
 @settings(max_examples=300)
 def test_received_any_client_values(helo: str | None, login: str | None, rcpt: str,
                                     listener: str) -> None:

@@ -96,20 +96,21 @@ def _comment(text: str) -> str:
 
 
 def _fold_clauses(name: str, clauses: list[str]) -> list[str]:
-    """Each clause on its own line, a clause longer than ``FOLD_AT`` folded at its blanks."""
+    """Each clause on its own line, a clause longer than ``FOLD_AT`` folded at its blanks;
+    a keyword stays on the line of its value ("from <helo>", "by <host>")."""
     lines: list[str] = []
     for index, clause in enumerate(clauses):
         line = f"{name} " if index == 0 else "\t"
-        fresh = True
+        words_on_line = 0
         for word in clause.split(" "):
-            if fresh:
+            if words_on_line == 0:
                 line += word
-                fresh = False
-            elif len(line) + 1 + len(word) <= FOLD_AT:
+            elif words_on_line < 2 or len(line) + 1 + len(word) <= FOLD_AT:
                 line += " " + word
             else:
                 lines.append(line)
-                line = "\t" + word
+                line, words_on_line = "\t" + word, 0
+            words_on_line += 1
         lines.append(line)
     return lines
 
