@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import attr
 import pytest
+from hypothesis import settings
 from twisted.internet import reactor as global_reactor
 from twisted.internet.threads import blockingCallFromThread
 
@@ -19,6 +20,11 @@ from smtpbridge.listener import ListenerService
 from smtpbridge.service import make_service
 from smtpbridge.tls import ServerTLS, create_self_signed, server_context
 from smtpbridge.users import hash_password
+
+# CI runs the property tests reproducibly; elsewhere each run explores new examples.
+settings.register_profile("ci", derandomize=True, deadline=None)
+settings.register_profile("dev", deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 USER = "device"
 PASSWORD = "device-pass-1"  # noqa: S105 - a test account
