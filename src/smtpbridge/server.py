@@ -27,21 +27,10 @@ from smtpbridge.interfaces import IAccessPolicy, IDelivery, IPasswordChecker, IT
 from smtpbridge.lines import SMTPLineReceiver
 from smtpbridge.model import ClientInfo, Reply
 from smtpbridge.replies import (
-    ALREADY_AUTHENTICATED,
-    AUTH_BLOCKED,
-    AUTH_CANCELLED,
-    AUTH_FAILED,
-    AUTH_NEEDS_TLS,
-    AUTH_NOT_ENABLED,
-    AUTH_OK,
-    AUTH_TEMP_FAILURE,
-    AUTH_UNDECODABLE,
-    AUTH_UNKNOWN_MECHANISM,
     BAD_BODY,
     BAD_SIZE,
     BYE,
     HELP_REPLY,
-    IN_TRANSACTION,
     INTERNAL_ERROR,
     LINE_TOO_LONG,
     NEED_HELO,
@@ -61,7 +50,7 @@ from smtpbridge.replies import (
     unsupported,
 )
 from smtpbridge.rewrite import received_header
-from smtpbridge.secret import Secret
+from smtpbridge.serverauth import AuthCommands
 from smtpbridge.throttle import AuthThrottle
 from smtpbridge.tls import ServerTLS, connection_summary, peer_fingerprint
 from smtpbridge.wire import (
@@ -133,7 +122,7 @@ class _BodyInput:
 
 
 @implementer(IHandshakeListener)
-class SMTPServerProtocol(SMTPLineReceiver, TimeoutMixin):
+class SMTPServerProtocol(AuthCommands, SMTPLineReceiver, TimeoutMixin):
     """One client session."""
 
     MAX_LENGTH = 12288  # room for AUTH responses (RFC 4954); commands are far shorter
@@ -332,80 +321,6 @@ class SMTPServerProtocol(SMTPLineReceiver, TimeoutMixin):
         self.transport.loseConnection()
 
     smtp_EXPN = smtp_BDAT = smtp_ETRN = smtp_TURN = lambda self, argument: NOT_IMPLEMENTED  # noqa: E731, N815
-
-    # AUTH (RFC 4954): PLAIN and LOGIN, with or without an initial response.
-
-    def _auth_offered(self) -> bool:
-        return self.factory.checker is not None and (
-            self._tls_active or self.settings.allow_plaintext_auth)
-
-    def smtp_AUTH(self, argument: str) -> Reply | Deferred | None:  # noqa: N802
-        if self.factory.checker is None:
-            return AUTH_NOT_ENABLED
-        if not self._tls_active and not self.settings.allow_plaintext_auth:
-            return AUTH_NEEDS_TLS
-        if self.client.helo is None:
-            return NEED_HELO
-        if self.client.login is not None:
-            return ALREADY_AUTHENTICATED
-        if self._transaction is not None:
-            return IN_TRANSACTION
-        mechanism, _, initial = argument.partition(" ")
-        if not mechanism:
-            return syntax("AUTH mechanism")
-        try:
-            exchange = sasl.ServerExchange(mechanism, initial)
-        except sasl.UnknownMechanism:
-            return AUTH_UNKNOWN_MECHANISM
-        return self._auth_step(exchange, exchange.start)
-
-    def _auth_step(self, exchange: sasl.ServerExchange, step: Callable[..., Any],
-                   *args: str) -> Reply | Deferred | None:
-        """Run one step of an AUTH exchange: a challenge to send, or credentials to check."""
-        try:
-            result = step(*args)
-        except sasl.SASLCancelled:
-            return AUTH_CANCELLED
-        except sasl.SASLError:
-            return AUTH_UNDECODABLE
-        if isinstance(result, sasl.Challenge):
-            self._continuation = lambda line: self._auth_step(exchange, exchange.respond, line)
-            self.transport.write(b"334 " + result.text.encode("ascii") + b"\r\n")
-            return None
-        return self._authenticate(result.username, result.password)
-
-    def _authenticate(self, username: str, password: str) -> Deferred:
-        return Deferred.fromCoroutine(self._check_login(username, password))
-
-    async def _check_login(self, username: str, password: str) -> Reply:
-        """Check a login; failures are slowed down and, repeated, blocked per address."""
-        session, host = self.client.session_id, self.client.peer_host
-        throttle = self.factory.throttle
-        if throttle is not None and throttle.blocked(host):
-            log.info("{session} AUTH refused: [{host}] is blocked after repeated failures",
-                     session=session, host=host)
-            return AUTH_BLOCKED
-        try:
-            ok = await maybeDeferred(self.factory.checker.check, username, password)
-        except SMTPReplyError as e:
-            log.warn("{session} password check failed: {text}", session=session,
-                     text=e.reply.text)
-            return AUTH_TEMP_FAILURE
-        except Exception:
-            log.failure("{session} password check failed", Failure(), session=session)
-            return AUTH_TEMP_FAILURE
-        if not ok:
-            log.info("{session} AUTH failed for user {user!r} from [{host}]",
-                     session=session, user=username, host=host)
-            if throttle is not None:
-                await throttle.delay(throttle.failed(host))
-            return AUTH_FAILED
-        if throttle is not None:
-            throttle.succeeded(host)
-        kept = Secret(password) if self.factory.keep_password else None
-        self.client = attr.evolve(self.client, login=username, password=kept)
-        log.info("{session} AUTH ok: user {user!r}", session=session, user=username)
-        return AUTH_OK
 
     # The mail transaction.
 
