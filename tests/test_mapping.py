@@ -219,7 +219,7 @@ def test_the_annotated_example_documents_every_mapper():
 def test_failover_and_login_checks_over_several_hosts():
     from twisted.internet.defer import fail, succeed
 
-    from smtpbridge.client import LoginRejected
+    from smtpbridge.clientauth import LoginRejected
     from smtpbridge.model import Reply
     from smtpbridge.relay import connect_first, try_login
 

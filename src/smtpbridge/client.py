@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from smtpbridge import sasl
+from smtpbridge.clientauth import authenticate, refuse
 from smtpbridge.errors import SMTPReplyError
 from smtpbridge.lines import SMTPLineReceiver
 from smtpbridge.model import Reply, Route, UpstreamAccount
@@ -34,15 +34,11 @@ from smtpbridge.tls import (
     tls_failure_reason,
     upstream_tls_options,
 )
-from smtpbridge.wire import END_OF_DATA, ReplyParser, encode_lines
+from smtpbridge.wire import END_OF_DATA, ReplyParser, encode_lines, reply_line
 
 log = Logger()
 
 _HIDDEN = "<hidden>"
-
-
-class LoginRejected(SMTPReplyError):
-    """The upstream refused the account's credentials (not a connection or TLS problem)."""
 
 
 def where(route: Route) -> str:
@@ -54,12 +50,6 @@ def where(route: Route) -> str:
 def upstream_error(route: Route, code: int, enhanced: str, text: str) -> SMTPReplyError:
     """An error whose reply names the upstream."""
     return SMTPReplyError(Reply(code, enhanced, f"Upstream {where(route)} {text}"))
-
-
-def _show(reply: Reply) -> str:
-    """A reply on one line, for the text of an error."""
-    parts = [str(reply.code), reply.enhanced or "", reply.text.replace("\n", " ")]
-    return " ".join(part for part in parts if part)
 
 
 def parse_features(reply: Reply) -> dict[str, str]:
@@ -107,6 +97,11 @@ class UpstreamProtocol(SMTPLineReceiver):
         self.in_data = False
         self.quiet = False  # a failure is expected (QUIT): do not log it
         self.greeting: Deferred[Reply] | None = None
+
+    @property
+    def label(self) -> str:
+        """The upstream as host:port, for log lines."""
+        return where(self.route)
 
     @property
     def idle(self) -> bool:
@@ -157,7 +152,8 @@ class UpstreamProtocol(SMTPLineReceiver):
         if reply is None:
             return
         if not self._pending:
-            self.fail(self.error_for(451, "4.4.2", f"sent an unexpected reply: {_show(reply)}"))
+            self.fail(self.error_for(451, "4.4.2",
+                                     f"sent an unexpected reply: {reply_line(reply)}"))
             return
         pending = self._pending.popleft()
         self._arm()
@@ -340,99 +336,20 @@ def _quiet(step: str, detail: str) -> None:
     """Progress nobody listens to."""
 
 
-def _password(account: UpstreamAccount) -> str:
-    return str(getattr(account.password, "value", account.password))
-
-
-async def _authenticate(protocol: UpstreamProtocol, account: UpstreamAccount,
-                        features: dict[str, str]) -> str:
-    """Log in with the account's mechanism (or the best offered); the mechanism used."""
-    offered = features.get("AUTH", "").upper().split()
-    oauth = account.token_source is not None
-    mechanism = sasl.choose_mechanism(offered, account.mechanism, oauth)
-    if mechanism is None:
-        kind = "OAuth2 " if oauth else ""
-        raise refuse(protocol, 454, "4.7.0", f"offers no {kind}AUTH mechanism the bridge can "
-                                             f"use (offered: {' '.join(offered) or 'none'})")
-    if oauth:
-        reply = await _oauth_login(protocol, account, mechanism)
-    else:
-        reply = await _password_login(protocol, account, mechanism)
-    if reply.code != 235:
-        error = refuse(protocol, 454, "4.7.0", f"rejected the login of {account.username}: "
-                                               f"{_show(reply)}")
-        raise LoginRejected(error.reply)
-    return mechanism
-
-
-async def _password_login(protocol: UpstreamProtocol, account: UpstreamAccount,
-                          mechanism: str) -> Reply:
-    user, password = account.username, _password(account)
-    plain = sasl.plain_response(user, password)
-    protocol.secrets = tuple(s for s in (password, sasl.b64(password), plain) if s)
-    if mechanism == "PLAIN":
-        return await protocol.send(f"AUTH PLAIN {plain}", "AUTH")
-    reply = await protocol.send("AUTH LOGIN", "AUTH")
-    for answer in (user, password):
-        if reply.code != 334:
-            break
-        reply = await protocol.send(sasl.b64(answer), "AUTH")
-    return reply
-
-
-async def _oauth_login(protocol: UpstreamProtocol, account: UpstreamAccount,
-                       mechanism: str) -> Reply:
-    """XOAUTH2 or OAUTHBEARER with a fresh token; a rejected token is dropped and the
-    login tried once more with a new one."""
-    source = account.token_source
-    reply = Reply(535, None, "no attempt")
-    for _attempt in range(2):
-        try:
-            token = await source.token()
-        except SMTPReplyError as e:
-            protocol.fail(e, close="quit")
-            raise
-        if mechanism == "XOAUTH2":
-            response = sasl.xoauth2_response(account.username, token)
-        else:
-            response = sasl.oauthbearer_response(account.username, token,
-                                                 protocol.route.host, protocol.route.port)
-        protocol.secrets += (token, response)
-        reply = await protocol.send(f"AUTH {mechanism} {response}", "AUTH")
-        if reply.code == 334:  # the server's error details; answering ends the exchange
-            details = sasl.oauth_error(reply.text)
-            ack = "" if mechanism == "XOAUTH2" else sasl.OAUTHBEARER_ERROR_ACK
-            reply = await protocol.send(ack, "AUTH")
-            reply = attr.evolve(reply, text=f"{reply.text} ({details})")
-        if reply.code == 235:
-            return reply
-        source.invalidate(token)
-        log.info("upstream {where}: OAuth2 token for {user} refused ({text}); it is dropped",
-                 where=where(protocol.route), user=account.username, text=_show(reply))
-    return reply
-
-
-def refuse(protocol: UpstreamProtocol, code: int, enhanced: str, text: str) -> SMTPReplyError:
-    """End the session politely for a reply-level failure; the error to raise."""
-    error = protocol.error_for(code, enhanced, text)
-    protocol.fail(error, close="quit")
-    return error
-
-
 async def _set_up(protocol: UpstreamProtocol, account: UpstreamAccount | None, helo_name: str,
                   tls_options: TLSOptions, progress: Progress) -> UpstreamSession:
     assert protocol.greeting is not None, "set_up needs a connected protocol"
     greeting = await protocol.greeting
     if greeting.code != 220:
-        raise refuse(protocol, 451, "4.3.2", f"refused the session: {_show(greeting)}")
-    progress("greeting", _show(greeting))
+        raise refuse(protocol, 451, "4.3.2", f"refused the session: {reply_line(greeting)}")
+    progress("greeting", reply_line(greeting))
     ehlo = await protocol.send(f"EHLO {helo_name}", "EHLO")
     if ehlo.code != 250:
         if ehlo.code < 500:
-            raise refuse(protocol, 451, "4.3.2", f"refused EHLO: {_show(ehlo)}")
+            raise refuse(protocol, 451, "4.3.2", f"refused EHLO: {reply_line(ehlo)}")
         helo = await protocol.send(f"HELO {helo_name}", "HELO")
         if helo.code != 250:
-            raise refuse(protocol, 451, "4.3.2", f"refused EHLO and HELO: {_show(helo)}")
+            raise refuse(protocol, 451, "4.3.2", f"refused EHLO and HELO: {reply_line(helo)}")
         need = "STARTTLS" if protocol.route.tls == "starttls" else "AUTH"
         raise refuse(protocol, 454, "4.7.0", f"does not speak ESMTP; cannot use {need}")
     if protocol.route.tls == "starttls":
@@ -442,16 +359,17 @@ async def _set_up(protocol: UpstreamProtocol, account: UpstreamAccount | None, h
         progress("EHLO", "STARTTLS offered")
         reply = await protocol.send("STARTTLS", "STARTTLS")
         if reply.code != 220:
-            raise refuse(protocol, 454, "4.7.0", f"refused STARTTLS: {_show(reply)}")
+            raise refuse(protocol, 454, "4.7.0", f"refused STARTTLS: {reply_line(reply)}")
         protocol.start_tls(tls_options)
         ehlo = await protocol.send(f"EHLO {helo_name}", "TLS handshake")
         if ehlo.code != 250:
-            raise refuse(protocol, 451, "4.3.2", f"refused EHLO after STARTTLS: {_show(ehlo)}")
+            raise refuse(protocol, 451, "4.3.2",
+                         f"refused EHLO after STARTTLS: {reply_line(ehlo)}")
     version, cipher = connection_summary(protocol.transport)
     progress("TLS", f"{version} {cipher}, certificate verified for {protocol.route.host}")
     features = parse_features(ehlo)
     if account is not None:
-        mechanism = await _authenticate(protocol, account, features)
+        mechanism = await authenticate(protocol, account, features)
         progress("AUTH", f"{mechanism} accepted for {account.username}")
     log.info("upstream {where}: TLS {version} {cipher}, {auth}", where=where(protocol.route),
              version=version, cipher=cipher,

@@ -16,7 +16,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from smtpbridge.client import LoginRejected
+from smtpbridge.clientauth import LoginRejected
 from smtpbridge.errors import SMTPReplyError
 from smtpbridge.interfaces import ICredentialMapper, IDelivery, ITransaction
 from smtpbridge.model import ClientInfo, Reply, Route, UpstreamAccount

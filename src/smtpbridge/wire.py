@@ -179,6 +179,12 @@ def _parse_params(text: str) -> dict[str, str | None]:
     return params
 
 
+def reply_line(reply: Reply) -> str:
+    """A reply on one line, for the text of an error or a log line."""
+    parts = [str(reply.code), reply.enhanced or "", reply.text.replace("\n", " ")]
+    return " ".join(part for part in parts if part)
+
+
 def format_reply(reply: Reply) -> bytes:
     """The wire form of a reply, multi-line when its text holds "\\n".
 
