@@ -148,17 +148,15 @@ def demo_upstream(reactor: object, certificate: tuple[str, str],
     blockingCallFromThread(reactor, port.stopListening)
 
 
-@pytest.fixture
-def bridge_config(certificate: tuple[str, str], users_file: str, tmp_path,
-                  demo_upstream: DemoUpstream) -> str:
-    """The TOML of a bridge with an implicit-TLS and a STARTTLS listener, on loopback,
-    relaying to the demo upstream."""
+def front_toml(certificate: tuple[str, str], users_file: str, hostname: str = "localhost",
+               max_message_size: int = 41943040) -> str:
+    """The client side of a test bridge: an implicit-TLS listener "smtps" (AUTH required) and
+    a STARTTLS listener "legacy" (AUTH optional for 127.0.0.0/8), on ports the OS picks."""
     cert, key = certificate
-    (tmp_path / "upstream-password").write_text(UPSTREAM_PASSWORD + "\n")
     return f"""
 [server]
-hostname = "localhost"
-max_message_size = 41943040
+hostname = "{hostname}"
+max_message_size = {max_message_size}
 
 [tls]
 certificate = "{cert}"
@@ -179,7 +177,17 @@ auth = "optional"
 [access]
 trusted_networks = ["127.0.0.0/8"]
 users_file = "{users_file}"
+"""
 
+
+@pytest.fixture
+def bridge_config(certificate: tuple[str, str], users_file: str, tmp_path,
+                  demo_upstream: DemoUpstream) -> str:
+    """The TOML of a bridge with an implicit-TLS and a STARTTLS listener, on loopback,
+    relaying to the demo upstream."""
+    cert = certificate[0]
+    (tmp_path / "upstream-password").write_text(UPSTREAM_PASSWORD + "\n")
+    return front_toml(certificate, users_file) + f"""
 [upstream]
 host = "localhost"
 port = {demo_upstream.number}

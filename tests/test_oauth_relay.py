@@ -31,6 +31,7 @@ from tests.conftest import (
     USER,
     RunningBridge,
     client_context,
+    front_toml,
     start_bridge,
     stop_bridge,
     without_bridge_trace,
@@ -147,7 +148,6 @@ def relay(reactor: Any, provider: Provider, certificate: tuple[str, str], users_
     """Starts bridges relaying to the provider's upstream with the account "scans";
     C{relay(mechanism=..., grant=...)}.  Listeners: "smtps" (implicit TLS, AUTH
     required) and "legacy" (STARTTLS offered, 127.0.0.0/8 needs no AUTH)."""
-    cert, key = certificate
     running: list[RunningBridge] = []
 
     def start(mechanism: str = "xoauth2", grant: Callable[[Provider, str], str] = refresh_grant,
@@ -155,30 +155,8 @@ def relay(reactor: Any, provider: Provider, certificate: tuple[str, str], users_
         directory = tmp_path / f"bridge-{len(running)}"
         secrets_dir = str(directory / "secrets")
         write_secrets(provider, secrets_dir, refresh_mode)
-        toml = f"""
-[server]
-hostname = "localhost"
-
-[tls]
-certificate = "{cert}"
-key = "{key}"
-
-[[listener]]
-name = "smtps"
-endpoint = "tcp:0:interface=127.0.0.1"
-tls = "implicit"
-auth = "required"
-
-[[listener]]
-name = "legacy"
-endpoint = "tcp:0:interface=127.0.0.1"
-tls = "starttls"
-auth = "optional"
-
-[access]
-trusted_networks = ["127.0.0.0/8"]
-users_file = "{users_file}"
-""" + account_toml(provider, secrets_dir, mechanism, grant)
+        toml = front_toml(certificate, users_file) + account_toml(provider, secrets_dir,
+                                                                mechanism, grant)
         running.append(start_bridge(reactor, toml, str(directory)))
         return running[-1]
 

@@ -28,6 +28,7 @@ from tests.conftest import (
     USER,
     RunningBridge,
     client_context,
+    front_toml,
     start_bridge,
     stop_bridge,
 )
@@ -55,7 +56,6 @@ def relay_toml(certificate: tuple[str, str], users_file: str,
     "legacy" (STARTTLS offered, AUTH optional for 127.0.0.0/8).  C{host},
     C{port}, C{password} and C{timeout} replace what the upstream gives.
     """
-    cert, key = certificate
     count = [0]
 
     def build(server: Upstream, *, host: str | None = None, port: int | None = None,
@@ -64,31 +64,7 @@ def relay_toml(certificate: tuple[str, str], users_file: str,
         password_file = tmp_path / f"upstream-password-{count[0]}"
         password_file.write_text((server.password if password is None else password) + "\n",
                                  encoding="utf-8")
-        return f"""
-[server]
-hostname = "{HELO_NAME}"
-max_message_size = 41943040
-
-[tls]
-certificate = "{cert}"
-key = "{key}"
-
-[[listener]]
-name = "smtps"
-endpoint = "tcp:0:interface=127.0.0.1"
-tls = "implicit"
-auth = "required"
-
-[[listener]]
-name = "legacy"
-endpoint = "tcp:0:interface=127.0.0.1"
-tls = "starttls"
-auth = "optional"
-
-[access]
-trusted_networks = ["127.0.0.0/8"]
-users_file = "{users_file}"
-
+        return front_toml(certificate, users_file, hostname=HELO_NAME) + f"""
 [upstream]
 host = "{server.host if host is None else host}"
 port = {server.port if port is None else port}
