@@ -38,7 +38,7 @@ from tests.conftest import (
     stop_bridge,
 )
 from tests.test_loopback import RawClient
-from tests.upstream import Upstream, upstream_factory
+from tests.upstream import Upstream, commands, upstream_factory
 
 FIXTURES = (upstream_factory,)  # pytest finds fixtures by module attribute
 
@@ -218,28 +218,12 @@ def untouched(*servers: Upstream) -> bool:
     return True
 
 
-def under_tls(server: Upstream) -> bytes:
-    with server.lock:
-        return b"".join(data for tls, data in server.received if tls)
-
-
-def commands(stream: bytes) -> list[bytes]:
-    """The command lines of an SMTP client stream, leaving out what was sent after DATA."""
-    result = []
-    in_data = False
-    for line in stream.split(b"\r\n"):
-        if in_data:
-            in_data = line != b"."
-        else:
-            result.append(line)
-            in_data = line.upper() == b"DATA"
-    return result
 
 
 def mail_froms(server: Upstream) -> list[bytes]:
     """The reverse-path of every MAIL command the upstream received under TLS."""
     return [line.split(b" ")[1].removeprefix(b"FROM:")
-            for line in commands(under_tls(server)) if line.upper().startswith(b"MAIL ")]
+            for line in commands(server.under_tls()) if line.upper().startswith(b"MAIL ")]
 
 
 def header_fields(message: bytes) -> list[bytes]:
@@ -1004,7 +988,7 @@ def test_no_failover_once_mail_from_was_sent(bridge_for: Bridge, upstream_factor
     assert (caught.value.smtp_code, caught.value.smtp_error) == (451, b"4.3.0 try later")
     time.sleep(0.3)
     assert mail_froms(server) == [f"<{DEVICE}>".encode()]
-    assert [line for line in commands(under_tls(server)) if line.upper() == b"DATA"] == [b"DATA"]
+    assert [line for line in commands(server.under_tls()) if line.upper() == b"DATA"] == [b"DATA"]
     assert logins(server) == [("PLAIN", server.username, True)]
     assert server.clear_text().count(b"STARTTLS\r\n") == 1
     assert server.stored() == []

@@ -33,7 +33,7 @@ from tests.conftest import (
     stop_bridge,
 )
 from tests.test_loopback import RawClient, make_message, on_the_wire, sha
-from tests.upstream import Upstream, upstream, upstream_factory
+from tests.upstream import Upstream, commands, upstream, upstream_factory
 
 FIXTURES = (upstream, upstream_factory)  # pytest finds fixtures by module attribute
 
@@ -148,23 +148,6 @@ def replies_until_closed(client: RawClient) -> list[list[str]]:
             return replies
 
 
-def under_tls(server: Upstream) -> bytes:
-    """Every byte the upstream received under TLS, over all connections."""
-    with server.lock:
-        return b"".join(data for tls, data in server.received if tls)
-
-
-def commands(stream: bytes) -> list[bytes]:
-    """The command lines of an SMTP client stream, leaving out what was sent after DATA."""
-    result = []
-    in_data = False
-    for line in stream.split(b"\r\n"):
-        if in_data:
-            in_data = line != b"."
-        else:
-            result.append(line)
-            in_data = line.upper() == b"DATA"
-    return result
 
 
 BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
@@ -241,7 +224,7 @@ def test_bare_lf_lines_are_stored_with_crlf(relay: Relay, upstream: Upstream) ->
                               b".dotted line\r\n8-bit \xe9\xff\r\nlast line\r\n")
     # No parameters given, none passed on.
     assert stored.mail_options == []
-    sent = under_tls(upstream)
+    sent = upstream.under_tls()
     assert b"\r\n..dotted line\r\n" in sent
     assert BARE_CR_OR_LF.search(sent) is None
 
@@ -307,7 +290,7 @@ def test_certificate_for_another_host(relay: Relay, upstream_factory: Start) -> 
     assert f"localhost:{server.port}" in line and "host localhost" in line
     time.sleep(0.2)
     assert server.clear_text() == f"EHLO {HELO_NAME}\r\nSTARTTLS\r\n".encode()
-    assert under_tls(server) == b""
+    assert server.under_tls() == b""
     assert server.logins == [] and server.stored() == []
 
 
@@ -383,12 +366,12 @@ def test_client_gone_mid_data(relay: Relay, upstream: Upstream,
                 "DATA\r\n".encode())
     assert [client.code() for _ in range(4)] == ["250", "250", "250", "354"]
     client.send(b"Subject: half\r\n\r\n" + b"x" * 5000 + b"\r\nthe first half\r\n")
-    wait_for(lambda: b"the first half\r\n" in under_tls(upstream))
+    wait_for(lambda: b"the first half\r\n" in upstream.under_tls())
     client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     client.close()
     time.sleep(0.5)
     assert upstream.stored() == []
-    sent = under_tls(upstream)
+    sent = upstream.under_tls()
     assert b"\r\n.\r\n" not in sent
     assert sent.endswith(b"the first half\r\n")
     # The bridge goes on serving.
@@ -422,7 +405,7 @@ def test_smuggling_is_impossible(relay: Relay, upstream: Upstream,
     [stored] = upstream.stored()
     assert [reply[0][:3] for reply in replies] == ["250", "221"]
     assert b"second message" in stored.sent
-    sent = under_tls(upstream)
+    sent = upstream.under_tls()
     assert BARE_CR_OR_LF.search(sent) is None
     mails = [line for line in commands(sent) if line.upper().startswith(b"MAIL")]
     assert mails == [f"MAIL FROM:<{SENDER}>".encode()]

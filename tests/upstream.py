@@ -175,6 +175,11 @@ class Upstream:
         return UpstreamAccount(username or self.username,
                                Secret(self.password if password is None else password))
 
+    def under_tls(self) -> bytes:
+        """Every byte received under TLS, over all connections."""
+        with self.lock:
+            return b"".join(data for tls, data in self.received if tls)
+
     def clear_text(self) -> bytes:
         """Every byte received before TLS, over all connections."""
         with self.lock:
@@ -327,6 +332,19 @@ def start_upstream(
     with upstream.lock:
         upstream.received.clear()  # the controller's own start-up probe
     return upstream
+
+
+def commands(stream: bytes) -> list[bytes]:
+    """The command lines of an SMTP client stream, leaving out what was sent after DATA."""
+    result = []
+    in_data = False
+    for line in stream.split(b"\r\n"):
+        if in_data:
+            in_data = line != b"."
+        else:
+            result.append(line)
+            in_data = line.upper() == b"DATA"
+    return result
 
 
 @pytest.fixture
