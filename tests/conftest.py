@@ -13,6 +13,7 @@ import pytest
 from hypothesis import settings
 from twisted.internet import reactor as global_reactor
 from twisted.internet.threads import blockingCallFromThread
+from twisted.logger import eventAsText, formatEvent, globalLogPublisher
 
 from smtpbridge.config import parse_config
 from smtpbridge.demo import MailFolderDelivery, demo_upstream_factory
@@ -63,6 +64,21 @@ def client_context(certificate: tuple[str, str]) -> ssl.SSLContext:
     """A client TLS context that trusts the test certificate."""
     context = ssl.create_default_context(cafile=certificate[0])
     return context
+
+
+@pytest.fixture
+def logged() -> Iterator[list[str]]:
+    """Every log event of the test as text: formatted, with any traceback, and its fields."""
+    lines: list[str] = []
+
+    def observer(event: dict) -> None:
+        lines.append(formatEvent(event) or "")
+        lines.append(eventAsText(event, includeTimestamp=False) or "")
+        lines.append(repr(event))
+
+    globalLogPublisher.addObserver(observer)
+    yield lines
+    globalLogPublisher.removeObserver(observer)
 
 
 @attr.define

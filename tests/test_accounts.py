@@ -26,7 +26,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from twisted.logger import eventAsText, formatEvent, globalLogPublisher
 
 from smtpbridge.errors import ConfigError
 from tests.conftest import (
@@ -242,21 +241,6 @@ def header_fields(message: bytes) -> list[bytes]:
 def body(message: bytes) -> bytes:
     """What follows the header section."""
     return message.partition(b"\r\n\r\n")[2]
-
-
-@pytest.fixture
-def logged() -> Iterator[list[str]]:
-    """Every log event of the test as text: formatted, with any traceback, and its fields."""
-    lines: list[str] = []
-
-    def observer(event: dict) -> None:
-        lines.append(formatEvent(event) or "")
-        lines.append(eventAsText(event, includeTimestamp=False) or "")
-        lines.append(repr(event))
-
-    globalLogPublisher.addObserver(observer)
-    yield lines
-    globalLogPublisher.removeObserver(observer)
 
 
 def b64(text: str) -> str:

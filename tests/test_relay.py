@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from twisted.logger import eventAsText, formatEvent, globalLogPublisher
 
 from tests.conftest import (
     PASSWORD,
@@ -165,21 +164,6 @@ def closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-@pytest.fixture
-def logged() -> Iterator[list[str]]:
-    """Every log event of the test as text: formatted, with any traceback, and its fields."""
-    lines: list[str] = []
-
-    def observer(event: dict) -> None:
-        lines.append(formatEvent(event) or "")
-        lines.append(eventAsText(event, includeTimestamp=False) or "")
-        lines.append(repr(event))
-
-    globalLogPublisher.addObserver(observer)
-    yield lines
-    globalLogPublisher.removeObserver(observer)
 
 
 # 1. Message integrity.
