@@ -21,14 +21,9 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from smtpbridge.client import (
-    UpstreamProtocol,
-    UpstreamSession,
-    connect,
-    parse_features,
-    set_up,
-)
+from smtpbridge.client import UpstreamProtocol, UpstreamSession, parse_features
 from smtpbridge.config import Secret
+from smtpbridge.connector import connect, set_up
 from smtpbridge.errors import SMTPReplyError
 from smtpbridge.model import Reply, Route, UpstreamAccount
 from tests.upstream import Upstream, upstream, upstream_factory, write_ca_bundle
@@ -42,6 +37,18 @@ ROUTE = Route("smtp.example.com", 587, timeout=30.0)
 TLS_OPTIONS = object()
 EHLO_TLS = (b"250-smtp.example.com\r\n250-SIZE 1000\r\n250-8BITMIME\r\n"
             b"250-AUTH LOGIN PLAIN\r\n250 OK\r\n")
+
+
+@implementer(IPushProducer)
+class Producer:
+    def pauseProducing(self) -> None:  # noqa: N802
+        pass
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        pass
+
+    def stopProducing(self) -> None:  # noqa: N802
+        pass
 
 
 # In memory: the protocol over a StringTransport, time from a Clock.
@@ -230,13 +237,13 @@ def _at_step(step: str) -> tuple[Harness, Deferred | None]:
     calls: dict[str, Callable[[], Deferred]] = {
         "MAIL": lambda: session.mail("a@example.com", {}),
         "RCPT": lambda: session.rcpt("b@example.com", {}),
-        "DATA": session.data,
-        "RSET": session.rset,
+        "DATA": lambda: session.data(Producer()),
+        "RSET": session.reset,
     }
     if step in calls:
         return harness, calls[step]()
     assert step == "end of data"
-    data = session.data()
+    data = session.data(Producer())
     harness.server(b"354 go\r\n")
     assert outcome(data).code == 354
     session.write_lines([b"hello"])
@@ -284,8 +291,8 @@ def test_later_calls_fail_at_once_after_a_failure() -> None:
     first = error_of(waiting)
     assert not session.usable
     harness.sent()
-    for call in (lambda: session.mail("a@example.com", {}), session.data, session.end_data,
-                 session.rset):
+    for call in (lambda: session.mail("a@example.com", {}),
+                 lambda: session.data(Producer()), session.end_data, session.reset):
         assert error_of(call()) == first
     session.write_lines([b"ignored"])
     assert harness.sent() == b""
@@ -386,7 +393,7 @@ def test_mail_passes_only_advertised_parameters() -> None:
     assert harness_transport.value() == b"MAIL FROM:<a@example.com> SIZE=123 BODY=8BITMIME\r\n"
     session.features = {}
     harness_transport.clear()
-    session.rset()
+    session.reset()
     session.mail("", params)
     assert harness_transport.value() == b"RSET\r\nMAIL FROM:<>\r\n"
 
@@ -401,7 +408,7 @@ def test_transaction_replies_are_returned_verbatim() -> None:
     harness.server(b"250 2.1.5 Ok\r\n550-5.1.1 No such\r\n550 5.1.1 user here\r\n")
     assert outcome(good) == Reply(250, "2.1.5", "Ok")
     assert outcome(bad) == Reply(550, "5.1.1", "No such\nuser here")
-    data = session.data()
+    data = session.data(Producer())
     harness.server(b"354 End data with <CR><LF>.<CR><LF>\r\n")
     assert outcome(data).code == 354
     harness.sent()
@@ -414,27 +421,30 @@ def test_transaction_replies_are_returned_verbatim() -> None:
     harness.server(b"451 4.3.0 try again later\r\n")
     assert outcome(done) == Reply(451, "4.3.0", "try again later")
     assert session.usable
-    refused = session.data()
+    refused = session.data(Producer())
     harness.server(b"554 5.5.1 no valid recipients\r\n")
     assert outcome(refused) == Reply(554, "5.5.1", "no valid recipients")
     with pytest.raises(RuntimeError):
         session.write_lines([b"not in DATA"])
 
 
-def test_producer_is_registered_with_the_transport() -> None:
+def test_producer_is_registered_with_the_transport_during_data() -> None:
     harness = Harness()
     session = harness.session()
-    producer = object()
-    session.register_producer(producer)  # type: ignore[arg-type]
+    producer = Producer()
+    data = session.data(producer)
+    assert harness.transport.producer is None
+    harness.server(b"354 go\r\n")
+    assert outcome(data).code == 354
     assert harness.transport.producer is producer and harness.transport.streaming
-    session.unregister_producer()
+    session.end_data()
     assert harness.transport.producer is None
 
 
 def test_abort_drops_the_connection() -> None:
     harness = Harness()
     session = harness.session()
-    data = session.data()
+    data = session.data(Producer())
     harness.server(b"354 go\r\n")
     assert outcome(data).code == 354
     session.write_lines([b"partial"])
@@ -515,21 +525,9 @@ def _send(reactor: Any, session: UpstreamSession, lines: list[bytes],
     assert _call(reactor, session.mail, "from@example.com", {}).code == 250
     for recipient in recipients:
         _call(reactor, session.rcpt, recipient, {})
-    assert _call(reactor, session.data).code == 354
+    assert _call(reactor, session.data, Producer()).code == 354
     _call(reactor, session.write_lines, lines)
     return _call(reactor, session.end_data)
-
-
-@implementer(IPushProducer)
-class Producer:
-    def pauseProducing(self) -> None:  # noqa: N802
-        pass
-
-    def resumeProducing(self) -> None:  # noqa: N802
-        pass
-
-    def stopProducing(self) -> None:  # noqa: N802
-        pass
 
 
 BODY = [b"Subject: test", b"", b".leading dot", b"8-bit: \xc3\xa9\xff", b".", b"..", b"end"]
@@ -541,11 +539,9 @@ def test_full_session(reactor: Any, upstream: Upstream, logged: list[str]) -> No
     assert _call(reactor, session.mail, "from@example.com",
                  {"SIZE": "200", "BODY": "8BITMIME"}).code == 250
     assert _call(reactor, session.rcpt, "to@example.com", {}).code == 250
-    assert _call(reactor, session.data).code == 354
-    _call(reactor, session.register_producer, Producer())
+    assert _call(reactor, session.data, Producer()).code == 354
     _call(reactor, session.write_lines, BODY[:3])
     _call(reactor, session.write_lines, BODY[3:])
-    _call(reactor, session.unregister_producer)
     assert _call(reactor, session.end_data) == Reply(250, "2.0.0", "OK queued")
     assert session.usable
     assert _send(reactor, session, [b"second"]).code == 250
@@ -596,7 +592,7 @@ def test_recipient_rejected_verbatim(reactor: Any, upstream_factory: Start) -> N
     assert _call(reactor, session.rcpt, "nobody@example.com", {}) == Reply(
         550, "5.1.1", "No such user")
     assert _call(reactor, session.rcpt, "two@example.com", {}).code == 250
-    _call(reactor, session.data)
+    _call(reactor, session.data, Producer())
     _call(reactor, session.write_lines, [b"hi"])
     assert _call(reactor, session.end_data).code == 250
     _call(reactor, session.quit)
@@ -677,7 +673,7 @@ def test_abort_mid_data_stores_nothing(reactor: Any, upstream: Upstream) -> None
     session = _connect(reactor, upstream.route(), upstream.account())
     _call(reactor, session.mail, "a@example.com", {})
     _call(reactor, session.rcpt, "b@example.com", {})
-    assert _call(reactor, session.data).code == 354
+    assert _call(reactor, session.data, Producer()).code == 354
     _call(reactor, session.write_lines, [b"Subject: half", b"", b"the first half"])
     _wait_for(lambda: any(b"the first half" in data for _, data in upstream.received))
     _call(reactor, session.abort)

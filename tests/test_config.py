@@ -8,6 +8,7 @@ import pytest
 
 from smtpbridge.config import load_config, parse_config
 from smtpbridge.errors import ConfigError
+from smtpbridge.service import upstreams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,8 +34,10 @@ def upstream_password(monkeypatch):
 
 
 def error_of(text: str, path: str = "/etc/smtpbridge/test.toml") -> str:
+    """The one-line error for C{text}, found as ``smtpbridge check --config-only`` finds it:
+    reading the file, then building the mapper (which checks its own options)."""
     with pytest.raises(ConfigError) as info:
-        parse_config(text, path)
+        upstreams(parse_config(text, path), None)
     message = str(info.value)
     assert "\n" not in message
     assert message.startswith(path)
@@ -46,7 +49,7 @@ def test_minimal_config_has_the_documented_defaults():
     assert config.server.max_message_size == 36_700_160
     assert config.server.idle_timeout == 300
     assert config.upstream.port == 587 and config.upstream.ca_certificates is None
-    assert config.access.trusted_networks == ("127.0.0.0/8", "::1/128")
+    assert [str(n) for n in config.access.trusted_networks] == ["127.0.0.0/8", "::1/128"]
     listener = config.listeners[0]
     assert listener.min_tls_version == "1.2" and not listener.allow_plaintext_auth
     assert config.credentials.mapper == "static"
@@ -176,6 +179,15 @@ def test_the_provider_examples_parse(tmp_path, name):
     ('grant = "token_file"\ntoken_url = "http://t.example/token"\ntoken_file = "t"\n',
      "account.a.oauth.token_url", "https://"),
     ('grant = "device"\n', "account.a.oauth.grant", "must be one of"),
+    ('grant = "client_credentials"\ntoken_url = "http://t.example/token"\nclient_id = "x"\n'
+     'scope = "s"\nclient_secret_env = "SMTPBRIDGE_TEST_PASSWORD"\n',
+     "account.a.oauth.token_url", "https://"),
+    ('grant = "client_credentials"\ntoken_url = "https://t.example/token"\nclient_id = "x"\n'
+     'scope = "s"\nclient_secret_env = "SMTPBRIDGE_TEST_PASSWORD"\n'
+     'client_certificate = "c.pem"\nclient_key = "c.key"\n',
+     "account.a.oauth.client_secret", "not both"),
+    ('grant = "refresh_token"\ntoken_url = "https://t.example/token"\nclient_id = "x"\n',
+     "account.a.oauth.refresh_token_file", "required for grant = 'refresh_token'"),
 ])
 def test_oauth_mistakes(oauth, key, reason):
     text = MINIMAL.replace('[credentials]', '[account.a]\nusername = "a@example.com"\n'

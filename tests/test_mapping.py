@@ -18,8 +18,9 @@ from smtpbridge.mapping import (
     StaticMapper,
 )
 from smtpbridge.model import Assignment, ClientInfo, Route, UpstreamAccount
+from smtpbridge.networks import parse_network
 from smtpbridge.secret import Secret
-from smtpbridge.service import _mapper, accounts
+from smtpbridge.service import accounts, upstreams
 
 ROUTE = (Route("smtp.example.com"),)
 
@@ -82,7 +83,8 @@ def test_per_sender_exact_then_domain_then_default():
 def test_per_device_certificate_then_network_then_listener():
     fingerprint = "AB:" * 31 + "CD"
     mapper = PerDeviceMapper({fingerprint: CAMERA},
-                             [("192.0.2.0/24", OFFICE), ("192.0.2.10/32", SCANNER)],
+                             [(parse_network("192.0.2.0/24"), OFFICE),
+                              (parse_network("192.0.2.10/32"), SCANNER)],
                              {"legacy": DEFAULT}, None)
     normal = fingerprint.replace(":", "").lower()
     assert mapper.map(client(certificate=normal), "") is CAMERA
@@ -140,7 +142,7 @@ def password(monkeypatch):
 
 def build(text: str, tmp_path) -> object:
     config = parse_config(text, str(tmp_path / "c.toml"))
-    return config, _mapper(config, None)
+    return config, upstreams(config, None).mapper
 
 
 def test_routes_and_accounts_from_the_config(tmp_path):
@@ -186,7 +188,7 @@ def test_mappers_from_the_config(tmp_path):
      "credentials.map.certificate:abc", "SHA-256 fingerprint"),
     ('mapper = "per-device"\n[credentials.map]\n"mac:00:11" = "office"\n',
      "credentials.map.mac:00:11", "listener:NAME, network:CIDR"),
-    ('mapper = "not a name!"\n', "credentials.mapper", "neither a built-in mapper"),
+    ('mapper = "not a name!"\n', "credentials.mapper", "is not a mapper name"),
     ('mapper = "passthrough"\nroute = "nowhere"\n', "credentials.route", "no route named"),
 ])
 def test_mapping_mistakes(tmp_path, credentials, key, reason):
@@ -219,7 +221,7 @@ def test_the_annotated_example_documents_every_mapper():
 def test_failover_and_login_checks_over_several_hosts():
     from twisted.internet.defer import fail, succeed
 
-    from smtpbridge.clientauth import LoginRejected
+    from smtpbridge.errors import LoginRejected
     from smtpbridge.model import Reply
     from smtpbridge.relay import connect_first, try_login
 
@@ -232,12 +234,16 @@ def test_failover_and_login_checks_over_several_hosts():
         def quit(self):
             return succeed(None)
 
-    def connect_with(outcomes):
-        def connect(route, account):
+    class Connector:
+        def __init__(self, outcomes):
+            self.outcomes = outcomes
+
+        def connect(self, route, account):
             tried.append(route.host)
-            outcome = outcomes[route.host]
+            outcome = self.outcomes[route.host]
             return fail(outcome) if isinstance(outcome, Exception) else succeed(outcome)
-        return connect
+
+    connect_with = Connector
 
     def result(d):
         box = []

@@ -27,15 +27,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface.verify import verifyObject
 
+from smtpbridge.errors import TokenError
 from smtpbridge.interfaces import ITokenSource
-from smtpbridge.oauth import (
-    ASSERTION_TYPE,
-    CachedTokenSource,
-    OAuthSettings,
-    Token,
-    TokenError,
-    token_source,
-)
+from smtpbridge.oauth import ASSERTION_TYPE, CachedTokenSource, Token, token_source
+from smtpbridge.oauthconfig import OAuthSettings
 from smtpbridge.secret import Secret
 from smtpbridge.tls import ServerTLS, create_self_signed, server_context
 
@@ -391,18 +386,6 @@ def test_a_request_times_out():
         result_of(d)
     assert checked(caught.value).reply.text == \
         "OAuth2 token request to login.example failed: timed out"
-
-
-def test_settings_are_checked():
-    with pytest.raises(ValueError, match="https://"):
-        token_source(OAuthSettings("client_credentials", "http://login.example/token",
-                                   CLIENT_ID, Secret("x"), scope=SCOPE), Clock())
-    with pytest.raises(ValueError, match="not both"):
-        token_source(OAuthSettings("client_credentials", "https://login.example/token",
-                                   CLIENT_ID, Secret("x"), "c.pem", "c.key", SCOPE), Clock())
-    with pytest.raises(ValueError, match="needs refresh_token_file"):
-        token_source(OAuthSettings("refresh_token", "https://login.example/token",
-                                   CLIENT_ID), Clock())
 
 
 # --- the token file grant and the cache, with a Clock ----------------------------------

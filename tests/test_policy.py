@@ -7,20 +7,20 @@ import ipaddress
 import pytest
 from zope.interface.verify import verifyObject
 
-from smtpbridge.errors import ConfigError
 from smtpbridge.interfaces import IAccessPolicy
 from smtpbridge.model import ClientInfo
-from smtpbridge.policy import REPLY_AUTH_REQUIRED, AccessPolicy, TrustedNetworks
+from smtpbridge.networks import NetworkSet
+from smtpbridge.policy import REPLY_AUTH_REQUIRED, AccessPolicy
 
 NETWORKS = ["127.0.0.0/8", "192.168.1.7/24", "10.0.0.5", "::1/128", "2001:db8::/32", "fe80::/10"]
 
 
 @pytest.fixture
-def trusted() -> TrustedNetworks:
-    return TrustedNetworks.parse(NETWORKS, "/etc/smtpbridge.toml", "access.trusted_networks")
+def trusted() -> NetworkSet:
+    return NetworkSet.parse(NETWORKS)
 
 
-def test_parse(trusted: TrustedNetworks) -> None:
+def test_parse(trusted: NetworkSet) -> None:
     assert trusted.networks == (
         ipaddress.ip_network("127.0.0.0/8"),
         ipaddress.ip_network("192.168.1.0/24"),
@@ -33,16 +33,39 @@ def test_parse(trusted: TrustedNetworks) -> None:
 
 @pytest.mark.parametrize("value", ["10.0.0.0/33", "localhost", "", "1.2.3", "::g", 10, None])
 def test_parse_rejects(value: object) -> None:
+    with pytest.raises(ValueError) as info:
+        NetworkSet.parse(["127.0.0.0/8", value])
+    assert str(info.value) == f"{value!r} is not an IP network"
+
+
+@pytest.mark.parametrize("value", ["10.0.0.0/33", "localhost", 10])
+def test_the_config_names_a_bad_trusted_network(value: object) -> None:
+    from smtpbridge.config import parse_config
+    from smtpbridge.errors import ConfigError
+
+    text = f"""
+[access]
+trusted_networks = ["127.0.0.0/8", {value!r}]
+[[listener]]
+name = "a"
+endpoint = "tcp:0"
+tls = "none"
+auth = "optional"
+[upstream]
+host = "smtp.example.com"
+[credentials]
+username = "u"
+password_env = "HOME"
+"""
     with pytest.raises(ConfigError) as info:
-        TrustedNetworks.parse(["127.0.0.0/8", value], "f.toml", "access.trusted_networks")  # type: ignore[list-item]
+        parse_config(text.replace("'", '"'), "f.toml")
     error = info.value
-    assert error.file == "f.toml"
-    assert error.key == "access.trusted_networks"
+    assert (error.file, error.key) == ("f.toml", "access.trusted_networks")
     assert error.reason == f"{value!r} is not an IP network"
 
 
 def test_parse_empty() -> None:
-    assert "127.0.0.1" not in TrustedNetworks.parse([], "f", "k")
+    assert "127.0.0.1" not in NetworkSet.parse([])
 
 
 @pytest.mark.parametrize(
@@ -62,7 +85,7 @@ def test_parse_empty() -> None:
         "[::1]",
     ],
 )
-def test_contains(trusted: TrustedNetworks, host: str) -> None:
+def test_contains(trusted: NetworkSet, host: str) -> None:
     assert host in trusted
 
 
@@ -90,18 +113,18 @@ def test_contains(trusted: TrustedNetworks, host: str) -> None:
         ipaddress.ip_address("127.0.0.1"),
     ],
 )
-def test_not_contains(trusted: TrustedNetworks, host: object) -> None:
+def test_not_contains(trusted: NetworkSet, host: object) -> None:
     assert host not in trusted
 
 
 def test_ipv6_networks_do_not_match_ipv4_peers() -> None:
-    networks = TrustedNetworks([ipaddress.ip_network("::/0")])
+    networks = NetworkSet([ipaddress.ip_network("::/0")])
     assert "::1" in networks
     assert "192.0.2.1" not in networks
 
 
 def test_mapped_peer_matches_mapped_network() -> None:
-    networks = TrustedNetworks([ipaddress.ip_network("::ffff:0:0/96")])
+    networks = NetworkSet([ipaddress.ip_network("::ffff:0:0/96")])
     assert "::ffff:192.0.2.1" in networks
 
 
@@ -112,7 +135,7 @@ def client(host: str = "192.0.2.1", login: str | None = None) -> ClientInfo:
 
 
 @pytest.fixture
-def policy(trusted: TrustedNetworks) -> AccessPolicy:
+def policy(trusted: NetworkSet) -> AccessPolicy:
     return AccessPolicy(trusted)
 
 

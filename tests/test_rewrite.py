@@ -11,7 +11,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from smtpbridge.model import ClientInfo
-from smtpbridge.rewrite import SenderRewriter, received_header, rewrite_headers
+from smtpbridge.rewrite import SenderRewriter, rewrite_headers
+from smtpbridge.trace import received_header
 
 WHEN = datetime.datetime(2026, 11, 23, 6, 7, 33, tzinfo=datetime.UTC)
 DATE = "Mon, 23 Nov 2026 06:07:33 +0000"

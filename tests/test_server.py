@@ -11,7 +11,8 @@ from twisted.internet.testing import StringTransport
 
 from smtpbridge.demo import SingleUserChecker
 from smtpbridge.model import Reply
-from smtpbridge.policy import AccessPolicy, TrustedNetworks
+from smtpbridge.networks import NetworkSet, parse_network
+from smtpbridge.policy import AccessPolicy
 from smtpbridge.server import ListenerSettings, SMTPServerFactory
 from smtpbridge.testing import MemoryDelivery
 
@@ -38,7 +39,7 @@ class Session:
         self.delivery = MemoryDelivery()
         if checker == "default":
             checker = SingleUserChecker({"alice": "s3cret"})
-        policy = AccessPolicy(TrustedNetworks.parse(["127.0.0.0/8"], "test", "trusted"))
+        policy = AccessPolicy(NetworkSet.parse(["127.0.0.0/8"]))
         self.factory = SMTPServerFactory(
             ListenerSettings(name="test", hostname="bridge.test", **settings),
             self.delivery, policy, checker, self.clock, tls=object())
@@ -467,9 +468,9 @@ def test_sender_rules_refuse_with_553():
 
     s = Session(tls="implicit")
     s.factory.policy = AccessPolicy(
-        TrustedNetworks.parse(["127.0.0.0/8"], "test", "trusted"),
+        NetworkSet.parse(["127.0.0.0/8"]),
         SenderRules({"alice": ["alice@example.com", "@dept.example.com"]},
-                    {"127.0.0.0/8": ["@devices.example.com"]}))
+                    [(parse_network("127.0.0.0/8"), ["@devices.example.com"])]))
     s.command("EHLO c")
     assert s.command("MAIL FROM:<x@devices.example.com>")[0].startswith("250")
     s.command("RSET")

@@ -9,7 +9,8 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
-from smtpbridge.throttle import AuthThrottle, ThrottleSettings, normalise_address
+from smtpbridge.networks import normalise_address
+from smtpbridge.throttle import AuthThrottle, ThrottleSettings
 
 ADDRESS = "192.0.2.1"
 OTHER = "198.51.100.7"

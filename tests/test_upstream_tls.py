@@ -8,7 +8,7 @@ import pytest
 from OpenSSL import crypto
 from twisted.internet.threads import blockingCallFromThread
 
-from smtpbridge import client
+from smtpbridge import connector
 from smtpbridge.config import parse_config
 from smtpbridge.errors import SMTPReplyError
 from smtpbridge.service import accounts
@@ -27,8 +27,8 @@ def session_with(reactor, up: Upstream, **route_changes: object) -> object:
     """Open (and close) an upstream session; the error if it fails."""
     async def attempt() -> object:
         try:
-            session = await client.connect(reactor, up.route(**route_changes), up.account(),
-                                           "bridge.test")
+            session = await connector.connect(reactor, up.route(**route_changes), up.account(),
+                                              "bridge.test")
         except SMTPReplyError as e:
             return e
         await session.quit()

@@ -6,10 +6,17 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
+from typing import TYPE_CHECKING, Any
 
-from smtpbridge.errors import ConfigError
+from twisted.internet.task import react
+
+from smtpbridge.errors import ConfigError, SMTPReplyError
 from smtpbridge.oauthlogin import add_command as add_oauth_login
 from smtpbridge.users import hash_password
+
+if TYPE_CHECKING:
+    from smtpbridge.connector import UpstreamConnector
+    from smtpbridge.model import Assignment
 
 PROG = "smtpbridge"
 
@@ -57,11 +64,11 @@ def _check(args: argparse.Namespace) -> int:
     from twisted.internet import reactor
 
     from smtpbridge.config import load_config
-    from smtpbridge.service import upstream_assignments
+    from smtpbridge.service import upstreams
 
     try:
         config = load_config(args.config)
-        assignments = upstream_assignments(config, reactor)
+        upstream = upstreams(config, reactor)
     except ConfigError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
@@ -69,36 +76,22 @@ def _check(args: argparse.Namespace) -> int:
     if args.config_only:
         return 0
 
-    failures = _run(reactor, _check_upstreams(reactor, config, assignments))
-    print("PASS: the upstream accepts the bridge" if not failures
-          else f"FAIL: {failures} upstream check(s) failed")
-    return 1 if failures else 0
+    async def run(reactor: Any) -> None:
+        failures = await _check_upstreams(upstream.connector, upstream.checked())
+        print("PASS: the upstream accepts the bridge" if not failures
+              else f"FAIL: {failures} upstream check(s) failed")
+        if failures:
+            raise SystemExit(1)
+
+    try:
+        react(run)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    return 0
 
 
-def _run(reactor: object, coroutine: object) -> int:
-    """Run C{coroutine} on the reactor until it is done; its result."""
-    from twisted.internet.defer import Deferred
-
-    outcome: list = []
-
-    def start() -> None:
-        d = Deferred.fromCoroutine(coroutine)
-        d.addBoth(outcome.append).addBoth(lambda _: reactor.stop())
-
-    reactor.callWhenRunning(start)
-    reactor.run()
-    if not outcome or not isinstance(outcome[0], int):
-        print(f"{PROG}: internal error: {outcome[0] if outcome else 'no result'}",
-              file=sys.stderr)
-        return 1
-    return outcome[0]
-
-
-async def _check_upstreams(reactor: object, config: object, assignments: list) -> int:
+async def _check_upstreams(connector: UpstreamConnector, assignments: list[Assignment]) -> int:
     """Connect, STARTTLS, verify, AUTH and QUIT with every account; the number that failed."""
-    from smtpbridge import client
-    from smtpbridge.errors import SMTPReplyError
-
     def progress(step: str, detail: str) -> None:
         print(f"  ok    {step:<9} {detail}")
 
@@ -106,14 +99,14 @@ async def _check_upstreams(reactor: object, config: object, assignments: list) -
     for assignment in assignments:
         account = assignment.account
         name = account.username if account is not None else "(no AUTH: passthrough)"
+        tokens = connector.tokens.get(account.name) if account is not None else None
         for route in assignment.routes:
             print(f"upstream {route.host}:{route.port} as {name}")
             try:
-                if account is not None and account.token_source is not None:
-                    await account.token_source.token()
+                if tokens is not None:
+                    await tokens.token()
                     progress("token", "OAuth2 access token obtained")
-                session = await client.connect(reactor, route, account,
-                                               config.server.hostname, progress=progress)
+                session = await connector.connect(route, account, progress=progress)
             except SMTPReplyError as e:
                 reply = e.reply
                 print(f"  FAIL  {reply.code} {reply.enhanced} {reply.text}")

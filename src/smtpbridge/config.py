@@ -7,7 +7,6 @@ Pure: no reactor, no sockets; it only reads the files the configuration names.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import socket
 import tomllib
@@ -17,6 +16,8 @@ from typing import TypeVar
 import attr
 
 from smtpbridge.errors import ConfigError
+from smtpbridge.model import TLS_VERSIONS
+from smtpbridge.networks import Network, parse_network
 from smtpbridge.secret import Secret
 from smtpbridge.tomlreader import REQUIRED, Table
 from smtpbridge.upstreamconfig import (
@@ -24,7 +25,6 @@ from smtpbridge.upstreamconfig import (
     AccountConfig,
     CredentialsConfig,
     RouteConfig,
-    check_map_key,
     check_name,
     credentials_table,
     parse_account,
@@ -39,10 +39,9 @@ T = TypeVar("T")
 
 TLS_MODES = ("implicit", "starttls", "none")
 AUTH_MODES = ("required", "optional")
-TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 CLIENT_CERTIFICATE_MODES = ("none", "request", "require")
 DEFAULT_MAX_MESSAGE_SIZE = 36_700_160  # 35 MiB, like Microsoft 365's limit
-DEFAULT_TRUSTED_NETWORKS = ("127.0.0.0/8", "::1/128")
+DEFAULT_TRUSTED_NETWORKS = (parse_network("127.0.0.0/8"), parse_network("::1/128"))
 
 
 @attr.frozen
@@ -77,7 +76,7 @@ class ListenerConfig:
 
 @attr.frozen
 class AccessConfig:
-    trusted_networks: tuple[str, ...] = DEFAULT_TRUSTED_NETWORKS
+    trusted_networks: tuple[Network, ...] = DEFAULT_TRUSTED_NETWORKS
     users_file: str | None = None
     auth_failure_limit: int = 10
     auth_failure_window: float = 600.0
@@ -90,7 +89,7 @@ class SendersConfig:
     """Which envelope senders local users and trusted networks may use."""
 
     users: dict[str, tuple[str, ...]] = attr.field(factory=dict)
-    networks: dict[str, tuple[str, ...]] = attr.field(factory=dict)
+    networks: tuple[tuple[Network, tuple[str, ...]], ...] = ()
 
 
 @attr.frozen
@@ -182,7 +181,7 @@ def _listener(t: Table) -> ListenerConfig:
 
 def _access(t: Table) -> AccessConfig:
     return AccessConfig(
-        trusted_networks=t.strings("trusted_networks", DEFAULT_TRUSTED_NETWORKS),
+        trusted_networks=_networks(t, "trusted_networks", DEFAULT_TRUSTED_NETWORKS),
         users_file=t.path("users_file", None),
         auth_failure_limit=t.integer("auth_failure_limit", 10),
         auth_failure_window=t.number("auth_failure_window", 600.0, minimum=1.0),
@@ -203,7 +202,23 @@ def _senders(t: Table) -> SendersConfig:
                     raise table.error(key, f"{pattern!r} is neither an address nor @domain")
         return result
 
-    return SendersConfig(users=lists("users"), networks=lists("networks"))
+    networks = []
+    for network, patterns in lists("networks").items():
+        try:
+            networks.append((parse_network(network), patterns))
+        except ValueError:
+            raise t.error(f"networks.{network}", "is not an IP network")
+    return SendersConfig(users=lists("users"), networks=tuple(networks))
+
+
+def _networks(t: Table, key: str, default: tuple[Network, ...]) -> tuple[Network, ...]:
+    values = t.get(key, list, None)
+    if values is None:
+        return default
+    try:
+        return tuple(parse_network(value) for value in values)
+    except ValueError as e:
+        raise t.error(key, str(e))
 
 
 def _demo(t: Table) -> DemoConfig:
@@ -225,7 +240,7 @@ def parse_config(text: str, path: str) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, None, f"not valid TOML: {e}")
     root = Table(path, "", data, os.path.dirname(os.path.abspath(path)))
-    listeners_data = root._get("listener", list, REQUIRED)
+    listeners_data = root.get("listener", list, REQUIRED)
     listeners = []
     for index, item in enumerate(listeners_data):
         table = Table(path, f"listener[{index}]", item, root.base_dir)
@@ -266,7 +281,7 @@ def parse_config(text: str, path: str) -> Config:
 
 
 def _check_whole(config: Config) -> None:
-    """Rules that span tables: TLS material, names that must exist, networks that must parse."""
+    """Rules that span tables: TLS material, routes the accounts name."""
     def fail(key: str, reason: str) -> ConfigError:
         return ConfigError(config.path, key, reason)
 
@@ -275,40 +290,10 @@ def _check_whole(config: Config) -> None:
             if not config.tls.certificate or not config.tls.key:
                 raise fail("tls.certificate", f"listener {listener.name!r} uses TLS, so [tls] "
                                               "certificate and key are required")
-    credentials = config.credentials
     for account in config.accounts.values():
-        where = account.origin
         if account.route not in config.routes:
-            raise fail(f"{where}.route", f"no route named {account.route!r} "
-                                         f"(routes: {', '.join(config.routes)})")
-        if account.password is None and account.oauth is None and \
-                credentials.mapper != "passthrough":
-            raise fail(f"{where}.password_file", "the upstream password is missing: "
-                                                 "give password_file or password_env")
-
-    def need_account(key: str, name: str) -> None:
-        if name not in config.accounts:
-            known = ", ".join(config.accounts) or "none"
-            raise fail(key, f"no account named {name!r} (accounts: {known})")
-
-    mapper = credentials.mapper
-    if mapper == "static" and not config.accounts:
-        raise fail("credentials.username", "required key is missing")
-    if mapper == "static":
-        need_account("credentials.account", credentials.account)
-    if mapper in ("per-user", "per-sender", "per-device"):
-        if credentials.default is not None:
-            need_account("credentials.default", credentials.default)
-        for key, account in credentials.map:
-            need_account(f"credentials.map.{key}", account)
-            check_map_key(config, mapper, key)
-    if mapper == "passthrough" and credentials.route not in config.routes:
-        raise fail("credentials.route", f"no route named {credentials.route!r}")
-    for network in config.senders.networks:
-        try:
-            ipaddress.ip_network(network, strict=False)
-        except ValueError:
-            raise fail(f"senders.networks.{network}", "is not an IP network")
+            raise fail(f"{account.origin}.route", f"no route named {account.route!r} "
+                                                  f"(routes: {', '.join(config.routes)})")
 
 
 def load_config(path: str) -> Config:

@@ -13,6 +13,31 @@ class SMTPReplyError(Exception):
         self.reply = reply
 
 
+class UpstreamError(SMTPReplyError):
+    """The upstream session failed (unreachable, TLS, timeout, lost, refused); the reply is a
+    4xx naming the upstream and the step."""
+
+
+class LoginRejected(UpstreamError):
+    """The upstream refused the account's credentials (not a connection or TLS problem)."""
+
+
+class TokenError(SMTPReplyError):
+    """No OAuth2 access token could be obtained: 454 4.7.0 with the reason (never a secret)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(Reply(454, "4.7.0", text))
+
+
+class OptionError(ValueError):
+    """A credential mapper's option is wrong: the key (within ``[credentials]``) and why."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
 class ConfigError(Exception):
     """A configuration problem, reported as one line: file, key and reason."""
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import attr
+
+from smtpbridge.secret import Secret
+
+#: TLS versions as the configuration spells them, oldest first.
+TLS_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
+#: The versions the bridge accepts upstream: never below TLS 1.2.
+UPSTREAM_TLS_VERSIONS = ("1.2", "1.3")
 
 
 @attr.frozen
@@ -47,16 +52,7 @@ class ClientInfo:
     login: str | None = None
     esmtp: bool = True
     certificate: str | None = None  # SHA-256 fingerprint (hex) of the client's TLS certificate
-    password: object = attr.field(default=None, repr=False)  # kept only for passthrough
-
-
-@attr.frozen
-class Envelope:
-    """The sender and recipients of one transaction, with their ESMTP parameters."""
-
-    sender: str
-    sender_params: Mapping[str, str | None] = attr.field(factory=dict)
-    recipients: tuple[str, ...] = ()
+    password: Secret | None = attr.field(default=None, repr=False)  # kept only for passthrough
 
 
 @attr.frozen
@@ -74,16 +70,18 @@ class Route:
 
 @attr.frozen
 class UpstreamAccount:
-    """The upstream login used for a transaction. The password's repr hides it."""
+    """The upstream login used for a transaction. The password's repr hides it.
+
+    An OAuth2 account's tokens come from the token source the connector holds for its
+    C{name}: a value type holds no live objects.
+    """
 
     username: str
-    password: object = attr.field(repr=False)  # a smtpbridge.secret.Secret
+    password: Secret | None = attr.field(repr=False)  # None for an OAuth2 account
     name: str = "default"
     rewrite_sender: str | None = None  # the address envelope sender and From: become
-    token_source: object = attr.field(default=None, repr=False)  # an ITokenSource: OAuth2
     mechanism: str = "auto"  # auto | plain | login | xoauth2 | oauthbearer
-
-
+    oauth: bool = False  # logs in with an OAuth2 token of the account's token source
 
 
 @attr.frozen

@@ -13,7 +13,6 @@ import json
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
-from urllib.parse import urlsplit
 
 import attr
 from cryptography import x509
@@ -26,9 +25,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from smtpbridge.errors import SMTPReplyError
+from smtpbridge.errors import TokenError
 from smtpbridge.interfaces import ITokenSource
-from smtpbridge.model import Reply
+from smtpbridge.oauthconfig import OAuthSettings
 from smtpbridge.oauthwire import (
     clip,
     endpoint_host,
@@ -40,7 +39,6 @@ from smtpbridge.oauthwire import (
     transport_detail,
     write_atomically,
 )
-from smtpbridge.secret import Secret
 
 log = Logger()
 
@@ -48,27 +46,6 @@ ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 ASSERTION_LIFETIME = 600
 DEFAULT_EXPIRES_IN = 3600
 TOKEN_FILE_REUSE = 300.0  # seconds a token read from a token file is used before re-reading
-DETAIL_LIMIT = 200
-NEEDS = {"refresh_token": ("token_url", "client_id", "refresh_token_file"),
-         "client_credentials": ("token_url", "client_id", "scope"),
-         "token_file": ("token_file",)}
-
-
-@attr.frozen
-class OAuthSettings:
-    """How one upstream account obtains its access tokens (the [account.NAME.oauth] table)."""
-
-    grant: str  # refresh_token | client_credentials | token_file
-    token_url: str | None = None
-    client_id: str | None = None
-    client_secret: Secret | None = None
-    client_certificate: str | None = None  # PEM certificate for a client assertion ...
-    client_key: str | None = None  # ... and its RSA private key, instead of client_secret
-    scope: str | None = None
-    refresh_token_file: str | None = None  # rotated refresh tokens are written back here
-    token_file: str | None = None  # an access token kept fresh by another tool
-    ca_certificates: str | None = None  # PEM bundle for the token endpoint; None: system
-    timeout: float = 30.0
 
 
 @attr.frozen
@@ -77,13 +54,6 @@ class Token:
 
     access_token: str = attr.field(repr=False)
     expires_at: float
-
-
-class TokenError(SMTPReplyError):
-    """No access token could be obtained: 454 4.7.0 with the reason (never a secret)."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(Reply(454, "4.7.0", text))
 
 
 @implementer(ITokenSource)
@@ -158,23 +128,17 @@ class TokenEndpoint:
         """POST C{form}: the token and a rotated refresh token (or None).  Fails with
         L{TokenError}, any of C{secrets} hidden in its text."""
         exchange = Deferred.fromCoroutine(self._exchange(form, tuple(secrets)))
-        timed_out = False
 
-        def expire() -> None:
-            nonlocal timed_out
-            timed_out = True
-            exchange.cancel()
+        def timed_out(result: object, timeout: float) -> object:
+            raise self.failed("timed out")
 
-        call = self._reactor.callLater(self._timeout, expire)
+        def failed(failure: Failure) -> Failure:
+            if failure.check(TokenError):
+                return failure
+            raise self.failed(transport_detail(failure))
 
-        def done(result: Any) -> Any:
-            if call.active():
-                call.cancel()
-            if isinstance(result, Failure) and not result.check(TokenError):
-                raise self.failed("timed out" if timed_out else transport_detail(result))
-            return result
-
-        return exchange.addBoth(done)
+        exchange.addErrback(failed)
+        return exchange.addTimeout(self._timeout, self._reactor, onTimeoutCancel=timed_out)
 
     async def _exchange(self, form: dict[str, str],
                         secrets: tuple[str, ...]) -> tuple[Token, str | None]:
@@ -334,26 +298,16 @@ class TokenFileGrant:
 
 def token_source(settings: OAuthSettings, reactor: Any, *, agent: Any = None,
                  margin: float = 60.0) -> CachedTokenSource:
-    """The cached token source for C{settings}.  The endpoint is asked through C{agent}
-    (default: an Agent verifying its certificate against C{settings.ca_certificates} or
-    the system store).  A token file is re-read every five minutes, C{margin} does not
-    apply to it.  Raises ValueError for incomplete settings or an unreadable CA bundle."""
-    if settings.grant not in NEEDS:
-        raise ValueError(f"unknown grant {settings.grant!r}")
-    for key in NEEDS[settings.grant]:
-        if not getattr(settings, key):
-            raise ValueError(f"grant {settings.grant!r} needs {key}")
+    """The cached token source for C{settings} (complete: checked by the configuration).
+    The endpoint is asked through C{agent} (default: an Agent verifying its certificate
+    against C{settings.ca_certificates} or the system store).  A token file is re-read
+    every five minutes, C{margin} does not apply to it.  Raises ValueError for an
+    unreadable CA bundle."""
     if settings.grant == "token_file":
+        assert settings.token_file is not None
         return CachedTokenSource(TokenFileGrant(settings.token_file, reactor).fetch,
                                  reactor, margin=0.0)
-    if not settings.token_url.startswith("https://") or not urlsplit(
-            settings.token_url).hostname:
-        raise ValueError("token_url must be an https:// URL")
-    with_certificate = bool(settings.client_certificate and settings.client_key)
-    if settings.grant == "client_credentials" and \
-            (settings.client_secret is not None) == with_certificate:
-        raise ValueError("grant 'client_credentials' needs client_secret, or "
-                         "client_certificate and client_key, not both")
+    assert settings.token_url is not None and settings.client_id is not None
     if agent is None:
         try:
             client = https_client(reactor, settings.ca_certificates, settings.timeout)

@@ -17,18 +17,18 @@ import secrets
 import sys
 from contextlib import suppress
 from typing import Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, urlencode
 
 import attr
 from twisted.internet.defer import Deferred
 from twisted.internet.defer import TimeoutError as WaitTimeout
-from twisted.internet.error import ReactorNotRunning
-from twisted.internet.task import deferLater
+from twisted.internet.task import deferLater, react
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from smtpbridge.oauthconfig import PROVIDERS, is_https_url
 from smtpbridge.oauthwire import (
     endpoint_host,
     error_text,
@@ -51,19 +51,6 @@ NOT_OFFLINE = (
     "access was not granted (Microsoft: the scope needs offline_access; Google: the "
     "authorization needs access_type=offline and prompt=consent, which --provider google "
     "sends)")
-MICROSOFT = "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/"
-PROVIDERS: dict[str, dict[str, str]] = {  # defaults; "{tenant}" is --tenant
-    "microsoft": {"flow": "device", "scope": "https://outlook.office.com/SMTP.Send "
-                  "offline_access", "authorize_url": MICROSOFT + "authorize",
-                  "token_url": MICROSOFT + "token", "device_url": MICROSOFT + "devicecode"},
-    # Google's device flow does not allow the Gmail scope: the code flow is the default.
-    "google": {"flow": "code", "scope": "https://mail.google.com/",
-               "authorize_url": "https://accounts.google.com/o/oauth2/v2/auth",
-               "token_url": "https://oauth2.googleapis.com/token",
-               "device_url": "https://oauth2.googleapis.com/device/code"},
-}
-EXTRAS = {"google": (("access_type", "offline"), ("prompt", "consent"))}  # a refresh token
-
 
 class LoginError(Exception):
     """The login failed; the text says why, never with a secret.  C{error}: the error code
@@ -126,20 +113,16 @@ def add_command(commands: Any) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     """The command's entry point: run the login on the global reactor; the exit status."""
-    from twisted.internet import reactor
+    async def run(reactor: Any) -> None:
+        code = await login(reactor, args)
+        if code:
+            raise SystemExit(code)
 
-    outcome: list[int] = []
-
-    def start() -> None:
-        def stop(_: object) -> None:
-            with suppress(ReactorNotRunning):
-                reactor.stop()
-
-        Deferred.fromCoroutine(login(reactor, args)).addCallback(outcome.append).addBoth(stop)
-
-    reactor.callWhenRunning(start)
-    reactor.run()
-    return outcome[0] if outcome else fail("interrupted, nothing written")
+    try:
+        react(run)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    return 0
 
 
 def say(text: str, stream: Any = None) -> None:
@@ -181,13 +164,16 @@ def settings_from(args: argparse.Namespace) -> LoginSettings:
     provider = PROVIDERS.get(args.provider or "")
     if args.tenant is not None and args.provider != "microsoft":
         raise LoginError("--tenant is only used with --provider microsoft")
-    tenant = quote(args.tenant or "organizations", safe="")
+    if provider is not None:
+        provider = provider.for_tenant(quote(args.tenant or "organizations", safe=""))
+    defaults = {} if provider is None else {
+        "flow": provider.login_flow, "scope": provider.login_scope,
+        "token_url": provider.token_url, "authorize_url": provider.authorize_url,
+        "device_url": provider.device_url}
 
     def option(name: str) -> str | None:
-        value = getattr(args, name)
-        if value is None and provider is not None:
-            value = provider[name].format(tenant=tenant)
-        return value or None
+        value: str | None = getattr(args, name)
+        return value or defaults.get(name) or None
 
     flow, scope = option("flow"), option("scope")
     if flow is None or scope is None:
@@ -198,7 +184,7 @@ def settings_from(args: argparse.Namespace) -> LoginSettings:
         flag = "--" + name.replace("_", "-")
         if url is None:
             raise LoginError(f"{flag} is needed without --provider")
-        if not url.startswith("https://") or not urlsplit(url).hostname:
+        if not is_https_url(url):
             raise LoginError(f"{flag} must be an https:// URL")
     if not 0 < args.timeout <= 86400:
         raise LoginError("--timeout must be more than 0 and at most 86400 seconds")
@@ -221,7 +207,7 @@ def settings_from(args: argparse.Namespace) -> LoginSettings:
         flow=flow, client_id=args.client_id, client_secret=client_secret, scope=scope,
         refresh_token_file=args.refresh_token_file, login_hint=args.login_hint,
         authorize_url=urls.get("authorize_url"), token_url=str(urls["token_url"]),
-        device_url=urls.get("device_url"), extras=EXTRAS.get(args.provider or "", ()),
+        device_url=urls.get("device_url"), extras=provider.login_extras if provider else (),
         ca_certificates=args.ca_certificates, timeout=args.timeout)
 
 

@@ -9,28 +9,34 @@ half-sent can be delivered.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from smtpbridge.clientauth import LoginRejected
-from smtpbridge.errors import SMTPReplyError
-from smtpbridge.interfaces import ICredentialMapper, IDelivery, ITransaction
+from smtpbridge.errors import LoginRejected, SMTPReplyError
+from smtpbridge.interfaces import (
+    ICredentialMapper,
+    IDelivery,
+    ITransaction,
+    IUpstreamConnector,
+    IUpstreamSession,
+    Params,
+)
 from smtpbridge.model import ClientInfo, Reply, Route, UpstreamAccount
 from smtpbridge.rewrite import SenderRewriter
 
 log = Logger()
 
-Connector = Callable[[Route, UpstreamAccount | None], Deferred]
 GONE = Reply(451, "4.3.0", "Upstream session is no longer available")
 
 
-async def connect_first(connect: Connector, routes: tuple[Route, ...],
+async def connect_first(connector: IUpstreamConnector, routes: tuple[Route, ...],
                         account: UpstreamAccount | None,
-                        stop_on_rejection: bool = False) -> object:
+                        stop_on_rejection: bool = False) -> IUpstreamSession:
     """A session on the first route that connects, verifies and accepts the login.
 
     Only setup failures move on to the next host, and they all happen before
@@ -42,7 +48,7 @@ async def connect_first(connect: Connector, routes: tuple[Route, ...],
     refused: LoginRejected | None = None
     for index, route in enumerate(routes):
         try:
-            return await connect(route, account)
+            return await connector.connect(route, account)
         except SMTPReplyError as e:
             error = e
             if isinstance(e, LoginRejected) and refused is None:
@@ -57,13 +63,14 @@ async def connect_first(connect: Connector, routes: tuple[Route, ...],
     raise refused or error
 
 
-def try_login(connect: Connector) -> Callable[[tuple[Route, ...], UpstreamAccount], Deferred]:
+def try_login(connector: IUpstreamConnector,
+              ) -> Callable[[tuple[Route, ...], UpstreamAccount], Deferred[bool]]:
     """A check that logs in upstream with an account: True, False if the login was
     refused, an error if the upstream could not be asked.  A refusal is not tried on the
     other hosts: a wrong password should not count against the account everywhere."""
     async def check(routes: tuple[Route, ...], account: UpstreamAccount) -> bool:
         try:
-            session = await connect_first(connect, routes, account, stop_on_rejection=True)
+            session = await connect_first(connector, routes, account, stop_on_rejection=True)
         except LoginRejected:
             return False
         await session.quit()
@@ -76,22 +83,23 @@ def try_login(connect: Connector) -> Callable[[tuple[Route, ...], UpstreamAccoun
 class InlineTransaction:
     """One transaction relayed to one upstream session."""
 
-    def __init__(self, mapper: ICredentialMapper, connect: Connector, client: ClientInfo) -> None:
+    def __init__(self, mapper: ICredentialMapper, connector: IUpstreamConnector,
+                 client: ClientInfo) -> None:
         self._mapper = mapper
-        self._connect = connect
+        self._connector = connector
         self._client = client
-        self._session: object | None = None
+        self._session: IUpstreamSession | None = None
         self._rewriter: SenderRewriter | None = None
         self._in_data = False
         self._over = False
 
-    def mail(self, sender: str, params: dict) -> Deferred:
+    def mail(self, sender: str, params: Params) -> Deferred[Reply]:
         return Deferred.fromCoroutine(self._mail(sender, params))
 
-    async def _mail(self, sender: str, params: dict) -> Reply:
+    async def _mail(self, sender: str, params: Params) -> Reply:
         assignment = await maybeDeferred(self._mapper.map, self._client, sender)
         account = assignment.account
-        session = await connect_first(self._connect, assignment.routes, account)
+        session = await connect_first(self._connector, assignment.routes, account)
         if self._over:  # the client left while we were connecting
             session.quit()
             raise SMTPReplyError(GONE)
@@ -103,31 +111,31 @@ class InlineTransaction:
                 sender = account.rewrite_sender
         return await session.mail(sender, params)
 
-    def _current(self) -> object:
+    def _current(self) -> IUpstreamSession:
         if self._session is None or self._over:
             raise SMTPReplyError(GONE)
         return self._session
 
-    def rcpt(self, recipient: str, params: dict) -> Deferred:
+    def rcpt(self, recipient: str, params: Params) -> Deferred[Reply]:
         return maybeDeferred(lambda: self._current().rcpt(recipient, params))
 
-    def data(self, producer: IPushProducer) -> Deferred:
+    def data(self, producer: IPushProducer) -> Deferred[Reply]:
         def answered(reply: Reply) -> Reply:
             if reply.code == 354 and not self._over:
                 self._in_data = True
-                self._session.register_producer(producer)
             return reply
 
-        return maybeDeferred(lambda: self._current().data()).addCallback(answered)
+        return maybeDeferred(lambda: self._current().data(producer)).addCallback(answered)
 
-    def write(self, lines: list[bytes]) -> None:
-        if self._in_data and not self._over:
+    def write(self, lines: Sequence[bytes]) -> None:
+        session = self._session
+        if self._in_data and not self._over and session is not None:
             if self._rewriter is not None:
-                lines = self._rewriter.feed(lines)
+                lines = self._rewriter.feed(list(lines))
             if lines:
-                self._session.write_lines(lines)
+                session.write_lines(lines)
 
-    def finish(self) -> Deferred:
+    def finish(self) -> Deferred[Reply]:
         try:
             session = self._current()
         except SMTPReplyError as e:
@@ -138,9 +146,8 @@ class InlineTransaction:
                 session.write_lines(rest)
         self._over = True
         self._in_data = False
-        session.unregister_producer()
 
-        def done(result: object) -> object:
+        def done(result: Reply | Failure) -> Reply | Failure:
             session.quit()
             return result
 
@@ -154,7 +161,6 @@ class InlineTransaction:
         if session is None:
             return
         if self._in_data:
-            session.unregister_producer()
             session.abort()  # no final dot: the upstream drops what it got
         else:
             session.quit()
@@ -164,9 +170,9 @@ class InlineTransaction:
 class InlineDelivery:
     """Relays every transaction upstream as it happens."""
 
-    def __init__(self, mapper: ICredentialMapper, connect: Connector) -> None:
+    def __init__(self, mapper: ICredentialMapper, connector: IUpstreamConnector) -> None:
         self._mapper = mapper
-        self._connect = connect
+        self._connector = connector
 
     def transaction(self, client: ClientInfo) -> InlineTransaction:
-        return InlineTransaction(self._mapper, self._connect, client)
+        return InlineTransaction(self._mapper, self._connector, client)

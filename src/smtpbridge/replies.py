@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+
 from smtpbridge.model import Reply
 
 OK = Reply(250, "2.0.0", "Ok")
@@ -38,14 +40,6 @@ BAD_BODY = Reply(501, "5.5.4", "Bad BODY parameter; 7BIT or 8BITMIME")
 INTERNAL_ERROR = Reply(451, "4.3.0", "Error: internal error, try again later")
 
 
-def _syntax(usage: str) -> Reply:
-    return Reply(501, "5.5.4", f"Syntax: {usage}")
-
-
-def _unsupported(name: str) -> Reply:
-    return Reply(555, "5.5.4", f"Unsupported option: {name}")
-
-
 def syntax(usage: str) -> Reply:
     """501: the command's arguments do not parse."""
     return Reply(501, "5.5.4", f"Syntax: {usage}")
@@ -54,3 +48,23 @@ def syntax(usage: str) -> Reply:
 def unsupported(name: str) -> Reply:
     """555: an ESMTP parameter the bridge does not know (RFC 5321 4.1.1.11)."""
     return Reply(555, "5.5.4", f"Unsupported option: {name}")
+
+
+class UpstreamFailure(enum.Enum):
+    """What went wrong upstream, and the reply code that says so to the client.
+
+    Every one is temporary (4xx): the client may try again later.
+    """
+
+    UNREACHABLE = (451, "4.4.1")  # no connection: refused, no route, name not found
+    LOST = (451, "4.4.2")  # timed out, or the connection was closed mid-session
+    PROTOCOL = (451, "4.5.0")  # the upstream broke the protocol (malformed, over-long)
+    REFUSED = (451, "4.3.2")  # the upstream refused the session (greeting, EHLO)
+    SECURITY = (454, "4.7.0")  # no STARTTLS, no usable AUTH mechanism, login rejected
+    TLS = (454, "4.7.5")  # TLS handshake, certificate or pin failed
+    INTERNAL = (451, "4.3.0")  # a bug of the bridge while setting the session up
+
+    def reply(self, where: str, text: str) -> Reply:
+        """The reply to give: ``Upstream <where> <text>``."""
+        code, enhanced = self.value
+        return Reply(code, enhanced, f"Upstream {where} {text}")

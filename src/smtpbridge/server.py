@@ -49,10 +49,10 @@ from smtpbridge.replies import (
     syntax,
     unsupported,
 )
-from smtpbridge.rewrite import received_header
 from smtpbridge.serverauth import AuthCommands
 from smtpbridge.throttle import AuthThrottle
 from smtpbridge.tls import ServerTLS, connection_summary, peer_fingerprint
+from smtpbridge.trace import received_header
 from smtpbridge.wire import (
     DataDecoder,
     format_reply,

@@ -2,15 +2,17 @@
 
 This is the only module that imports concrete classes and wires them; every
 problem found while wiring (a certificate that does not load, an endpoint
-string that does not parse, a mapper plugin that is not installed) is a
-L{ConfigError}.
+string that does not parse, a mapper that is not installed or refuses its
+options) is a L{ConfigError}.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
+import attr
 from OpenSSL import SSL
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
@@ -18,33 +20,35 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from smtpbridge import client
 from smtpbridge.config import DEFAULT, Config, ListenerConfig
+from smtpbridge.connector import UpstreamConnector
 from smtpbridge.demo import MailFolderDelivery, demo_upstream_factory
-from smtpbridge.errors import ConfigError
-from smtpbridge.interfaces import ICredentialMapper, IPasswordChecker
+from smtpbridge.errors import ConfigError, OptionError
+from smtpbridge.interfaces import (
+    IClientLoginMapper,
+    ICredentialMapper,
+    IPasswordChecker,
+    ITokenSource,
+)
 from smtpbridge.listener import CertificateReloader, ListenerService
 from smtpbridge.mapping import (
-    PassthroughMapper,
-    PerDeviceMapper,
-    PerSenderMapper,
-    PerUserMapper,
-    StaticMapper,
     UpstreamLoginChecker,
+    builtin_mapper_factories,
     find_mapper_factory,
     plugin_mapper_names,
 )
 from smtpbridge.model import Assignment, Route, UpstreamAccount
-from smtpbridge.policy import AccessPolicy, SenderRules, TrustedNetworks
-from smtpbridge.relay import Connector, InlineDelivery, try_login
+from smtpbridge.networks import NetworkSet
+from smtpbridge.policy import AccessPolicy, SenderRules
+from smtpbridge.relay import InlineDelivery, try_login
 from smtpbridge.server import ListenerSettings, SMTPServerFactory
 from smtpbridge.throttle import AuthThrottle, ThrottleSettings
 from smtpbridge.tls import ServerTLS, create_self_signed, server_context
 from smtpbridge.users import UsersFileChecker, load_users
 
 
-def _endpoint_service(reactor: object, config: Config, key: str, name: str,
-                      description: str, factory: object) -> ListenerService:
+def _endpoint_service(reactor: Any, config: Config, key: str, name: str,
+                      description: str, factory: Any) -> ListenerService:
     try:
         endpoint = serverFromString(reactor, description)
     except (ValueError, TypeError, KeyError) as e:
@@ -56,15 +60,16 @@ def _context_builder(config: Config, listener: ListenerConfig | None,
                      index: int = 0) -> Callable[[], SSL.Context]:
     """Builds the listener's server context from its files (again on each SIGHUP)."""
     if listener is not None and listener.certificate is not None:
-        files, key_name = (listener.certificate, listener.key), f"listener[{index}]"
+        certificate, key, key_name = listener.certificate, listener.key, f"listener[{index}]"
     else:
-        files, key_name = (config.tls.certificate, config.tls.key), "tls"
+        certificate, key, key_name = config.tls.certificate, config.tls.key, "tls"
+    assert certificate is not None and key is not None, "checked by the configuration"
 
     def build() -> SSL.Context:
         if listener is None:
-            return server_context(*files, "1.2", config.path, key_name)
-        return server_context(*files, listener.min_tls_version, config.path, key_name,
-                              client_certificates=listener.client_certificates,
+            return server_context(certificate, key, "1.2", config.path, key_name)
+        return server_context(certificate, key, listener.min_tls_version, config.path,
+                              key_name, client_certificates=listener.client_certificates,
                               client_ca=listener.client_ca,
                               client_ca_key=f"listener[{index}].client_ca")
     return build
@@ -83,107 +88,113 @@ def _routes(config: Config, name: str) -> tuple[Route, ...]:
                  for host in route.hosts)
 
 
-def accounts(config: Config, reactor: object = None) -> dict[str, Assignment]:
-    """Every configured account with its routes, by account name.  OAuth2 accounts get
-    their token source (with C{reactor}; without one, none is made)."""
-    result = {}
-    for name, account in config.accounts.items():
-        tokens = None
-        if account.oauth is not None and reactor is not None:
-            from smtpbridge.oauth import token_source
+def accounts(config: Config) -> dict[str, Assignment]:
+    """Every configured account with its routes, by account name."""
+    return {name: Assignment(_routes(config, account.route), UpstreamAccount(
+                account.username, account.password, name=name,
+                rewrite_sender=(account.address or account.username)
+                if account.rewrite_sender else None,
+                mechanism=account.mechanism, oauth=account.oauth is not None))
+            for name, account in config.accounts.items()}
 
+
+def token_sources(config: Config, reactor: Any) -> dict[str, ITokenSource]:
+    """The OAuth2 token source of every account that logs in with a token, by name."""
+    from smtpbridge.oauth import token_source
+
+    sources = {}
+    for name, account in config.accounts.items():
+        if account.oauth is not None:
             try:
-                tokens = token_source(account.oauth, reactor)
+                sources[name] = token_source(account.oauth, reactor)
             except ValueError as e:
                 raise ConfigError(config.path, f"{account.origin}.oauth", str(e))
-        result[name] = Assignment(_routes(config, account.route), UpstreamAccount(
-            account.username, account.password, name=name,
-            rewrite_sender=(account.address or account.username)
-            if account.rewrite_sender else None,
-            token_source=tokens, mechanism=account.mechanism))
-    return result
+    return sources
 
 
-def upstream_assignments(config: Config, reactor: object = None) -> list[Assignment]:
-    """Every route and account the configuration may use upstream (what C{check} tries)."""
-    if config.credentials.mapper == "passthrough":
-        return [Assignment(_routes(config, config.credentials.route), None)]
-    return list(accounts(config, reactor).values())
+@attr.frozen
+class Upstreams:
+    """The upstream side of the bridge: how sessions are opened, and who picks the
+    account for each transaction."""
+
+    connector: UpstreamConnector
+    mapper: ICredentialMapper
+    accounts: dict[str, Assignment]
+
+    def checked(self) -> list[Assignment]:
+        """Every route and account the mapper may use upstream (what C{check} tries)."""
+        if IClientLoginMapper.providedBy(self.mapper):
+            return [Assignment(self.mapper.routes, None)]
+        return list(self.accounts.values())
 
 
-def _mapper(config: Config, reactor: object) -> ICredentialMapper:
+def upstreams(config: Config, reactor: Any) -> Upstreams:
+    """The connector and the mapper the configuration describes."""
+    known = accounts(config)
+    connector = UpstreamConnector(reactor, config.server.hostname,
+                                  token_sources(config, reactor))
     credentials = config.credentials
-    known = accounts(config, reactor)
-    default = known[credentials.default] if credentials.default is not None else None
-    table = [(key, known[name]) for key, name in credentials.map]
-    kind = credentials.mapper
-    if kind == "static":
-        return StaticMapper(known[credentials.account])
-    if kind == "per-user":
-        return PerUserMapper(dict(table), default)
-    if kind == "per-sender":
-        return PerSenderMapper(dict(table), default)
-    if kind == "per-device":
-        def select(prefix: str) -> list[tuple[str, Assignment]]:
-            return [(key[len(prefix):], a) for key, a in table if key.startswith(prefix)]
-        return PerDeviceMapper(dict(select("certificate:")), select("network:"),
-                               dict(select("listener:")), default)
-    if kind == "passthrough":
-        return PassthroughMapper(_routes(config, credentials.route))
-    factory = find_mapper_factory(kind)
+    builtins = builtin_mapper_factories(
+        (listener.name for listener in config.listeners),
+        {name: _routes(config, name) for name in config.routes})
+    factory = find_mapper_factory(credentials.mapper, builtins)
     if factory is None:
         found = ", ".join(plugin_mapper_names()) or "none"
         raise ConfigError(config.path, "credentials.mapper",
-                          f"no mapper named {kind!r} (plugins found: {found})")
+                          f"no mapper named {credentials.mapper!r} (plugins found: {found})")
     try:
-        return factory.make(dict(credentials.options), known, reactor)
+        mapper = factory.make(dict(credentials.options), known, reactor)
+    except OptionError as e:
+        raise ConfigError(config.path, f"credentials.{e.key}", e.reason)
     except (ValueError, KeyError, TypeError) as e:
-        raise ConfigError(config.path, "credentials.options", f"{kind}: {e}")
+        raise ConfigError(config.path, "credentials.options", f"{credentials.mapper}: {e}")
+    if not IClientLoginMapper.providedBy(mapper):
+        for account in config.accounts.values():
+            if account.password is None and account.oauth is None:
+                raise ConfigError(config.path, f"{account.origin}.password_file",
+                                  "the upstream password is missing: give password_file or "
+                                  "password_env")
+    return Upstreams(connector, mapper, known)
 
 
-def _connector(config: Config, reactor: object) -> Connector:
-    def connect(route: Route, account: UpstreamAccount | None) -> Deferred:
-        return client.connect(reactor, route, account, config.server.hostname)
-    return connect
-
-
-def _checker(config: Config, reactor: object) -> IPasswordChecker | None:
-    if config.credentials.mapper == "passthrough":
-        return UpstreamLoginChecker(try_login(_connector(config, reactor)),
-                                    _routes(config, config.credentials.route))
+def _checker(config: Config, reactor: Any, upstream: Upstreams) -> IPasswordChecker | None:
+    mapper = upstream.mapper
+    if IClientLoginMapper.providedBy(mapper):
+        return UpstreamLoginChecker(try_login(upstream.connector), mapper.routes)
     if config.access.users_file is None:
         return None
     pool = reactor.getThreadPool()
 
-    def run_blocking(f: Callable, *args: object) -> Deferred:
+    def run_blocking(f: Callable[..., Any], *args: object) -> Deferred[Any]:
         return deferToThreadPool(reactor, pool, f, *args)
 
     return UsersFileChecker(load_users(config.access.users_file), run_blocking)
 
 
 def _policy(config: Config) -> AccessPolicy:
-    trusted = TrustedNetworks.parse(config.access.trusted_networks, config.path,
-                                    "access.trusted_networks")
-    return AccessPolicy(trusted, SenderRules(config.senders.users, config.senders.networks))
+    senders = SenderRules(config.senders.users, config.senders.networks)
+    return AccessPolicy(NetworkSet(config.access.trusted_networks), senders)
 
 
-def _throttle(config: Config, reactor: object) -> AuthThrottle:
+def _throttle(config: Config, reactor: Any) -> AuthThrottle:
     access = config.access
     return AuthThrottle(reactor, ThrottleSettings(
         failure_limit=access.auth_failure_limit, window=access.auth_failure_window,
         block_time=access.auth_block_time, delay_step=access.auth_failure_delay))
 
 
-def make_service(config: Config, reactor: object) -> MultiService:
+def make_service(config: Config, reactor: Any) -> MultiService:
     """The whole bridge as one service: every listener, and the demo upstream if configured."""
     top = MultiService()
     tls = config.tls
-    if tls.create_self_signed and not (os.path.exists(tls.certificate)
-                                       or os.path.exists(tls.key)):
+    if tls.create_self_signed and tls.certificate and tls.key and not (
+            os.path.exists(tls.certificate) or os.path.exists(tls.key)):
         create_self_signed(tls.certificate, tls.key, config.server.hostname)
-    delivery = InlineDelivery(_mapper(config, reactor), _connector(config, reactor))
+    upstream = upstreams(config, reactor)
+    delivery = InlineDelivery(upstream.mapper, upstream.connector)
     policy = _policy(config)
-    checker = _checker(config, reactor)
+    checker = _checker(config, reactor, upstream)
+    keep_password = IClientLoginMapper.providedBy(upstream.mapper)
     throttle = _throttle(config, reactor)
     contexts: list[tuple[ServerTLS, Callable[[], SSL.Context]]] = []
 
@@ -206,8 +217,8 @@ def make_service(config: Config, reactor: object) -> MultiService:
         )
         listener_tls = (server_tls(_context_builder(config, listener, index))
                         if listener.tls != "none" else None)
-        factory = SMTPServerFactory(settings, delivery, policy, checker, reactor, listener_tls,
-                                    throttle, config.credentials.mapper == "passthrough")
+        factory: Any = SMTPServerFactory(settings, delivery, policy, checker, reactor,
+                                         listener_tls, throttle, keep_password)
         if listener.tls == "implicit":
             factory = TLSMemoryBIOFactory(listener_tls, False, factory)
         _endpoint_service(reactor, config, f"listener[{index}].endpoint",

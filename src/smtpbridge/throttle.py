@@ -7,7 +7,6 @@ C{failure_limit} times within C{window} seconds is refused AUTH for C{block_time
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from collections import OrderedDict, deque
 
@@ -16,6 +15,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+
+from smtpbridge.networks import normalise_address
 
 log = Logger()
 
@@ -39,24 +40,6 @@ class ThrottleSettings:
     delay_step: float = attr.field(default=1.0, validator=_non_negative)
     #: Longest wait before answering a failed AUTH.
     max_delay: float = attr.field(default=10.0, validator=_non_negative)
-
-
-def normalise_address(host: str) -> str:
-    """The canonical spelling of a peer host string, so one client shares one counter.
-
-    An IPv4-mapped IPv6 address counts as its IPv4 address; a string that is not an IP
-    address is used as it is.
-    """
-    text = host.strip()
-    if text.startswith("[") and text.endswith("]"):
-        text = text[1:-1]
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
 
 
 class AuthThrottle:

@@ -12,13 +12,12 @@ import base64
 import datetime
 import ipaddress
 import os
-import re
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from service_identity import VerificationError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator as TLSOptions
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -33,17 +32,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpbridge.errors import ConfigError
-from smtpbridge.model import Route
+from smtpbridge.model import TLS_VERSIONS, UPSTREAM_TLS_VERSIONS, Route
 
-_PEM_CERTIFICATE = re.compile(
-    rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
-
-TLS_VERSIONS = {
-    "1.0": SSL.TLS1_VERSION,
-    "1.1": SSL.TLS1_1_VERSION,
-    "1.2": SSL.TLS1_2_VERSION,
-    "1.3": SSL.TLS1_3_VERSION,
-}
+#: OpenSSL's and Twisted's names for the versions the configuration spells "1.0" ... "1.3".
+_OPENSSL_VERSIONS = dict(zip(TLS_VERSIONS, (SSL.TLS1_VERSION, SSL.TLS1_1_VERSION,
+                                            SSL.TLS1_2_VERSION, SSL.TLS1_3_VERSION),
+                             strict=True))
+_TWISTED_VERSIONS = {version: TLSVersion.lookupByName("TLSv" + version.replace(".", "_"))
+                     for version in UPSTREAM_TLS_VERSIONS}
 
 
 def server_context(certificate: str, key: str, min_version: str = "1.2",
@@ -57,7 +53,7 @@ def server_context(certificate: str, key: str, min_version: str = "1.2",
     raise L{ConfigError} naming C{key_name}.
     """
     context = SSL.Context(SSL.TLS_METHOD)
-    context.set_min_proto_version(TLS_VERSIONS[min_version])
+    context.set_min_proto_version(_OPENSSL_VERSIONS[min_version])
     if min_version in ("1.0", "1.1"):
         # Old devices offer only SHA-1 signatures and CBC suites; OpenSSL 3
         # refuses those above security level 0.
@@ -160,15 +156,14 @@ def create_self_signed(certificate: str, key: str, hostname: str) -> None:
 
 
 def load_certificates(path: str) -> list[Certificate]:
-    """Every certificate of a PEM bundle."""
+    """Every certificate of a PEM bundle; ValueError when it holds none."""
     with open(path, "rb") as f:
-        blocks = _PEM_CERTIFICATE.findall(f.read())
-    if not blocks:
-        raise ValueError(f"{path} holds no PEM certificate")
-    return [Certificate.loadPEM(block) for block in blocks]
-
-
-_CLIENT_MINIMUM = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
+        data = f.read()
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise ValueError(f"{path} holds no PEM certificate") from None
+    return [Certificate(crypto.X509.from_cryptography(c)) for c in certificates]
 
 
 def upstream_tls_options(route: Route) -> TLSOptions:
@@ -181,7 +176,7 @@ def upstream_tls_options(route: Route) -> TLSOptions:
         trust = platformTrust()
     else:
         trust = trustRootFromCertificates(load_certificates(route.ca_certificates))
-    minimum = _CLIENT_MINIMUM[route.min_tls_version]
+    minimum = _TWISTED_VERSIONS[route.min_tls_version]
     return optionsForClientTLS(route.host, trustRoot=trust,
                                extraCertificateOptions={"raiseMinimumTo": minimum})
 

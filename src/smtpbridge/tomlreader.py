@@ -24,7 +24,7 @@ class Table:
         self.name = name
         self.data = data
         self.base_dir = base_dir
-        self._used: set[str] = set()
+        self.used: set[str] = set()
 
     def key(self, key: str) -> str:
         return f"{self.name}.{key}" if self.name else key
@@ -32,8 +32,8 @@ class Table:
     def error(self, key: str | None, reason: str) -> ConfigError:
         return ConfigError(self.file, self.key(key) if key else self.name, reason)
 
-    def _get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
-        self._used.add(key)
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        self.used.add(key)
         if key not in self.data:
             if default is REQUIRED:
                 raise self.error(key, "required key is missing")
@@ -46,7 +46,7 @@ class Table:
         return value
 
     def string(self, key: str, default: Any = REQUIRED, choices: tuple[str, ...] = ()) -> Any:
-        value = self._get(key, str, default)
+        value = self.get(key, str, default)
         if isinstance(value, str) and choices and value not in choices:
             raise self.error(key, f"must be one of {', '.join(map(repr, choices))}, "
                                   f"not {value!r}")
@@ -56,17 +56,17 @@ class Table:
 
     def integer(self, key: str, default: Any = REQUIRED, minimum: int = 0,
                 maximum: int | None = None) -> Any:
-        value = self._get(key, int, default)
+        value = self.get(key, int, default)
         if isinstance(value, int) and (value < minimum or maximum is not None and value > maximum):
             bounds = f"at least {minimum}" if maximum is None else f"{minimum}..{maximum}"
             raise self.error(key, f"must be {bounds}, not {value}")
         return value
 
     def boolean(self, key: str, default: Any = REQUIRED) -> Any:
-        return self._get(key, bool, default)
+        return self.get(key, bool, default)
 
     def strings(self, key: str, default: Any = REQUIRED) -> Any:
-        value = self._get(key, list, default)
+        value = self.get(key, list, default)
         if isinstance(value, list):
             for item in value:
                 if not isinstance(item, str):
@@ -85,7 +85,7 @@ class Table:
         from_file = self.path(f"{key}_file", None)
         from_env = self.string(f"{key}_env", None)
         if key in self.data:
-            self._used.add(key)
+            self.used.add(key)
             raise self.error(key, f"secrets are not written in the config; "
                                   f"use {key}_file or {key}_env")
         if from_file and from_env:
@@ -109,7 +109,7 @@ class Table:
         return None
 
     def number(self, key: str, default: Any = REQUIRED, minimum: float = 0.0) -> Any:
-        value = self._get(key, (int, float), default)
+        value = self.get(key, (int, float), default)
         if isinstance(value, int | float) and value < minimum:
             raise self.error(key, f"must be at least {minimum:g}, not {value}")
         return float(value) if isinstance(value, int | float) else value
@@ -119,12 +119,12 @@ class Table:
         found = []
         for key, value in self.data.items():
             if isinstance(value, dict):
-                self._used.add(key)
+                self.used.add(key)
                 found.append((key, Table(self.file, self.key(key), value, self.base_dir)))
         return found
 
     def table(self, key: str, required: bool = False) -> Table | None:
-        self._used.add(key)
+        self.used.add(key)
         if key not in self.data:
             if required:
                 raise self.error(key, "required table is missing")
@@ -133,7 +133,7 @@ class Table:
 
     def done(self) -> None:
         for key in self.data:
-            if key not in self._used:
+            if key not in self.used:
                 raise self.error(key, "unknown key")
 
 

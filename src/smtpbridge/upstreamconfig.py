@@ -4,19 +4,18 @@ transactions are mapped to accounts.  Read by L{smtpbridge.config}."""
 from __future__ import annotations
 
 import base64
-import ipaddress
 import re
 from typing import Any
 
 import attr
 
 from smtpbridge.errors import ConfigError
+from smtpbridge.model import UPSTREAM_TLS_VERSIONS
+from smtpbridge.oauthconfig import OAuthSettings, oauth_table
 from smtpbridge.secret import Secret
 from smtpbridge.tomlreader import Table
 
-BUILTIN_MAPPERS = ("static", "per-user", "per-sender", "per-device", "passthrough")
 MECHANISMS = ("auto", "plain", "login", "xoauth2", "oauthbearer")
-GRANTS = ("refresh_token", "client_credentials", "token_file")
 DEFAULT = "default"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ADDRESS = re.compile(r"^[^\s<>()@,;:\\\"\[\]]+@[^\s<>()@,;:\\\"\[\]]+\.[^\s<>()@,;:\\\"\[\]]+$")
@@ -48,19 +47,17 @@ class AccountConfig:
     rewrite_sender: bool = False
     address: str | None = None  # the sender address rewrite_sender uses; default: username
     mechanism: str = "auto"  # auto | plain | login | xoauth2 | oauthbearer
-    oauth: Any = None  # smtpbridge.oauth.OAuthSettings when the account logs in with OAuth2
+    oauth: OAuthSettings | None = None  # when the account logs in with OAuth2
 
 
 @attr.frozen
 class CredentialsConfig:
-    """How transactions are mapped to accounts."""
+    """How transactions are mapped to accounts: the mapper's name and its options, which
+    the mapper checks itself (the keys of ``[credentials]`` and ``[credentials.options]``;
+    values of keys ending in ``_file`` are paths, relative to the configuration file)."""
 
     mapper: str = "static"
-    account: str = DEFAULT  # static: the one account
-    default: str | None = None  # per-user/-sender/-device: the account when nothing matches
-    route: str = DEFAULT  # passthrough: the route the clients' own logins are used on
-    map: tuple[tuple[str, str], ...] = ()  # key -> account name, in the order written
-    options: dict[str, Any] = attr.field(factory=dict)  # a plugin mapper's own table
+    options: dict[str, Any] = attr.field(factory=dict)
 
 
 def _route(t: Table, name: str) -> RouteConfig:
@@ -78,7 +75,7 @@ def _route(t: Table, name: str) -> RouteConfig:
         tls=t.string("tls", "starttls", choices=("starttls", "implicit")),
         ca_certificates=t.path("ca_certificates", ""),
         timeout=t.integer("timeout", 60, minimum=1),
-        min_tls_version=t.string("min_tls_version", "1.2", choices=("1.2", "1.3")),
+        min_tls_version=t.string("min_tls_version", "1.2", choices=UPSTREAM_TLS_VERSIONS),
         pin_sha256=tuple(_pin(t, value) for value in t.strings("pin_sha256", ())),
     )
 
@@ -112,11 +109,11 @@ def routes_table(t: Table) -> dict[str, RouteConfig]:
 
 
 def parse_account(t: Table, name: str) -> AccountConfig:
-    oauth_table = t.table("oauth")
+    section = t.table("oauth")
     oauth = None
-    if oauth_table is not None:
-        oauth = _oauth(oauth_table)
-        oauth_table.done()
+    if section is not None:
+        oauth = oauth_table(section)
+        section.done()
     account = AccountConfig(
         name=name,
         username=t.string("username"),
@@ -145,115 +142,31 @@ def parse_account(t: Table, name: str) -> AccountConfig:
     return account
 
 
-TOKEN_URLS = {
-    "google": "https://oauth2.googleapis.com/token",
-    "microsoft": "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token",
-}
-
-
-def _oauth(t: Table) -> Any:
-    """``[account.NAME.oauth]``: where and how the account's access tokens are obtained."""
-    from smtpbridge.oauth import OAuthSettings
-
-    grant = t.string("grant", choices=GRANTS)
-    provider = t.string("provider", None, choices=tuple(TOKEN_URLS))
-    tenant = t.string("tenant", None)
-    token_url = t.string("token_url", None)
-    if token_url is None and provider == "microsoft":
-        if tenant is None:
-            raise t.error("tenant", 'required for provider = "microsoft" (your tenant ID '
-                                    "or domain, e.g. contoso.onmicrosoft.com)")
-        token_url = TOKEN_URLS["microsoft"].format(tenant=tenant)
-    elif token_url is None and provider == "google":
-        token_url = TOKEN_URLS["google"]
-    elif tenant is not None and provider != "microsoft":
-        raise t.error("tenant", 'only used with provider = "microsoft"')
-    settings = OAuthSettings(
-        grant=grant,
-        token_url=token_url,
-        client_id=t.string("client_id", None),
-        client_secret=t.secret("client_secret"),
-        client_certificate=t.path("client_certificate", None),
-        client_key=t.path("client_key", None),
-        scope=t.string("scope", None),
-        refresh_token_file=t.path("refresh_token_file", None),
-        token_file=t.path("token_file", None),
-        ca_certificates=t.path("ca_certificates", None),
-        timeout=t.number("timeout", 30.0, minimum=1.0),
-    )
-    needs = {
-        "refresh_token": ("token_url", "client_id", "refresh_token_file"),
-        "client_credentials": ("token_url", "client_id", "scope"),
-        "token_file": ("token_file",),
-    }[grant]
-    for key in needs:
-        if getattr(settings, key) is None:
-            hint = " (or provider)" if key == "token_url" else ""
-            raise t.error(key, f"required for grant = {grant!r}{hint}")
-    if grant == "client_credentials":
-        has_secret = settings.client_secret is not None
-        has_certificate = settings.client_certificate is not None
-        if has_secret == has_certificate:
-            raise t.error("client_secret", "give client_secret_file/_env, or "
-                                           "client_certificate and client_key, not both")
-        if has_certificate and settings.client_key is None:
-            raise t.error("client_key", "required with client_certificate")
-    if settings.token_url is not None and not settings.token_url.startswith("https://"):
-        raise t.error("token_url", "must be an https:// URL")
-    return settings
-
-
-def _map(t: Table) -> tuple[tuple[str, str], ...]:
-    entries = []
-    map_table = t.table("map")
-    if map_table is not None:
-        for key in map_table.data:
-            entries.append((key, map_table.string(key)))
-    map_file = t.path("map_file", None)
-    if map_file is not None:
-        entries += _read_map_file(t, map_file)
-    return tuple(entries)
-
-
-def _read_map_file(t: Table, path: str) -> list[tuple[str, str]]:
-    """A map file: one "key account" pair per line; blank lines and # comments ignored."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise t.error("map_file", f"cannot read {path}: {getattr(e, 'strerror', None) or e}")
-    entries = []
-    for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = line.split()
-        if len(parts) != 2:
-            raise ConfigError(path, f"line {number}", "expected: <key> <account>")
-        entries.append((parts[0], parts[1]))
-    return entries
-
-
 def credentials_table(t: Table, accounts: dict[str, AccountConfig]) -> CredentialsConfig:
-    """``[credentials]``: the mapper and its settings; username/password here are the
+    """``[credentials]``: the mapper and its options; username/password here are the
     account "default" (the single-account form)."""
     if "username" in t.data or any(key.startswith("password") for key in t.data):
         if DEFAULT in accounts:
             raise t.error("username", "an [account.default] table exists already")
         accounts[DEFAULT] = parse_account(t, DEFAULT)
+    account_keys = set(t.used)
     mapper = t.string("mapper", "static")
-    if mapper not in BUILTIN_MAPPERS and not _NAME.match(mapper):
-        raise t.error("mapper", f"{mapper!r} is neither a built-in mapper "
-                                f"({', '.join(BUILTIN_MAPPERS)}) nor a plugin name")
-    options = t.table("options")
-    return CredentialsConfig(
-        mapper=mapper,
-        account=t.string("account", DEFAULT),
-        default=t.string("default", None),
-        route=t.string("route", DEFAULT),
-        map=_map(t),
-        options=dict(options.data) if options is not None else {},
-    )
+    if not _NAME.match(mapper):
+        raise t.error("mapper", f"{mapper!r} is not a mapper name (letters, digits, '.', "
+                                "'_' and '-')")
+    options: dict[str, Any] = {}
+    section = t.table("options")
+    for table, skip in ((t, account_keys | {"mapper", "options"}), (section, set())):
+        for key, value in (table.data.items() if table is not None else ()):
+            if key in skip:
+                continue
+            if key in options:
+                raise table.error(key, "given twice: in [credentials] and [credentials.options]")
+            options[key] = table.path(key) if key.endswith("_file") and \
+                isinstance(value, str) else value
+        if table is not None:
+            table.used.update(table.data)
+    return CredentialsConfig(mapper=mapper, options=options)
 
 
 def sender_pattern(pattern: str) -> bool:
@@ -264,28 +177,3 @@ def sender_pattern(pattern: str) -> bool:
 def check_name(t: Table, name: str) -> None:
     if not _NAME.match(name):
         raise ConfigError(t.file, t.name, "names use letters, digits, '.', '_' and '-'")
-
-
-def check_map_key(config: Any, mapper: str, key: str) -> None:
-    def fail(reason: str) -> ConfigError:
-        return ConfigError(config.path, f"credentials.map.{key}", reason)
-
-    if mapper == "per-sender" and not sender_pattern(key):
-        raise fail("per-sender keys are addresses or @domain")
-    if mapper != "per-device":
-        return
-    kind, _, value = key.partition(":")
-    if kind == "listener":
-        if value not in {listener.name for listener in config.listeners}:
-            raise fail(f"no listener named {value!r}")
-    elif kind == "network":
-        try:
-            ipaddress.ip_network(value, strict=False)
-        except ValueError:
-            raise fail(f"{value!r} is not an IP network")
-    elif kind == "certificate":
-        if not re.fullmatch(r"[0-9a-fA-F:]{64,95}", value) or \
-                len(value.replace(":", "")) != 64:
-            raise fail("expected the SHA-256 fingerprint of a client certificate (64 hex digits)")
-    else:
-        raise fail("per-device keys are listener:NAME, network:CIDR or certificate:SHA256")

@@ -1,0 +1,190 @@
+"""Opening upstream sessions: connect, greeting, EHLO, STARTTLS (required), verify, AUTH.
+
+L{UpstreamConnector} is the bridge's L{IUpstreamConnector}; it builds each route's TLS
+client options once and holds the OAuth2 token sources by account name.  Every failure
+is an L{UpstreamError} with a 4xx naming the upstream and the step that failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.internet import error as net_error
+from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.defer import TimeoutError as WaitTimeout
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator as TLSOptions
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from smtpbridge.client import UpstreamProtocol, UpstreamSession, parse_features, upstream_error
+from smtpbridge.clientauth import authenticate, refuse
+from smtpbridge.errors import SMTPReplyError, UpstreamError
+from smtpbridge.interfaces import ITokenSource, IUpstreamConnector, IUpstreamSession
+from smtpbridge.model import Route, UpstreamAccount
+from smtpbridge.replies import UpstreamFailure
+from smtpbridge.tls import connection_summary, upstream_tls_options
+from smtpbridge.wire import reply_line
+
+log = Logger()
+
+#: Hears of each step that succeeded: (step, detail).  For ``smtpbridge check``.
+Progress = Callable[[str, str], None]
+
+
+def _quiet(step: str, detail: str) -> None:
+    """Progress nobody listens to."""
+
+
+async def _set_up(protocol: UpstreamProtocol, account: UpstreamAccount | None, helo_name: str,
+                  tls_options: TLSOptions, tokens: ITokenSource | None,
+                  progress: Progress) -> UpstreamSession:
+    assert protocol.greeting is not None, "set_up needs a connected protocol"
+    greeting = await protocol.greeting
+    if greeting.code != 220:
+        raise refuse(protocol, UpstreamFailure.REFUSED,
+                     f"refused the session: {reply_line(greeting)}")
+    progress("greeting", reply_line(greeting))
+    ehlo = await protocol.send(f"EHLO {helo_name}", "EHLO")
+    if ehlo.code != 250:
+        if ehlo.code < 500:
+            raise refuse(protocol, UpstreamFailure.REFUSED, f"refused EHLO: {reply_line(ehlo)}")
+        helo = await protocol.send(f"HELO {helo_name}", "HELO")
+        if helo.code != 250:
+            raise refuse(protocol, UpstreamFailure.REFUSED,
+                         f"refused EHLO and HELO: {reply_line(helo)}")
+        need = "STARTTLS" if protocol.route.tls == "starttls" else "AUTH"
+        raise refuse(protocol, UpstreamFailure.SECURITY, f"does not speak ESMTP; cannot use "
+                                                         f"{need}")
+    if protocol.route.tls == "starttls":
+        if "STARTTLS" not in parse_features(ehlo):
+            raise refuse(protocol, UpstreamFailure.SECURITY,
+                         "does not offer STARTTLS; the bridge never submits in clear text")
+        progress("EHLO", "STARTTLS offered")
+        reply = await protocol.send("STARTTLS", "STARTTLS")
+        if reply.code != 220:
+            raise refuse(protocol, UpstreamFailure.SECURITY,
+                         f"refused STARTTLS: {reply_line(reply)}")
+        protocol.start_tls(tls_options)
+        ehlo = await protocol.send(f"EHLO {helo_name}", "TLS handshake")
+        if ehlo.code != 250:
+            raise refuse(protocol, UpstreamFailure.REFUSED,
+                         f"refused EHLO after STARTTLS: {reply_line(ehlo)}")
+    version, cipher = connection_summary(protocol.transport)
+    progress("TLS", f"{version} {cipher}, certificate verified for {protocol.route.host}")
+    features = parse_features(ehlo)
+    if account is not None:
+        mechanism = await authenticate(protocol, account, features, tokens)
+        progress("AUTH", f"{mechanism} accepted for {account.username}")
+    log.info("upstream {where}: TLS {version} {cipher}, {auth}", where=protocol.label,
+             version=version, cipher=cipher,
+             auth=f"authenticated as {account.username}" if account else "no AUTH")
+    return UpstreamSession(protocol, features)
+
+
+def set_up(protocol: UpstreamProtocol, account: UpstreamAccount | None, helo_name: str,
+           tls_options: TLSOptions, progress: Progress | None = None,
+           tokens: ITokenSource | None = None) -> Deferred[UpstreamSession]:
+    """Greeting, EHLO, STARTTLS, EHLO, AUTH on a connected protocol."""
+    def failed(failure: Failure) -> Failure:
+        if not failure.check(SMTPReplyError, CancelledError):
+            log.failure("upstream {where}: setup failed", failure, where=protocol.label)
+        if failure.check(SMTPReplyError):
+            protocol.fail(failure.value)
+            return failure  # keeps its kind (LoginRejected)
+        error = protocol.error_for(UpstreamFailure.INTERNAL, "session setup failed")
+        protocol.fail(error)
+        return Failure(error)
+
+    return Deferred.fromCoroutine(_set_up(protocol, account, helo_name, tls_options, tokens,
+                                          progress or _quiet)).addErrback(failed)
+
+
+def _connect_error(failure: Failure, route: Route) -> UpstreamError:
+    if failure.check(WaitTimeout, net_error.TimeoutError, CancelledError,
+                     net_error.ConnectingCancelledError):
+        return upstream_error(route, UpstreamFailure.LOST, "timed out during connect")
+    if failure.check(net_error.DNSLookupError):
+        reason = f"host name {route.host} not found"
+    elif failure.check(net_error.ConnectionRefusedError):
+        reason = "connection refused"
+    else:
+        reason = failure.getErrorMessage().rstrip(".") or type(failure.value).__name__
+    return upstream_error(route, UpstreamFailure.UNREACHABLE, f"unreachable: {reason}")
+
+
+def connect(reactor: Any, route: Route, account: UpstreamAccount | None, helo_name: str,
+            tls_options: TLSOptions | None = None, progress: Progress | None = None,
+            tokens: ITokenSource | None = None) -> Deferred[UpstreamSession]:
+    """Open a verified, authenticated upstream session, or fail with a 4xx L{UpstreamError}.
+
+    C{progress(step, detail)} hears of each step that succeeded (for C{smtpbridge check}).
+    """
+    if tls_options is None:
+        try:
+            tls_options = upstream_tls_options(route)
+        except (OSError, ValueError) as e:
+            error = upstream_error(route, UpstreamFailure.TLS,
+                                   f"TLS failed: cannot load CA certificates: {e}")
+            log.warn("{text}", text=error.reply.text)
+            return fail(error)
+    options = tls_options
+    endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, route.host, route.port,
+                                                       timeout=route.timeout)
+    if route.tls == "implicit":
+        endpoint = wrapClientTLS(options, endpoint)
+    factory = Factory.forProtocol(lambda: UpstreamProtocol(route, reactor))
+    factory.noisy = False
+    connecting: Deferred[UpstreamProtocol] = endpoint.connect(factory)
+    connecting.addTimeout(route.timeout, reactor)
+
+    def connected(protocol: UpstreamProtocol) -> Deferred[UpstreamSession]:
+        if progress is not None:
+            progress("connect", f"connected to {route.host}:{route.port}")
+        return set_up(protocol, account, helo_name, options, progress, tokens)
+
+    def not_connected(failure: Failure) -> Failure:
+        error = _connect_error(failure, route)
+        log.warn("{text}", text=error.reply.text)
+        return Failure(error)
+
+    return connecting.addCallbacks(connected, not_connected)
+
+
+@implementer(IUpstreamConnector)
+class UpstreamConnector:
+    """Opens sessions for the bridge: its EHLO name, each route's TLS options built once,
+    the token sources of the OAuth2 accounts by account name."""
+
+    def __init__(self, reactor: Any, helo_name: str,
+                 tokens: Mapping[str, ITokenSource] | None = None) -> None:
+        self._reactor = reactor
+        self._helo_name = helo_name
+        self.tokens = dict(tokens or {})
+        self._tls: dict[Route, TLSOptions] = {}
+
+    def tls_options(self, route: Route) -> TLSOptions:
+        """The route's client TLS options (CA bundle read once); OSError or ValueError."""
+        options = self._tls.get(route)
+        if options is None:
+            options = self._tls[route] = upstream_tls_options(route)
+        return options
+
+    def forget_tls(self) -> None:
+        """Build every route's TLS options anew on next use (the CA bundles changed)."""
+        self._tls.clear()
+
+    def connect(self, route: Route, account: UpstreamAccount | None,
+                progress: Progress | None = None) -> Deferred[IUpstreamSession]:
+        try:
+            options = self.tls_options(route)
+        except (OSError, ValueError):
+            options = None  # connect() reports it
+        tokens = self.tokens.get(account.name) if account is not None else None
+        session: Deferred[Any] = connect(self._reactor, route, account, self._helo_name,
+                                         options, progress, tokens)
+        return session
