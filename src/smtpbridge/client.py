@@ -11,14 +11,19 @@ dot are returned as they are, to be passed on verbatim.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import attr
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    IReactorTime,
+)
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator as TLSOptions
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -89,7 +94,7 @@ class UpstreamProtocol(SMTPLineReceiver, TimeoutMixin):
     def __init__(self, route: Route, clock: IReactorTime) -> None:
         super().__init__()
         self.route = route
-        self.callLater = clock.callLater  # TimeoutMixin's clock
+        self._clock = clock
         self._parser = ReplyParser()
         self._pending: deque[_Pending] = deque()
         self.error: SMTPReplyError | None = None
@@ -99,6 +104,10 @@ class UpstreamProtocol(SMTPLineReceiver, TimeoutMixin):
         self.in_data = False
         self.quiet = False  # a failure is expected (QUIT): do not log it
         self.greeting: Deferred[Reply] | None = None
+
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:  # noqa: N802
+        """TimeoutMixin's timer, on the clock the session was given."""
+        return self._clock.callLater(period, func)
 
     @property
     def label(self) -> str:
@@ -116,7 +125,7 @@ class UpstreamProtocol(SMTPLineReceiver, TimeoutMixin):
 
     def handshakeCompleted(self) -> None:  # noqa: N802
         if self.route.pins:
-            pin = public_key_pin(self.transport.getPeerCertificate())
+            pin = public_key_pin(self.connection.getPeerCertificate())
             if pin not in self.route.pins:
                 self.fail(self.error_for(UpstreamFailure.TLS, "TLS failed: the certificate's "
                                          f"public key sha256/{pin} is not the pinned one"))
@@ -176,7 +185,7 @@ class UpstreamProtocol(SMTPLineReceiver, TimeoutMixin):
         line = command.encode("utf-8") if isinstance(command, str) else command
         if b"\r" in line or b"\n" in line:
             return fail(ValueError("an SMTP command may not hold CR or LF"))
-        self.transport.write(line + b"\r\n")
+        self.connection.write(line + b"\r\n")
         return self.expect(step)
 
     def expect(self, step: str) -> Deferred[Reply]:
@@ -193,7 +202,7 @@ class UpstreamProtocol(SMTPLineReceiver, TimeoutMixin):
         self._reprocess = False
         self._parser = ReplyParser()
         self.handshaking = self.tls_active = True
-        self.transport.startTLS(options)
+        self.connection.startTLS(options)
 
     # Timeouts and failures.
 
@@ -226,11 +235,11 @@ class UpstreamProtocol(SMTPLineReceiver, TimeoutMixin):
             log.warn("{text}", text=error.reply.text)
         if close != "none" and self.transport is not None:
             if close == "abort":
-                self.transport.abortConnection()
+                self.connection.abortConnection()
             else:
                 if close == "quit" and self.tls_active and not self.handshaking:
-                    self.transport.write(b"QUIT\r\n")
-                self.transport.loseConnection()
+                    self.connection.write(b"QUIT\r\n")
+                self.connection.loseConnection()
         for item in pending:
             item.deferred.errback(error)
 
@@ -275,13 +284,13 @@ class UpstreamSession:
         def answered(reply: Reply) -> Reply:
             protocol.in_data = reply.code == 354
             if protocol.in_data and protocol.error is None:
-                protocol.transport.registerProducer(producer, True)
+                protocol.connection.registerProducer(producer, True)
             return reply
         return protocol.send("DATA", "DATA").addCallback(answered)
 
     def _unregister_producer(self) -> None:
         if self._protocol.error is None and self._protocol.transport is not None:
-            self._protocol.transport.unregisterProducer()
+            self._protocol.connection.unregisterProducer()
 
     def write_lines(self, lines: Sequence[bytes]) -> None:
         """Body lines, unstuffed and without line endings; sent dot-stuffed with CRLF."""
@@ -289,7 +298,7 @@ class UpstreamSession:
         if protocol.error is None:
             if not protocol.in_data:
                 raise RuntimeError("write_lines outside DATA")
-            protocol.transport.write(encode_lines(lines))
+            protocol.connection.write(encode_lines(lines))
 
     def end_data(self) -> Deferred[Reply]:
         """The final dot: fires with the upstream's verdict on the message."""
@@ -300,7 +309,7 @@ class UpstreamSession:
             return fail(RuntimeError("end_data outside DATA"))
         self._unregister_producer()
         protocol.in_data = False
-        protocol.transport.write(END_OF_DATA)
+        protocol.connection.write(END_OF_DATA)
         return protocol.expect("end of data")
 
     def reset(self) -> Deferred[Reply]:

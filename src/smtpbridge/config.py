@@ -131,6 +131,12 @@ def _section(root: Table, name: str, read: Callable[[Table], T],
     return value
 
 
+def _required(root: Table, name: str, read: Callable[[Table], T]) -> T:
+    value = _section(root, name, read, required=True)
+    assert value is not None, "a required table is there or an error"
+    return value
+
+
 def _server(t: Table) -> ServerConfig:
     return ServerConfig(
         hostname=t.string("hostname", socket.getfqdn()),
@@ -222,15 +228,15 @@ def _networks(t: Table, key: str, default: tuple[Network, ...]) -> tuple[Network
 
 
 def _demo(t: Table) -> DemoConfig:
-    demo = DemoConfig(
+    password = t.secret("password")
+    if password is None:
+        raise t.error("password_file", "required key is missing")
+    return DemoConfig(
         endpoint=t.string("endpoint"),
         mail_dir=t.path("mail_dir"),
         username=t.string("username"),
-        password=t.secret("password"),
+        password=password,
     )
-    if demo.password is None:
-        raise t.error("password_file", "required key is missing")
-    return demo
 
 
 def parse_config(text: str, path: str) -> Config:
@@ -268,10 +274,9 @@ def parse_config(text: str, path: str) -> Config:
         tls=_section(root, "tls", _tls) or TLSConfig(),
         listeners=tuple(listeners),
         access=_section(root, "access", _access) or AccessConfig(),
-        routes=_section(root, "upstream", routes_table, required=True),
+        routes=_required(root, "upstream", routes_table),
         accounts=accounts,
-        credentials=_section(root, "credentials", lambda t: credentials_table(t, accounts),
-                             required=True),
+        credentials=_required(root, "credentials", lambda t: credentials_table(t, accounts)),
         senders=_section(root, "senders", _senders) or SendersConfig(),
         demo=_section(root, "demo", _demo),
     )

@@ -93,7 +93,7 @@ def set_up(protocol: UpstreamProtocol, account: UpstreamAccount | None, helo_nam
     def failed(failure: Failure) -> Failure:
         if not failure.check(SMTPReplyError, CancelledError):
             log.failure("upstream {where}: setup failed", failure, where=protocol.label)
-        if failure.check(SMTPReplyError):
+        if isinstance(failure.value, SMTPReplyError):
             protocol.fail(failure.value)
             return failure  # keeps its kind (LoginRejected)
         error = protocol.error_for(UpstreamFailure.INTERNAL, "session setup failed")
@@ -139,7 +139,7 @@ def connect(reactor: Any, route: Route, account: UpstreamAccount | None, helo_na
         endpoint = wrapClientTLS(options, endpoint)
     factory = Factory.forProtocol(lambda: UpstreamProtocol(route, reactor))
     factory.noisy = False
-    connecting: Deferred[UpstreamProtocol] = endpoint.connect(factory)
+    connecting: Deferred[Any] = endpoint.connect(factory)
     connecting.addTimeout(route.timeout, reactor)
 
     def connected(protocol: UpstreamProtocol) -> Deferred[UpstreamSession]:

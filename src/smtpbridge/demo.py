@@ -12,15 +12,23 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import BinaryIO
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from zope.interface import implementer
 
-from smtpbridge.interfaces import IAccessPolicy, IDelivery, IPasswordChecker, ITransaction
+from smtpbridge.interfaces import (
+    IAccessPolicy,
+    IDelivery,
+    IPasswordChecker,
+    ITransaction,
+    Params,
+)
 from smtpbridge.model import ClientInfo, Reply
-from smtpbridge.server import ListenerSettings, SMTPServerFactory
+from smtpbridge.server import SMTPServerFactory
+from smtpbridge.serverbase import ListenerSettings
 from smtpbridge.tls import ServerTLS
 
 SENDER_OK = Reply(250, "2.1.0", "Ok")
@@ -37,27 +45,29 @@ class FileTransaction:
         self._client = client
         self._name = f"{int(time.time())}.{secrets.token_hex(8)}"
         self._tmp_path = os.path.join(directory, "tmp", self._name + ".eml")
-        self._file: object | None = None
+        self._file: BinaryIO | None = None
         self._sender = ""
         self._recipients: list[str] = []
 
-    def mail(self, sender: str, params: dict) -> Deferred:
+    def mail(self, sender: str, params: Params) -> Deferred[Reply]:
         self._sender = sender
         return succeed(SENDER_OK)
 
-    def rcpt(self, recipient: str, params: dict) -> Deferred:
+    def rcpt(self, recipient: str, params: Params) -> Deferred[Reply]:
         self._recipients.append(recipient)
         return succeed(RECIPIENT_OK)
 
-    def data(self, producer: object) -> Deferred:
+    def data(self, producer: IPushProducer) -> Deferred[Reply]:
         self._file = open(self._tmp_path, "wb")  # noqa: SIM115 - closed in finish/abort
         return succeed(START_DATA)
 
-    def write(self, lines: list[bytes]) -> None:
+    def write(self, lines: Sequence[bytes]) -> None:
+        assert self._file is not None, "write outside DATA"
         self._file.write(b"\r\n".join(lines) + b"\r\n")
 
-    def finish(self) -> Deferred:
+    def finish(self) -> Deferred[Reply]:
         f, self._file = self._file, None
+        assert f is not None, "finish outside DATA"
         f.flush()
         os.fsync(f.fileno())
         f.close()
@@ -97,7 +107,7 @@ class SingleUserChecker:
     def __init__(self, users: Mapping[str, str]) -> None:
         self._users = dict(users)
 
-    def check(self, username: str, password: str) -> Deferred:
+    def check(self, username: str, password: str) -> Deferred[bool]:
         expected = self._users.get(username)
         return succeed(expected is not None and secrets.compare_digest(
             expected.encode(), password.encode()))

@@ -8,7 +8,23 @@ waiting for a reply and waiting for a slow peer cannot resume each other.
 
 from __future__ import annotations
 
+from typing import Any, Protocol, cast
+
+from twisted.internet.interfaces import IAddress, IPushProducer
 from twisted.protocols.basic import LineReceiver
+
+
+class Connection(Protocol):
+    """What the SMTP protocols use of their transport: TCP, maybe under TLS."""
+
+    def write(self, data: bytes) -> None: ...
+    def loseConnection(self) -> None: ...  # noqa: N802
+    def abortConnection(self) -> None: ...  # noqa: N802
+    def getPeer(self) -> IAddress: ...  # noqa: N802
+    def startTLS(self, options: Any) -> None: ...  # noqa: N802
+    def getPeerCertificate(self) -> Any: ...  # noqa: N802
+    def registerProducer(self, producer: IPushProducer, streaming: bool) -> None: ...  # noqa: N802
+    def unregisterProducer(self) -> None: ...  # noqa: N802
 
 
 class SMTPLineReceiver(LineReceiver):
@@ -53,6 +69,12 @@ class SMTPLineReceiver(LineReceiver):
     @property
     def held(self) -> bool:
         return bool(self._holds)
+
+    @property
+    def connection(self) -> Connection:
+        """The transport, typed as what the SMTP protocols use of it."""
+        assert self.transport is not None, "not connected"
+        return cast(Connection, self.transport)
 
     # LineReceiver plumbing.
 

@@ -7,10 +7,16 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from OpenSSL import SSL
 from twisted.application.service import Service
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IProtocolFactory,
+    IReactorFromThreads,
+    IStreamServerEndpoint,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -23,7 +29,8 @@ log = Logger()
 class ListenerService(Service):
     """Listens on one endpoint; a port that cannot be bound stops the start in one line."""
 
-    def __init__(self, name: str, description: str, endpoint: object, factory: object) -> None:
+    def __init__(self, name: str, description: str, endpoint: IStreamServerEndpoint,
+                 factory: IProtocolFactory) -> None:
         self.name = name
         self.description = description
         self.endpoint = endpoint
@@ -32,7 +39,7 @@ class ListenerService(Service):
 
     def privilegedStartService(self) -> None:  # noqa: N802
         super().privilegedStartService()
-        outcome: list = []
+        outcome: list[IListeningPort | Failure] = []
         self.endpoint.listen(self.factory).addBoth(outcome.append)
         if outcome and isinstance(outcome[0], Failure):
             message = f"cannot listen on {self.description}: {outcome[0].getErrorMessage()}"
@@ -40,10 +47,10 @@ class ListenerService(Service):
             # twistd has already pointed sys.stderr at the log; the terminal needs it too.
             (sys.__stderr__ or sys.stderr).write(f"smtpbridge: {message}\n")
             raise SystemExit(1)
-        if not outcome:
+        if not outcome or isinstance(outcome[0], Failure):
             raise RuntimeError(f"{self.description}: the endpoint did not listen at once")
-        self.port = outcome[0]
-        address = self.port.getHost()
+        self.port = port = outcome[0]
+        address = port.getHost()
         log.info("{name} listening on {host}:{port}", name=self.name,
                  host=getattr(address, "host", address), port=getattr(address, "port", ""))
 
@@ -65,11 +72,11 @@ class CertificateReloader(Service):
     certificate they started with.  Files that do not load leave the old ones in use.
     """
 
-    def __init__(self, reactor: object,
+    def __init__(self, reactor: IReactorFromThreads,
                  contexts: list[tuple[ServerTLS, Callable[[], SSL.Context]]]) -> None:
         self._reactor = reactor
         self._contexts = contexts
-        self._previous: object = None
+        self._previous: signal.Handlers | int | Callable[..., Any] | None = None
 
     def reload(self) -> bool:
         """Load every certificate again; False (and nothing changed) if one fails."""

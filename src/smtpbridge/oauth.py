@@ -99,10 +99,12 @@ class CachedTokenSource:
             waiter.callback(token.access_token)
 
     def _failed(self, failure: Failure) -> None:
-        if not failure.check(TokenError):  # a bug: its text is not shown, it might leak
-            failure = Failure(TokenError(f"OAuth2 token request failed: internal error "
-                                         f"({failure.type.__name__})"))
-        log.warn("{text}", text=failure.value.reply.text)
+        error = failure.value
+        if not isinstance(error, TokenError):  # a bug: its text is not shown, it might leak
+            error = TokenError(f"OAuth2 token request failed: internal error "
+                               f"({type(error).__name__})")
+            failure = Failure(error)
+        log.warn("{text}", text=error.reply.text)
         waiters, self._waiters = self._waiters or [], None
         for waiter in waiters:
             waiter.errback(failure)
@@ -129,7 +131,8 @@ class TokenEndpoint:
         L{TokenError}, any of C{secrets} hidden in its text."""
         exchange = Deferred.fromCoroutine(self._exchange(form, tuple(secrets)))
 
-        def timed_out(result: object, timeout: float) -> object:
+        def timed_out(result: tuple[Token, str | None] | Failure,
+                      timeout: float) -> tuple[Token, str | None]:
             raise self.failed("timed out")
 
         def failed(failure: Failure) -> Failure:
@@ -251,9 +254,11 @@ def client_assertion(certificate: bytes, key: bytes, client_id: str, audience: s
         private_key = serialization.load_pem_private_key(key, password=None)
     except (ValueError, TypeError):
         raise ValueError("client_key holds no usable unencrypted PEM private key") from None
+    public_key = cert.public_key()
     if not isinstance(private_key, rsa.RSAPrivateKey):
         raise ValueError("client_key is not an RSA private key")
-    if private_key.public_key().public_numbers() != cert.public_key().public_numbers():
+    if not isinstance(public_key, rsa.RSAPublicKey) or \
+            private_key.public_key().public_numbers() != public_key.public_numbers():
         raise ValueError("client_key does not belong to client_certificate")
     issued = int(now)
     header = {"alg": "RS256", "typ": "JWT",

@@ -39,7 +39,8 @@ async def post_form(client: HTTPClient, reactor: Any, url: str,
                     form: dict[str, str]) -> tuple[int, dict[str, Any] | None]:
     """POST C{form} to C{url}: the status code and the answer's JSON object (None when the
     answer is not one)."""
-    response = await client.post(url, data=form, headers={"Accept": "application/json"},
+    headers: dict[bytes | str, bytes | str] = {"Accept": "application/json"}
+    response = await client.post(url, data=form, headers=headers,
                                  allow_redirects=False, reactor=reactor)
     body = await treq.content(response)
     try:

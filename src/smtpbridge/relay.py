@@ -97,7 +97,8 @@ class InlineTransaction:
         return Deferred.fromCoroutine(self._mail(sender, params))
 
     async def _mail(self, sender: str, params: Params) -> Reply:
-        assignment = await maybeDeferred(self._mapper.map, self._client, sender)
+        mapped = self._mapper.map(self._client, sender)
+        assignment = await mapped if isinstance(mapped, Deferred) else mapped
         account = assignment.account
         session = await connect_first(self._connector, assignment.routes, account)
         if self._over:  # the client left while we were connecting

@@ -4,7 +4,6 @@ response, never before TLS unless a listener allows it; failures slowed and bloc
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import attr
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -30,23 +29,20 @@ from smtpbridge.replies import (
     syntax,
 )
 from smtpbridge.secret import Secret
+from smtpbridge.serverbase import Outcome, ServerSession
 
 log = Logger()
 
 
-class AuthCommands:
-    """The AUTH command of L{smtpbridge.server.SMTPServerProtocol}.
-
-    Uses the protocol's C{factory} (checker, throttle, keep_password), C{settings},
-    C{client}, C{transport}, C{_tls_active}, C{_transaction} and C{_continuation}.
-    """
+class AuthCommands(ServerSession):
+    """The AUTH command of L{smtpbridge.server.SMTPServerProtocol}."""
 
     def _auth_offered(self) -> bool:
-        return self.factory.checker is not None and (
+        return self.services.checker is not None and (
             self._tls_active or self.settings.allow_plaintext_auth)
 
-    def smtp_AUTH(self, argument: str) -> Reply | Deferred | None:  # noqa: N802
-        if self.factory.checker is None:
+    def smtp_AUTH(self, argument: str) -> Outcome:  # noqa: N802
+        if self.services.checker is None:
             return AUTH_NOT_ENABLED
         if not self._tls_active and not self.settings.allow_plaintext_auth:
             return AUTH_NEEDS_TLS
@@ -65,8 +61,9 @@ class AuthCommands:
             return AUTH_UNKNOWN_MECHANISM
         return self._auth_step(exchange, exchange.start)
 
-    def _auth_step(self, exchange: sasl.ServerExchange, step: Callable[..., Any],
-                   *args: str) -> Reply | Deferred | None:
+    def _auth_step(self, exchange: sasl.ServerExchange,
+                   step: Callable[..., sasl.Challenge | sasl.Credentials],
+                   *args: str) -> Outcome:
         """Run one step of an AUTH exchange: a challenge to send, or credentials to check."""
         try:
             result = step(*args)
@@ -76,23 +73,24 @@ class AuthCommands:
             return AUTH_UNDECODABLE
         if isinstance(result, sasl.Challenge):
             self._continuation = lambda line: self._auth_step(exchange, exchange.respond, line)
-            self.transport.write(b"334 " + result.text.encode("ascii") + b"\r\n")
+            self.connection.write(b"334 " + result.text.encode("ascii") + b"\r\n")
             return None
         return self._authenticate(result.username, result.password)
 
-    def _authenticate(self, username: str, password: str) -> Deferred:
+    def _authenticate(self, username: str, password: str) -> Deferred[Reply]:
         return Deferred.fromCoroutine(self._check_login(username, password))
 
     async def _check_login(self, username: str, password: str) -> Reply:
         """Check a login; failures are slowed down and, repeated, blocked per address."""
         session, host = self.client.session_id, self.client.peer_host
-        throttle = self.factory.throttle
+        throttle, checker = self.services.throttle, self.services.checker
+        assert checker is not None, "AUTH is refused without a checker"
         if throttle is not None and throttle.blocked(host):
             log.info("{session} AUTH refused: [{host}] is blocked after repeated failures",
                      session=session, host=host)
             return AUTH_BLOCKED
         try:
-            ok = await maybeDeferred(self.factory.checker.check, username, password)
+            ok = await maybeDeferred(checker.check, username, password)
         except SMTPReplyError as e:
             log.warn("{session} password check failed: {text}", session=session,
                      text=e.reply.text)
@@ -108,7 +106,7 @@ class AuthCommands:
             return AUTH_FAILED
         if throttle is not None:
             throttle.succeeded(host)
-        kept = Secret(password) if self.factory.keep_password else None
+        kept = Secret(password) if self.services.keep_password else None
         self.client = attr.evolve(self.client, login=username, password=kept)
         log.info("{session} AUTH ok: user {user!r}", session=session, user=username)
         return AUTH_OK

@@ -41,7 +41,8 @@ from smtpbridge.model import Assignment, Route, UpstreamAccount
 from smtpbridge.networks import NetworkSet
 from smtpbridge.policy import AccessPolicy, SenderRules
 from smtpbridge.relay import InlineDelivery, try_login
-from smtpbridge.server import ListenerSettings, SMTPServerFactory
+from smtpbridge.server import SMTPServerFactory
+from smtpbridge.serverbase import ListenerSettings
 from smtpbridge.throttle import AuthThrottle, ThrottleSettings
 from smtpbridge.tls import ServerTLS, create_self_signed, server_context
 from smtpbridge.users import UsersFileChecker, load_users
@@ -59,10 +60,9 @@ def _endpoint_service(reactor: Any, config: Config, key: str, name: str,
 def _context_builder(config: Config, listener: ListenerConfig | None,
                      index: int = 0) -> Callable[[], SSL.Context]:
     """Builds the listener's server context from its files (again on each SIGHUP)."""
+    certificate, key, key_name = config.tls.certificate, config.tls.key, "tls"
     if listener is not None and listener.certificate is not None:
         certificate, key, key_name = listener.certificate, listener.key, f"listener[{index}]"
-    else:
-        certificate, key, key_name = config.tls.certificate, config.tls.key, "tls"
     assert certificate is not None and key is not None, "checked by the configuration"
 
     def build() -> SSL.Context:
@@ -102,7 +102,7 @@ def token_sources(config: Config, reactor: Any) -> dict[str, ITokenSource]:
     """The OAuth2 token source of every account that logs in with a token, by name."""
     from smtpbridge.oauth import token_source
 
-    sources = {}
+    sources: dict[str, ITokenSource] = {}
     for name, account in config.accounts.items():
         if account.oauth is not None:
             try:
@@ -219,7 +219,7 @@ def make_service(config: Config, reactor: Any) -> MultiService:
                         if listener.tls != "none" else None)
         factory: Any = SMTPServerFactory(settings, delivery, policy, checker, reactor,
                                          listener_tls, throttle, keep_password)
-        if listener.tls == "implicit":
+        if listener_tls is not None and listener.tls == "implicit":
             factory = TLSMemoryBIOFactory(listener_tls, False, factory)
         _endpoint_service(reactor, config, f"listener[{index}].endpoint",
                           f"listener {listener.name}", listener.endpoint,

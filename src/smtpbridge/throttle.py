@@ -24,6 +24,7 @@ log = Logger()
 MAX_ADDRESSES = 100_000
 
 _non_negative = attr.validators.ge(0)
+_non_negative_time = attr.validators.ge(0.0)
 
 
 @attr.frozen
@@ -33,13 +34,13 @@ class ThrottleSettings:
     #: Failures within C{window} seconds that block the address; 0 never blocks.
     failure_limit: int = attr.field(default=10, validator=_non_negative)
     #: Seconds over which failures are counted.
-    window: float = attr.field(default=600.0, validator=_non_negative)
+    window: float = attr.field(default=600.0, validator=_non_negative_time)
     #: Seconds an address stays blocked after reaching the limit.
-    block_time: float = attr.field(default=900.0, validator=_non_negative)
+    block_time: float = attr.field(default=900.0, validator=_non_negative_time)
     #: Each failed AUTH reply waits C{delay_step} times the failures so far; 0 never waits.
-    delay_step: float = attr.field(default=1.0, validator=_non_negative)
+    delay_step: float = attr.field(default=1.0, validator=_non_negative_time)
     #: Longest wait before answering a failed AUTH.
-    max_delay: float = attr.field(default=10.0, validator=_non_negative)
+    max_delay: float = attr.field(default=10.0, validator=_non_negative_time)
 
 
 class AuthThrottle:

@@ -115,7 +115,8 @@ def peer_fingerprint(transport: object) -> str | None:
     certificate = get_certificate() if get_certificate else None
     if certificate is None:
         return None
-    return certificate.to_cryptography().fingerprint(hashes.SHA256()).hex()
+    fingerprint: bytes = certificate.to_cryptography().fingerprint(hashes.SHA256())
+    return fingerprint.hex()
 
 
 def create_self_signed(certificate: str, key: str, hostname: str) -> None:
@@ -181,7 +182,7 @@ def upstream_tls_options(route: Route) -> TLSOptions:
                                extraCertificateOptions={"raiseMinimumTo": minimum})
 
 
-def public_key_pin(certificate: object) -> str:
+def public_key_pin(certificate: crypto.X509) -> str:
     """The pin of a certificate's public key: base64 of the SHA-256 of its SubjectPublicKeyInfo.
 
     The same value as ``openssl x509 -pubkey -noout | openssl pkey -pubin -outform der |
@@ -199,7 +200,7 @@ def tls_failure_reason(reason: Failure, host: str) -> str:
     """Readable words for a failed handshake or certificate check."""
     if reason.check(VerificationError):
         return f"certificate does not match host {host}"
-    args = reason.value.args
+    args = reason.value.args if reason.value is not None else ()
     errors = args[0] if args and isinstance(args[0], list) else []
     words = [e[-1] for e in errors if isinstance(e, tuple) and e and e[-1]]
     return "; ".join(dict.fromkeys(words)) or reason.getErrorMessage() or "handshake failed"

@@ -102,10 +102,10 @@ class Table:
                 raise self.error(f"{key}_file", f"{from_file} is empty")
             return Secret(value)
         if from_env:
-            value = os.environ.get(from_env)
-            if not value:
+            variable = os.environ.get(from_env)
+            if not variable:
                 raise self.error(f"{key}_env", f"environment variable {from_env} is not set")
-            return Secret(value)
+            return Secret(variable)
         return None
 
     def number(self, key: str, default: Any = REQUIRED, minimum: float = 0.0) -> Any:

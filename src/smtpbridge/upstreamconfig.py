@@ -156,16 +156,18 @@ def credentials_table(t: Table, accounts: dict[str, AccountConfig]) -> Credentia
                                 "'_' and '-')")
     options: dict[str, Any] = {}
     section = t.table("options")
-    for table, skip in ((t, account_keys | {"mapper", "options"}), (section, set())):
-        for key, value in (table.data.items() if table is not None else ()):
+    sources = [(t, account_keys | {"mapper", "options"})]
+    if section is not None:
+        sources.append((section, set()))
+    for table, skip in sources:
+        for key, value in table.data.items():
             if key in skip:
                 continue
             if key in options:
                 raise table.error(key, "given twice: in [credentials] and [credentials.options]")
             options[key] = table.path(key) if key.endswith("_file") and \
                 isinstance(value, str) else value
-        if table is not None:
-            table.used.update(table.data)
+        table.used.update(table.data)
     return CredentialsConfig(mapper=mapper, options=options)
 
 

@@ -245,7 +245,8 @@ class UsersFileChecker:
             return self._run_blocking(self._verify_unknown, password)
         return self._run_blocking(verify_password, password, encoded)
 
-    def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[str]:
+    def requestAvatarId(  # type: ignore[override]  # twisted.cred's avatar IDs are str too
+            self, credentials: IUsernamePassword) -> Deferred[str]:
         """twisted.cred: fire with the user name, or fail with UnauthorizedLogin."""
         try:
             username = _text(credentials.username)

@@ -1,0 +1,219 @@
+"""MAIL, RCPT, DATA and the message body of a downstream session.
+
+The transaction is the delivery's L{ITransaction}; the body is decoded line by line
+(L{DataDecoder}) and handed over as it comes, with the client paused whenever the
+delivery cannot take it as fast (back-pressure).
+"""
+
+from __future__ import annotations
+
+import datetime
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from smtpbridge.errors import SMTPReplyError
+from smtpbridge.interfaces import ITransaction
+from smtpbridge.model import Reply
+from smtpbridge.replies import (
+    BAD_BODY,
+    BAD_SIZE,
+    NEED_HELO,
+    NEED_MAIL,
+    NEED_RCPT,
+    NESTED_MAIL,
+    NO_VALID_RECIPIENTS,
+    TOO_BIG,
+    TOO_MANY_RECIPIENTS,
+    syntax,
+    unsupported,
+)
+from smtpbridge.serverbase import ServerSession, SessionServices
+from smtpbridge.trace import received_header
+from smtpbridge.wire import DataDecoder, parse_mail_from, parse_rcpt_to
+
+log = Logger()
+
+
+@implementer(IPushProducer)
+class _BodyInput:
+    """Lets a slow delivery pause the client's body without touching the reply holds."""
+
+    def __init__(self, session: ServerSession) -> None:
+        self._session = session
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        self._session.hold("body")
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self._session.release("body")
+
+    def stopProducing(self) -> None:  # noqa: N802
+        self._session.release("body")
+
+
+class MailCommands(ServerSession):
+    """The mail transaction of L{smtpbridge.server.SMTPServerProtocol}."""
+
+    def __init__(self, factory: SessionServices) -> None:
+        super().__init__(factory)
+        self._recipients = 0
+        self._accepted: list[str] = []
+        self._decoder: DataDecoder | None = None
+        self._size = 0
+        self._body_refusal: Reply | None = None
+
+    def smtp_MAIL(self, argument: str) -> Reply | Deferred[Reply]:  # noqa: N802
+        if self.client.helo is None:
+            return NEED_HELO
+        if self._transaction is not None:
+            return NESTED_MAIL
+        sender, params = parse_mail_from(argument)
+        policy = self.services.policy
+        refusal = (policy.may_submit(self.client, self.settings.auth_required)
+                   or policy.may_send_as(self.client, sender))
+        if refusal is not None:
+            log.info("{session} MAIL from <{sender}> refused: {text}",
+                     session=self.client.session_id, sender=sender, text=refusal.text)
+            return refusal
+        params = self._mail_params(params)
+        transaction = self.services.delivery.transaction(self.client)
+        self._transaction, self._recipients, self._accepted = transaction, 0, []
+
+        def answered(reply: Reply) -> Reply:
+            if not reply.positive:
+                self._end_transaction(abort=True, only=transaction)
+            return reply
+
+        def failed(failure: Failure) -> Failure:
+            self._end_transaction(abort=True, only=transaction)
+            return failure
+
+        return maybeDeferred(transaction.mail, sender, params).addCallbacks(answered, failed)
+
+    def _mail_params(self, params: dict[str, str | None]) -> dict[str, str | None]:
+        """Check MAIL parameters; AUTH= (RFC 4954) is accepted and not passed on."""
+        checked: dict[str, str | None] = {}
+        for name, value in params.items():
+            if name == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    raise SMTPReplyError(BAD_SIZE)
+                if int(value) > self.settings.max_message_size:
+                    raise SMTPReplyError(TOO_BIG)
+            elif name == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    raise SMTPReplyError(BAD_BODY)
+                value = value.upper()
+            elif name == "SMTPUTF8":
+                if value is not None:
+                    raise SMTPReplyError(syntax("SMTPUTF8 takes no value"))
+            elif name == "AUTH":
+                continue
+            else:
+                raise SMTPReplyError(unsupported(name))
+            checked[name] = value
+        return checked
+
+    def smtp_RCPT(self, argument: str) -> Reply | Deferred[Reply]:  # noqa: N802
+        transaction = self._transaction
+        if transaction is None:
+            return NEED_MAIL
+        recipient, params = parse_rcpt_to(argument)
+        for name in params:
+            raise SMTPReplyError(unsupported(name))
+        if self._recipients >= self.settings.max_recipients:
+            return TOO_MANY_RECIPIENTS
+        self._recipients += 1
+
+        def answered(reply: Reply) -> Reply:
+            if reply.positive and self._transaction is transaction:
+                self._accepted.append(recipient)
+            return reply
+
+        return maybeDeferred(transaction.rcpt, recipient, params).addCallback(answered)
+
+    def smtp_DATA(self, argument: str) -> Reply | Deferred[Reply]:  # noqa: N802
+        transaction = self._transaction
+        if argument:
+            return syntax("DATA")
+        if transaction is None:
+            return NEED_MAIL
+        if self._recipients == 0:
+            return NEED_RCPT
+        if not self._accepted:
+            return NO_VALID_RECIPIENTS
+
+        def answered(reply: Reply) -> Reply:
+            if self._transaction is not transaction:
+                return reply
+            if reply.code == 354:
+                self._start_body(transaction)
+            else:
+                self._end_transaction(abort=True)
+            return reply
+
+        def failed(failure: Failure) -> Failure:
+            self._end_transaction(abort=True, only=transaction)
+            return failure
+
+        return maybeDeferred(transaction.data, _BodyInput(self)).addCallbacks(answered, failed)
+
+    def _start_body(self, transaction: ITransaction) -> None:
+        self._decoder = DataDecoder(accept_bare_lf_end=self.settings.accept_bare_lf_end)
+        self._size = 0
+        self._body_refusal = None
+        self.setRawMode()
+        if self.settings.received_header:
+            now = datetime.datetime.fromtimestamp(self.services.clock.seconds(), datetime.UTC)
+            transaction.write(received_header(self.client, self.settings.hostname,
+                                              self._accepted, now, esmtp=self.client.esmtp))
+
+    def raw_data_received(self, data: bytes) -> None:
+        decoder, transaction = self._decoder, self._transaction
+        if decoder is None or transaction is None:  # the session ended meanwhile
+            return
+        lines, rest = decoder.feed(data)
+        if lines and self._body_refusal is None:
+            self._size += sum(map(len, lines)) + 2 * len(lines)
+            if self._size > self.settings.max_message_size:
+                self._body_refusal = TOO_BIG
+                transaction.abort()
+            else:
+                transaction.write(lines)
+        if rest is not None:
+            self._end_of_data(transaction, rest)
+
+    def _end_of_data(self, transaction: ITransaction, rest: bytes) -> None:
+        refusal = self._body_refusal
+        self._transaction = self._decoder = None
+        self._recipients, self._accepted = 0, []
+        self.release("body")
+        if refusal is not None:
+            log.info("{session} message refused: {text}", session=self.client.session_id,
+                     text=refusal.text)
+            self.reply(refusal)
+        else:
+            size, session = self._size, self.client.session_id
+
+            def logged(reply: Reply) -> Reply:
+                log.info("{session} message of {size} bytes: {code} {text}", session=session,
+                         size=size, code=reply.code, text=reply.text)
+                return reply
+
+            self._respond(maybeDeferred(transaction.finish).addCallback(logged))
+        self.setLineMode(rest)
+
+    def _end_transaction(self, abort: bool, only: ITransaction | None = None) -> None:
+        transaction = self._transaction
+        if transaction is None or (only is not None and transaction is not only):
+            return
+        self._transaction = self._decoder = None
+        self._recipients, self._accepted = 0, []
+        if not self.line_mode:
+            self.setLineMode()
+        self.release("body")
+        if abort:
+            transaction.abort()
