@@ -11,8 +11,11 @@ from zope.interface.verify import verifyObject
 
 from smtpbridge.demo import MailFolderDelivery
 from smtpbridge.interfaces import IDelivery, ITransaction
-from smtpbridge.model import ClientInfo, Reply
-from smtpbridge.testing import MemoryDelivery
+from smtpbridge.mapping import StaticMapper
+from smtpbridge.model import Assignment, ClientInfo, Reply, Route, UpstreamAccount
+from smtpbridge.relay import InlineDelivery
+from smtpbridge.secret import Secret
+from smtpbridge.testing import FakeUpstream, MemoryDelivery
 
 CLIENT = ClientInfo("192.0.2.1", 40000, "test", "abc123", helo="printer", login="device")
 
@@ -38,7 +41,21 @@ class FolderHarness:
         return result
 
 
-@pytest.fixture(params=[MemoryHarness, FolderHarness], ids=["memory", "folder"])
+class InlineHarness:
+    """In-line delivery to the fake upstream: stored is what the upstream accepted."""
+
+    def __init__(self, tmp_path) -> None:
+        self.upstream = FakeUpstream()
+        account = UpstreamAccount("relay@example.com", Secret("upstream-pass"))
+        mapper = StaticMapper(Assignment((Route("smtp.example.com"),), account))
+        self.delivery = InlineDelivery(mapper, self.upstream)
+
+    def stored(self) -> list[bytes]:
+        return [message.body for message in self.upstream.messages]
+
+
+@pytest.fixture(params=[MemoryHarness, FolderHarness, InlineHarness],
+                ids=["memory", "folder", "inline"])
 def harness(request, tmp_path):
     return request.param(tmp_path)
 

@@ -270,11 +270,23 @@ class UpstreamSession:
                 words.append("BODY=8BITMIME")
             elif key == "SMTPUTF8" and "SMTPUTF8" in self.features:
                 words.append("SMTPUTF8")
-        return self._protocol.send(" ".join(words), "MAIL")
+        return self._command(" ".join(words), "MAIL")
 
     def rcpt(self, recipient: str, params: Mapping[str, str | None]) -> Deferred[Reply]:
         """RCPT TO; no parameter is passed on (the bridge offers no RCPT extension)."""
-        return self._protocol.send(f"RCPT TO:<{recipient}>", "RCPT")
+        return self._command(f"RCPT TO:<{recipient}>", "RCPT")
+
+    def _command(self, line: str, step: str) -> Deferred[Reply]:
+        """Send a command, unless the session failed or is in DATA (where the line would
+        become part of the message)."""
+        protocol = self._protocol
+        if protocol.error is not None:
+            return fail(protocol.error)
+        if protocol.in_data or self._data_pending:
+            return fail(RuntimeError(f"{step} during DATA"))
+        return protocol.send(line, step)
+
+    _data_pending = False  # DATA was sent, its reply has not come
 
     def data(self, producer: IPushProducer) -> Deferred[Reply]:
         """DATA: fires with the upstream's 354 (the upstream's write buffer then pauses
@@ -282,11 +294,16 @@ class UpstreamSession:
         protocol = self._protocol
 
         def answered(reply: Reply) -> Reply:
+            self._data_pending = False
             protocol.in_data = reply.code == 354
             if protocol.in_data and protocol.error is None:
                 protocol.connection.registerProducer(producer, True)
             return reply
-        return protocol.send("DATA", "DATA").addCallback(answered)
+
+        sent = self._command("DATA", "DATA")
+        if not sent.called:
+            self._data_pending = True
+        return sent.addCallback(answered)
 
     def _unregister_producer(self) -> None:
         if self._protocol.error is None and self._protocol.transport is not None:
@@ -314,14 +331,16 @@ class UpstreamSession:
 
     def reset(self) -> Deferred[Reply]:
         """RSET."""
-        if self._protocol.in_data:
-            return fail(RuntimeError("reset during DATA"))
-        return self._protocol.send("RSET", "RSET")
+        return self._command("RSET", "RSET")
 
     def quit(self) -> Deferred[None]:
-        """QUIT, then close; never fails."""
+        """QUIT, then close; never fails.  In DATA (or waiting for its 354) the session is
+        aborted instead: a QUIT there would be a line of the message."""
         protocol = self._protocol
         if protocol.error is not None:
+            return succeed(None)
+        if protocol.in_data or self._data_pending:
+            self.abort()
             return succeed(None)
         protocol.quiet = True
         closed = protocol.error_for(UpstreamFailure.LOST, "session was closed")

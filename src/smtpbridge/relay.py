@@ -90,6 +90,7 @@ class InlineTransaction:
         self._client = client
         self._session: IUpstreamSession | None = None
         self._rewriter: SenderRewriter | None = None
+        self._data_sent = False  # DATA went upstream: only an abort may end the session now
         self._in_data = False
         self._over = False
 
@@ -124,8 +125,11 @@ class InlineTransaction:
         def answered(reply: Reply) -> Reply:
             if reply.code == 354 and not self._over:
                 self._in_data = True
+            elif reply.code != 354:
+                self._data_sent = False  # refused: the session can still quit politely
             return reply
 
+        self._data_sent = True
         return maybeDeferred(lambda: self._current().data(producer)).addCallback(answered)
 
     def write(self, lines: Sequence[bytes]) -> None:
@@ -161,7 +165,7 @@ class InlineTransaction:
         session, self._session = self._session, None
         if session is None:
             return
-        if self._in_data:
+        if self._data_sent:
             session.abort()  # no final dot: the upstream drops what it got
         else:
             session.quit()

@@ -1,29 +1,45 @@
 """Fakes for tests of code that uses the bridge's interfaces.
 
-They keep the same contract as the real implementations (the contract tests
-in ``tests/`` run against both).
+They keep the real implementations' contract (the contract tests in ``tests/`` run against
+both): L{MemoryDelivery} an L{IDelivery}, L{FakeUpstream} an L{IUpstreamConnector}.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import attr
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
-from smtpbridge.interfaces import IDelivery, ITransaction
+from smtpbridge.fakeupstream import (
+    QUEUED,
+    RECIPIENT_OK,
+    SENDER_OK,
+    START_DATA,
+    UPSTREAM_FEATURES,
+    FakeUpstream,
+    FakeUpstreamSession,
+    UpstreamMessage,
+    login_rejected,
+    unreachable,
+)
+from smtpbridge.interfaces import IDelivery, ITransaction, Params
 from smtpbridge.model import ClientInfo, Reply
 
-SENDER_OK = Reply(250, "2.1.0", "Ok")
-RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
-START_DATA = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
-QUEUED = Reply(250, "2.0.0", "Ok: queued")
+__all__ = ["QUEUED", "RECIPIENT_OK", "SENDER_OK", "START_DATA", "UPSTREAM_FEATURES",
+           "FakeUpstream", "FakeUpstreamSession", "MemoryDelivery", "MemoryTransaction",
+           "StoredMessage", "UpstreamMessage", "login_rejected", "unreachable"]
 
 
 @attr.define
 class StoredMessage:
+    """One message L{MemoryDelivery} accepted, with its envelope."""
+
     client: ClientInfo
     sender: str
-    sender_params: dict
+    sender_params: dict[str, str | None]
     recipients: list[str]
     data: bytes
 
@@ -36,40 +52,40 @@ class MemoryTransaction:
         self._delivery = delivery
         self.client = client
         self.sender: str | None = None
-        self.sender_params: dict = {}
+        self.sender_params: dict[str, str | None] = {}
         self.recipients: list[str] = []
         self.chunks: list[bytes] = []
-        self.producer: object | None = None
+        self.producer: IPushProducer | None = None
         self.aborted = False
         self.finished = False
 
-    def _answer(self, step: str, reply: Reply) -> Deferred:
+    def _answer(self, step: str, reply: Reply) -> Deferred[Reply]:
         reply = self._delivery.replies.get(step, reply)
         if not self._delivery.hold_replies:
             return succeed(reply)
-        d: Deferred = Deferred()
+        d: Deferred[Reply] = Deferred()
         self._delivery.waiting.append((d, reply))
         return d
 
-    def mail(self, sender: str, params: dict) -> Deferred:
+    def mail(self, sender: str, params: Params) -> Deferred[Reply]:
         self.sender, self.sender_params = sender, dict(params)
         return self._answer("mail", SENDER_OK)
 
-    def rcpt(self, recipient: str, params: dict) -> Deferred:
+    def rcpt(self, recipient: str, params: Params) -> Deferred[Reply]:
         reply = self._delivery.refused_recipients.get(recipient, RECIPIENT_OK)
         if reply.positive:
             self.recipients.append(recipient)
         return self._answer(f"rcpt:{recipient}", reply)
 
-    def data(self, producer: object) -> Deferred:
+    def data(self, producer: IPushProducer) -> Deferred[Reply]:
         self.producer = producer
         return self._answer("data", START_DATA)
 
-    def write(self, lines: list[bytes]) -> None:
+    def write(self, lines: Sequence[bytes]) -> None:
         assert not (self.aborted or self.finished), "write after the end of the transaction"
         self.chunks.append(b"".join(line + b"\r\n" for line in lines))
 
-    def finish(self) -> Deferred:
+    def finish(self) -> Deferred[Reply]:
         assert not self.aborted, "finish after abort"
         self.finished = True
         reply = self._delivery.replies.get("finish", QUEUED)
@@ -98,7 +114,7 @@ class MemoryDelivery:
         self.replies: dict[str, Reply] = {}
         self.refused_recipients: dict[str, Reply] = {}
         self.hold_replies = False
-        self.waiting: list[tuple[Deferred, Reply]] = []
+        self.waiting: list[tuple[Deferred[Reply], Reply]] = []
 
     def transaction(self, client: ClientInfo) -> MemoryTransaction:
         transaction = MemoryTransaction(self, client)
