@@ -20,15 +20,16 @@ SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 LAYERS: list[tuple[str, set[str]]] = [
     ("values", {"model", "secret", "errors", "replies", "networks", "wire", "interfaces"}),
     ("config", {"tomlreader", "oauthconfig", "upstreamconfig", "config"}),
-    ("tools", {"lines", "sasl", "tls", "users", "throttle", "trace", "rewrite"}),
+    ("tools", {"lines", "sasl", "tls", "users", "throttle", "trace", "rewrite", "deadline",
+               "limits"}),
     ("upstream", {"client", "clientauth", "connector", "oauthwire", "oauth", "pool"}),
     ("delivery", {"relay", "spool"}),
     ("mapper", {"mapping"}),
     ("policy", {"policy"}),
     ("session", {"serverbase", "serverauth", "mailcommands", "server"}),
     ("listener", {"listener", "demo"}),
-    ("roots", {"service", "tap", "cli", "oauthflows", "oauthlogin", "testing", "metrics",
-               "admin"}),
+    ("roots", {"service", "tap", "cli", "oauthflows", "oauthlogin", "fakeupstream", "testing",
+               "metrics", "admin"}),
 ]
 RANK = {module: rank for rank, (_, modules) in enumerate(LAYERS) for module in modules}
 LIMIT = 400  # lines: a module over this is two modules

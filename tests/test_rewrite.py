@@ -31,9 +31,18 @@ ACCOUNT = "relay@example.com"
 
 
 def received(client: ClientInfo, recipients: tuple[str, ...] = ("office@example.com",),
-             esmtp: bool = True) -> list[str]:
+             esmtp: bool = True, show_login: bool = True) -> list[str]:
     return [line.decode("utf-8") for line in
-            received_header(client, "bridge.example.net", recipients, WHEN, esmtp=esmtp)]
+            received_header(client, "bridge.example.net", recipients, WHEN, esmtp=esmtp,
+                            show_login=show_login)]
+
+
+def test_received_hides_the_login_by_default() -> None:
+    header = "\n".join(line.decode() for line in received_header(
+        CLIENT, "bridge.example.net", ["office@example.com"], WHEN))
+    assert "device" not in header and "authenticated" not in header
+    assert "\twith ESMTPSA " in header  # the protocol keyword still says AUTH was used
+    assert "(authenticated as device)" in "\n".join(received(CLIENT, show_login=True))
 
 
 def unfolded(lines: list[str]) -> str:
@@ -138,7 +147,8 @@ def test_received_client_values_limited() -> None:
 def test_received_non_ascii_client_values() -> None:
     """HELO and login stay ASCII; a UTF-8 recipient (SMTPUTF8) is kept as UTF-8."""
     client = attr.evolve(CLIENT, helo="drücker", login="jörg")
-    raw = received_header(client, "bridge.example.net", ["bü@example.com"], WHEN)
+    raw = received_header(client, "bridge.example.net", ["bü@example.com"], WHEN,
+                          show_login=True)
     text = b"\n".join(raw).decode("utf-8")
     assert "from dr?cker " in text
     assert "(authenticated as j?rg)" in text

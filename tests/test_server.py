@@ -30,12 +30,13 @@ class TLSCapableTransport(StringTransport):
 
 
 class Session:
-    def __init__(self, peer: str = TRUSTED, checker: object = "default",
+    def __init__(self, peer: str = TRUSTED, checker: object = "default", now: float = 0.0,
                  **settings: object) -> None:
         settings.setdefault("tls", "starttls")
         settings.setdefault("auth_required", False)
         settings.setdefault("received_header", False)
         self.clock = Clock()
+        self.clock.advance(now)
         self.delivery = MemoryDelivery()
         if checker == "default":
             checker = SingleUserChecker({"alice": "s3cret"})
@@ -46,6 +47,8 @@ class Session:
         self.protocol = self.factory.buildProtocol(None)
         self.transport = TLSCapableTransport(peerAddress=IPv4Address("TCP", peer, 40000))
         self.protocol.makeConnection(self.transport)
+        if settings["tls"] == "implicit":
+            self.protocol.handshakeCompleted()  # as if the TLS handshake went through
         self.greeting = self.read()
 
     def send(self, data: bytes | str) -> None:
@@ -445,8 +448,8 @@ def test_rset_aborts_the_transaction():
 
 
 def test_received_header_comes_first_and_describes_the_session():
-    s = Session(tls="implicit", received_header=True)
-    s.clock.advance(1_795_400_000)
+    s = Session(tls="implicit", received_header=True, received_header_login=True,
+                now=1_795_400_000)
     s.command("EHLO scanner-7")
     s.login()
     s.command("MAIL FROM:<a@example.com>")

@@ -50,6 +50,12 @@ class ServerConfig:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     idle_timeout: int = 300
     received_header: bool = True
+    received_header_login: bool = False  # name the AUTH login in Received:
+    handshake_timeout: int = 30  # seconds for a TLS handshake (Postfix smtpd_starttls_timeout)
+    max_session_time: int = 3600  # seconds a session may last in all
+    max_connections: int = 1000  # per listener, unless the listener says otherwise
+    max_connections_per_client: int = 50  # per client address (Postfix's default)
+    allow_readable_secrets: bool = False  # group/world-readable secret files: warn only
 
 
 @attr.frozen
@@ -72,6 +78,8 @@ class ListenerConfig:
     client_ca: str | None = None
     certificate: str | None = None  # this listener's own certificate instead of [tls]'s
     key: str | None = None
+    max_connections: int | None = None  # default: [server] max_connections
+    backlog: int = 511  # the listen queue of a tcp endpoint
 
 
 @attr.frozen
@@ -82,6 +90,9 @@ class AccessConfig:
     auth_failure_window: float = 600.0
     auth_block_time: float = 900.0
     auth_failure_delay: float = 1.0
+    auth_threads: int = 2  # password checks (scrypt, 32 MiB each) at once
+    auth_queue: int = 32  # checks that may wait for a thread; beyond, 454 at once
+    auth_rate: float = 20.0  # AUTH attempts per second for the whole bridge
 
 
 @attr.frozen
@@ -143,6 +154,12 @@ def _server(t: Table) -> ServerConfig:
         max_message_size=t.integer("max_message_size", DEFAULT_MAX_MESSAGE_SIZE, minimum=1024),
         idle_timeout=t.integer("idle_timeout", 300, minimum=10),
         received_header=t.boolean("received_header", True),
+        received_header_login=t.boolean("received_header_login", False),
+        handshake_timeout=t.integer("handshake_timeout", 30, minimum=1),
+        max_session_time=t.integer("max_session_time", 3600, minimum=10),
+        max_connections=t.integer("max_connections", 1000, minimum=1),
+        max_connections_per_client=t.integer("max_connections_per_client", 50, minimum=1),
+        allow_readable_secrets=t.boolean("allow_readable_secrets", False),
     )
 
 
@@ -168,6 +185,8 @@ def _listener(t: Table) -> ListenerConfig:
         client_ca=t.path("client_ca", None),
         certificate=t.path("certificate", None),
         key=t.path("key", None),
+        max_connections=t.integer("max_connections", None, minimum=1),
+        backlog=t.integer("backlog", 511, minimum=1, maximum=65535),
     )
     if (listener.certificate is None) != (listener.key is None):
         raise t.error("certificate" if listener.certificate is None else "key",
@@ -193,6 +212,9 @@ def _access(t: Table) -> AccessConfig:
         auth_failure_window=t.number("auth_failure_window", 600.0, minimum=1.0),
         auth_block_time=t.number("auth_block_time", 900.0),
         auth_failure_delay=t.number("auth_failure_delay", 1.0),
+        auth_threads=t.integer("auth_threads", 2, minimum=1, maximum=64),
+        auth_queue=t.integer("auth_queue", 32, minimum=0),
+        auth_rate=t.number("auth_rate", 20.0, minimum=0.1),
     )
 
 

@@ -71,6 +71,11 @@ class SMTPLineReceiver(LineReceiver):
         return bool(self._holds)
 
     @property
+    def holds(self) -> frozenset[str]:
+        """The reasons input is held for now."""
+        return frozenset(self._holds)
+
+    @property
     def connection(self) -> Connection:
         """The transport, typed as what the SMTP protocols use of it."""
         assert self.transport is not None, "not connected"

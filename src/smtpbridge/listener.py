@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from smtpbridge.errors import ConfigError
+from smtpbridge.limits import ConnectionGovernor
 from smtpbridge.tls import ServerTLS
 
 log = Logger()
@@ -30,11 +31,12 @@ class ListenerService(Service):
     """Listens on one endpoint; a port that cannot be bound stops the start in one line."""
 
     def __init__(self, name: str, description: str, endpoint: IStreamServerEndpoint,
-                 factory: IProtocolFactory) -> None:
+                 factory: IProtocolFactory, governor: ConnectionGovernor | None = None) -> None:
         self.name = name
         self.description = description
         self.endpoint = endpoint
         self.factory = factory
+        self.governor = governor
         self.port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:  # noqa: N802
@@ -50,6 +52,8 @@ class ListenerService(Service):
         if not outcome or isinstance(outcome[0], Failure):
             raise RuntimeError(f"{self.description}: the endpoint did not listen at once")
         self.port = port = outcome[0]
+        if self.governor is not None:
+            self.governor.add_port(port)
         address = port.getHost()
         log.info("{name} listening on {host}:{port}", name=self.name,
                  host=getattr(address, "host", address), port=getattr(address, "port", ""))

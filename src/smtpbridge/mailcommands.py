@@ -64,6 +64,7 @@ class MailCommands(ServerSession):
         self._accepted: list[str] = []
         self._decoder: DataDecoder | None = None
         self._size = 0
+        self._progress = 0  # body bytes since the idle deadline last restarted
         self._body_refusal: Reply | None = None
 
     def smtp_MAIL(self, argument: str) -> Reply | Deferred[Reply]:  # noqa: N802
@@ -163,18 +164,25 @@ class MailCommands(ServerSession):
 
     def _start_body(self, transaction: ITransaction) -> None:
         self._decoder = DataDecoder(accept_bare_lf_end=self.settings.accept_bare_lf_end)
-        self._size = 0
+        self._size = self._progress = 0
         self._body_refusal = None
         self.setRawMode()
         if self.settings.received_header:
             now = datetime.datetime.fromtimestamp(self.services.clock.seconds(), datetime.UTC)
-            transaction.write(received_header(self.client, self.settings.hostname,
-                                              self._accepted, now, esmtp=self.client.esmtp))
+            transaction.write(received_header(
+                self.client, self.settings.hostname, self._accepted, now,
+                esmtp=self.client.esmtp, show_login=self.settings.received_header_login))
 
     def raw_data_received(self, data: bytes) -> None:
         decoder, transaction = self._decoder, self._transaction
         if decoder is None or transaction is None:  # the session ended meanwhile
             return
+        # A trickle of bytes does not keep the session alive: each data_progress bytes
+        # must come within idle_timeout.
+        self._progress += len(data)
+        if self._progress >= self.settings.data_progress:
+            self._progress = 0
+            self.idle.start()
         lines, rest = decoder.feed(data)
         if lines and self._body_refusal is None:
             self._size += sum(map(len, lines)) + 2 * len(lines)

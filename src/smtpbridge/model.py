@@ -66,6 +66,9 @@ class Route:
     timeout: float = 60.0
     min_tls_version: str = "1.2"  # "1.2" | "1.3"
     pins: tuple[str, ...] = ()  # base64 SHA-256 of accepted public keys (SPKI); empty: any
+    max_sessions: int = 20  # sessions open at once to this host
+    session_wait: float = 30.0  # seconds to wait for a free session
+    data_timeout: float = 180.0  # seconds the body may make no progress
 
 
 @attr.frozen

@@ -18,10 +18,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpbridge import sasl
+from smtpbridge.deadline import Deadline
 from smtpbridge.errors import SMTPReplyError
 from smtpbridge.interfaces import IAccessPolicy, IDelivery, IPasswordChecker
+from smtpbridge.limits import ConnectionGovernor
 from smtpbridge.mailcommands import MailCommands
 from smtpbridge.model import Reply
+from smtpbridge.networks import normalise_address
 from smtpbridge.replies import (
     BYE,
     HELP_REPLY,
@@ -43,14 +46,16 @@ log = Logger()
 
 
 class SMTPServerFactory(Factory):
-    """Builds one L{SMTPServerProtocol} per connection of a listener."""
+    """Builds one L{SMTPServerProtocol} per connection of a listener, and counts them:
+    per listener and per client address, with the limits of the listener's settings."""
 
     noisy = False
 
     def __init__(self, settings: ListenerSettings, delivery: IDelivery, policy: IAccessPolicy,
                  checker: IPasswordChecker | None, clock: IReactorTime,
                  tls: ServerTLS | None = None, throttle: AuthThrottle | None = None,
-                 keep_password: bool = False) -> None:
+                 keep_password: bool = False, governor: ConnectionGovernor | None = None,
+                 ) -> None:
         self.settings = settings
         self.delivery = delivery
         self.policy = policy
@@ -59,16 +64,45 @@ class SMTPServerFactory(Factory):
         self.tls = tls
         self.throttle = throttle
         self.keep_password = keep_password  # passthrough needs the login's password
+        self.governor = governor
+        self.open = 0
+        self.per_client: dict[str, int] = {}
 
     def buildProtocol(self, addr: Any) -> SMTPServerProtocol:  # noqa: N802
         protocol = SMTPServerProtocol(self)
         protocol.factory = self
         return protocol
 
+    def opened(self, client: str) -> Reply | None:
+        """Count a new connection; the 421 to close it with when it is one too many."""
+        self.open += 1
+        self.per_client[client] = self.per_client.get(client, 0) + 1
+        if self.governor is not None:
+            self.governor.opened()
+        if self.open > self.settings.max_connections:
+            return Reply(421, "4.7.0", f"{self.settings.hostname} Error: too many "
+                                       "connections; try again later")
+        if self.per_client[client] > self.settings.max_connections_per_client:
+            return Reply(421, "4.7.0", f"{self.settings.hostname} Error: too many "
+                                       "connections from your address; try again later")
+        return None
+
+    def closed(self, client: str) -> None:
+        self.open -= 1
+        left = self.per_client.get(client, 1) - 1
+        if left > 0:
+            self.per_client[client] = left
+        else:
+            self.per_client.pop(client, None)
+        if self.governor is not None:
+            self.governor.closed()
+
 
 @implementer(IHandshakeListener)
 class SMTPServerProtocol(AuthCommands, MailCommands):
     """One client session."""
+
+    _counted: str | None = None  # the client address counted by the factory
 
     # Connection events.
 
@@ -79,10 +113,23 @@ class SMTPServerProtocol(AuthCommands, MailCommands):
         log.info("{session} connect from [{host}]:{port} on listener {listener}",
                  session=self.client.session_id, host=self.client.peer_host,
                  port=self.client.peer_port, listener=self.settings.name)
-        self.setTimeout(self.settings.idle_timeout)
+        self.handshake = Deadline(self.services.clock, self.settings.handshake_timeout,
+                                  self._handshake_timeout)
+        if self._tls_active:
+            self.handshake.start()
+        self.start_session()
+        self._counted = normalise_address(self.client.peer_host)
+        refusal = self.services.opened(self._counted)
+        if refusal is not None:
+            log.info("{session} refused: {text}", session=self.client.session_id,
+                     text=refusal.text)
+            self.close(refusal)
+            return
         self.reply(Reply(220, None, f"{self.settings.hostname} ESMTP smtpbridge"))
 
     def handshakeCompleted(self) -> None:  # noqa: N802
+        self.handshake.stop()
+        self.watch_output()
         version, cipher = connection_summary(self.transport)
         certificate = peer_fingerprint(self.transport)
         self.client = attr.evolve(self.client, tls_version=version, tls_cipher=cipher,
@@ -91,10 +138,15 @@ class SMTPServerProtocol(AuthCommands, MailCommands):
                  session=self.client.session_id, version=version, cipher=cipher,
                  certificate=f", client certificate {certificate}" if certificate else "")
 
+    def _handshake_timeout(self) -> None:
+        self.abort(f"TLS handshake not done within {self.settings.handshake_timeout:g} s")
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
-        self._gone = True
-        self.setTimeout(None)
-        self._end_transaction(abort=True)
+        self.handshake.stop()
+        self.end_session()
+        if self._counted is not None:
+            self.services.closed(self._counted)
+            self._counted = None
         log.info("{session} disconnect from [{host}]", session=self.client.session_id,
                  host=self.client.peer_host)
 
@@ -135,6 +187,8 @@ class SMTPServerProtocol(AuthCommands, MailCommands):
         self._end_transaction(abort=True)
         self.client = attr.evolve(self.client, helo=None, login=None)
         self._tls_active = True
+        self.handshake.start()
+        self.unwatch_output()
         self.connection.startTLS(self.services.tls)
         return None
 
@@ -154,9 +208,7 @@ class SMTPServerProtocol(AuthCommands, MailCommands):
         return HELP_REPLY
 
     def smtp_QUIT(self, argument: str) -> None:  # noqa: N802
-        self.reply(BYE)
-        self._end_transaction(abort=True)
-        self.connection.loseConnection()
+        self.close(BYE)
 
     def _not_implemented(self, argument: str) -> Reply:
         return NOT_IMPLEMENTED

@@ -1,8 +1,11 @@
 """The core of a downstream session: replies in order, input held while one is pending,
-commands dispatched, errors counted, the idle timeout.
+commands dispatched, errors counted, deadlines and output back-pressure.
 
 Replies leave in the order the commands came, even when one waits on a Deferred:
-input is held until the reply is out (RFC 2920).  The commands themselves are in
+input is held until the reply is out (RFC 2920).  A client that does not read its
+replies stops being read (its unsent replies stay within the transport's buffer), a
+command line must be complete within C{idle_timeout}, and a session ends after
+C{max_session_time} whatever it does.  The commands themselves are in
 L{smtpbridge.server} (session), L{smtpbridge.serverauth} (AUTH) and
 L{smtpbridge.mailcommands} (MAIL, RCPT, DATA).
 """
@@ -15,11 +18,12 @@ from typing import Protocol
 
 import attr
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from smtpbridge.deadline import Deadline
 from smtpbridge.errors import SMTPReplyError
 from smtpbridge.interfaces import IAccessPolicy, IDelivery, IPasswordChecker, ITransaction
 from smtpbridge.lines import SMTPLineReceiver
@@ -34,6 +38,13 @@ log = Logger()
 #: What a handler gives: a reply now, a Deferred reply, or None (it answered itself).
 Outcome = Reply | Deferred[Reply] | None
 
+#: Holds that wait on the bridge (a reply, the delivery taking the body): the client is
+#: not idle then.  A hold for "output" waits on the client reading, and it is.
+WAITING_ON_US = frozenset({"reply", "body"})
+
+#: Seconds a closing session gets to send its last reply before it is cut off.
+CLOSE_GRACE = 10.0
+
 
 @attr.frozen
 class ListenerSettings:
@@ -46,10 +57,16 @@ class ListenerSettings:
     allow_plaintext_auth: bool = False
     accept_bare_lf_end: bool = False
     max_message_size: int = 36_700_160
-    idle_timeout: int = 300
+    idle_timeout: float = 300
     max_recipients: int = 1000
     max_errors: int = 20
     received_header: bool = True
+    received_header_login: bool = False
+    handshake_timeout: float = 30
+    max_session_time: float = 3600
+    max_connections: int = 1000
+    max_connections_per_client: int = 50
+    data_progress: int = 64 * 1024  # DATA bytes that must arrive within idle_timeout
 
 
 class SessionServices(Protocol):
@@ -65,8 +82,32 @@ class SessionServices(Protocol):
     throttle: AuthThrottle | None
     keep_password: bool  # passthrough needs the login's password
 
+    def opened(self, client: str) -> Reply | None:
+        """Count a new connection from C{client}; the 421 if it is one too many."""
 
-class ServerSession(SMTPLineReceiver, TimeoutMixin):
+    def closed(self, client: str) -> None:
+        """A connection from C{client} ended."""
+
+
+@implementer(IPushProducer)
+class _OutputGate:
+    """Registered with the client's transport: while the transport's buffer of unsent
+    replies is full, the session stops reading commands."""
+
+    def __init__(self, session: ServerSession) -> None:
+        self._session = session
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        self._session.hold("output")
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self._session.release("output")
+
+    def stopProducing(self) -> None:  # noqa: N802
+        self._session.release("output")
+
+
+class ServerSession(SMTPLineReceiver):
     """One client session: the reply and dispatch machinery its commands share."""
 
     MAX_LENGTH = 12288  # room for AUTH responses (RFC 4954); commands are far shorter
@@ -74,58 +115,114 @@ class ServerSession(SMTPLineReceiver, TimeoutMixin):
     def __init__(self, factory: SessionServices) -> None:
         super().__init__()
         self.services = factory
-        self.settings = factory.settings
-        self._clock = factory.clock
-        self.client = ClientInfo("", 0, self.settings.name, secrets.token_hex(6))
-        self._tls_active = self.settings.tls == "implicit"
+        self.settings = settings = factory.settings
+        clock = factory.clock
+        self.client = ClientInfo("", 0, settings.name, secrets.token_hex(6))
+        self._tls_active = settings.tls == "implicit"
         self._continuation: Callable[[str], Outcome] | None = None
         self._transaction: ITransaction | None = None
         self._errors = 0
         self._gone = False
+        self._closing = False
+        self._gate: _OutputGate | None = None
+        self.idle = Deadline(clock, settings.idle_timeout, self._idle_timeout)
+        self.lifetime = Deadline(clock, settings.max_session_time, self._session_timeout)
+        self._cut_off = Deadline(clock, CLOSE_GRACE, self._abort)
 
-    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:  # noqa: N802
-        """TimeoutMixin's timer, on the clock the session was given."""
-        return self._clock.callLater(period, func)
+    def start_session(self) -> None:
+        """The connection is up: the deadlines run."""
+        self.idle.start()
+        self.lifetime.start()
+        if not self._tls_active:
+            self.watch_output()
+
+    def watch_output(self) -> None:
+        """From now on, replies that cannot leave stop the input.  Not during a TLS
+        handshake: TLS holds early writes back until it is done, which would stop the
+        very input the handshake needs."""
+        if self._gate is None and not self._closing:
+            self._gate = _OutputGate(self)
+            self.connection.registerProducer(self._gate, True)
+
+    def unwatch_output(self) -> None:
+        if self._gate is not None:
+            self._gate = None
+            self.connection.unregisterProducer()
+            self.release("output")
+
+    def end_session(self) -> None:
+        """The connection is gone: nothing more is sent, no deadline fires."""
+        self._gone = True
+        for deadline in (self.idle, self.lifetime, self._cut_off):
+            deadline.stop()
+        self._end_transaction(abort=True)
 
     def _end_transaction(self, abort: bool, only: ITransaction | None = None) -> None:
         """Forget the current transaction (if it is C{only}, when given), aborting it."""
 
-    # Timeouts and holding input.
-
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        self.resetTimeout()
-        super().dataReceived(data)
+    # Deadlines, holding input and closing.
 
     def hold(self, reason: str) -> None:
-        if not self.held:
-            self.setTimeout(None)  # waiting on us is not the client being idle
         super().hold(reason)
+        if reason in WAITING_ON_US:
+            self.idle.stop()  # waiting on us is not the client being idle
 
     def release(self, reason: str) -> None:
         super().release(reason)
-        if not self.held and not self._gone:
-            self.setTimeout(self.settings.idle_timeout)
+        if not self._gone and not self._closing and not (self.holds & WAITING_ON_US):
+            self.idle.ensure()
 
-    def timeoutConnection(self) -> None:  # noqa: N802
+    def _idle_timeout(self) -> None:
         log.info("{session} idle timeout", session=self.client.session_id)
-        self.reply(Reply(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded"))
+        self.close(Reply(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded"))
+
+    def _session_timeout(self) -> None:
+        log.info("{session} session time limit of {seconds:g} s reached",
+                 session=self.client.session_id, seconds=self.settings.max_session_time)
+        self.close(Reply(421, "4.4.2", f"{self.settings.hostname} Error: session too long"))
+
+    def close(self, reply: Reply | None = None) -> None:
+        """End the session: a last reply, the transaction aborted, the connection closed.
+
+        A peer that does not read (or never finishes a TLS handshake) would keep a
+        closing connection open forever; it is cut off after L{CLOSE_GRACE} seconds.
+        """
+        if self._gone or self._closing:
+            return
+        if reply is not None:
+            self.connection.write(format_reply(reply))
+        self._closing = True
+        self.idle.stop()
         self._end_transaction(abort=True)
+        self.hold("closing")
+        self.unwatch_output()  # a TLS transport closes only without a producer
         self.connection.loseConnection()
+        self._cut_off.start()
+
+    def abort(self, why: str) -> None:
+        """Drop the connection at once (it could not close cleanly); C{why} is logged."""
+        if not self._gone:
+            log.info("{session} {why}: connection aborted", session=self.client.session_id,
+                     why=why)
+            self._closing = True
+            self._end_transaction(abort=True)
+            self.connection.abortConnection()
+
+    def _abort(self) -> None:
+        self.abort("did not close in time")
 
     # Replies.
 
     def reply(self, reply: Reply) -> None:
         """Send one reply; too many errors end the session as Postfix does."""
-        if self._gone:
+        if self._gone or self._closing:
             return
         self.connection.write(format_reply(reply))
         if reply.code >= 400:
             self._errors += 1
             if self._errors >= self.settings.max_errors:
-                self.connection.write(format_reply(
-                    Reply(421, "4.7.0", f"{self.settings.hostname} Error: too many errors")))
-                self._end_transaction(abort=True)
-                self.connection.loseConnection()
+                self.close(Reply(421, "4.7.0", f"{self.settings.hostname} Error: too many "
+                                               "errors"))
 
     def _respond(self, result: Outcome) -> None:
         """Send the reply a handler produced, holding input while it is not ready."""
@@ -155,6 +252,9 @@ class ServerSession(SMTPLineReceiver, TimeoutMixin):
     # Command dispatch.
 
     def line_received(self, line: bytes) -> None:
+        if self._closing:
+            return
+        self.idle.start()  # the next line has idle_timeout to arrive whole
         if self._continuation is not None:
             continuation, self._continuation = self._continuation, None
             self._respond(self._guarded(continuation, line.decode("ascii", "replace")))
@@ -179,8 +279,8 @@ class ServerSession(SMTPLineReceiver, TimeoutMixin):
             return self._failure_reply(Failure())
 
     def line_too_long(self) -> None:
+        self.idle.start()
         self.reply(LINE_TOO_LONG)
 
     def raw_data_received(self, data: bytes) -> None:
         """Raw mode is only used for a message body (L{smtpbridge.mailcommands})."""
-

@@ -30,6 +30,7 @@ from smtpbridge.interfaces import (
     IPasswordChecker,
     ITokenSource,
 )
+from smtpbridge.limits import ConnectionGovernor, raise_file_limit
 from smtpbridge.listener import CertificateReloader, ListenerService
 from smtpbridge.mapping import (
     UpstreamLoginChecker,
@@ -49,12 +50,23 @@ from smtpbridge.users import UsersFileChecker, load_users
 
 
 def _endpoint_service(reactor: Any, config: Config, key: str, name: str,
-                      description: str, factory: Any) -> ListenerService:
+                      description: str, factory: Any, backlog: int | None = None,
+                      governor: ConnectionGovernor | None = None) -> ListenerService:
     try:
-        endpoint = serverFromString(reactor, description)
+        endpoint = serverFromString(reactor, _with_backlog(description, backlog))
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(config.path, key, f"bad endpoint {description!r}: {e}")
-    return ListenerService(name, description, endpoint, factory)
+    return ListenerService(name, description, endpoint, factory, governor)
+
+
+def _with_backlog(description: str, backlog: int | None) -> str:
+    """The endpoint with C{backlog} as its listen queue, where its kind has one and the
+    string does not set it already."""
+    kinds = description.split(":", 2)
+    kind = kinds[1] if kinds[0] == "haproxy" and len(kinds) > 1 else kinds[0]
+    if backlog is None or kind not in ("tcp", "tcp6", "unix") or "backlog=" in description:
+        return description
+    return f"{description}:backlog={backlog}"
 
 
 def _context_builder(config: Config, listener: ListenerConfig | None,
@@ -84,7 +96,8 @@ def _routes(config: Config, name: str) -> tuple[Route, ...]:
         key = "upstream" if name == DEFAULT else f"upstream.{name}"
         raise ConfigError(config.path, f"{key}.ca_certificates", f"{ca} {reason}")
     return tuple(Route(host, route.port, route.tls, ca, float(route.timeout),
-                       route.min_tls_version, route.pin_sha256)
+                       route.min_tls_version, route.pin_sha256, route.max_sessions,
+                       float(route.session_wait), float(route.data_timeout))
                  for host in route.hosts)
 
 
@@ -196,6 +209,8 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     checker = _checker(config, reactor, upstream)
     keep_password = IClientLoginMapper.providedBy(upstream.mapper)
     throttle = _throttle(config, reactor)
+    soft, _ = raise_file_limit()
+    governor = ConnectionGovernor(soft)
     contexts: list[tuple[ServerTLS, Callable[[], SSL.Context]]] = []
 
     def server_tls(build: Callable[[], SSL.Context]) -> ServerTLS:
@@ -214,16 +229,21 @@ def make_service(config: Config, reactor: Any) -> MultiService:
             max_message_size=config.server.max_message_size,
             idle_timeout=config.server.idle_timeout,
             received_header=config.server.received_header,
+            received_header_login=config.server.received_header_login,
+            handshake_timeout=config.server.handshake_timeout,
+            max_session_time=config.server.max_session_time,
+            max_connections=listener.max_connections or config.server.max_connections,
+            max_connections_per_client=config.server.max_connections_per_client,
         )
         listener_tls = (server_tls(_context_builder(config, listener, index))
                         if listener.tls != "none" else None)
         factory: Any = SMTPServerFactory(settings, delivery, policy, checker, reactor,
-                                         listener_tls, throttle, keep_password)
+                                         listener_tls, throttle, keep_password, governor)
         if listener_tls is not None and listener.tls == "implicit":
             factory = TLSMemoryBIOFactory(listener_tls, False, factory)
         _endpoint_service(reactor, config, f"listener[{index}].endpoint",
                           f"listener {listener.name}", listener.endpoint,
-                          factory).setServiceParent(top)
+                          factory, listener.backlog, governor).setServiceParent(top)
     if config.demo is not None:
         demo = config.demo
         factory = demo_upstream_factory(MailFolderDelivery(demo.mail_dir), demo.username,

@@ -29,13 +29,16 @@ def received_header(
     recipients: Sequence[str],
     when: datetime.datetime,
     esmtp: bool = True,
+    show_login: bool = False,
 ) -> list[bytes]:
     """The bridge's RFC 5321 section 4.4 trace header for one message, as folded body lines.
 
     The protocol keyword follows RFC 3848 (``ESMTPSA`` and friends, ``SMTP...``
     when the client said HELO, ``esmtp=False``); "for" names the recipient only
     when there is exactly one, so that a message does not reveal its other
-    recipients.  Values the client chose (HELO name, login) are cut to
+    recipients.  The AUTH login is named only with C{show_login} (like Postfix's
+    ``smtpd_sasl_authenticated_header``, off by default: recipients need not learn the
+    device's account).  Values the client chose (HELO name, login) are cut to
     ``MAX_CLIENT_VALUE`` characters and kept ASCII, with anything that could
     break the header's syntax replaced by "?".  ``when`` should be aware of its
     time zone (a naive one is written as ``-0000``).
@@ -43,7 +46,7 @@ def received_header(
     literal = _address_literal(client.peer_host)
     helo = _clean(client.helo or "", _WORD_UNSAFE)
     clauses = [f"from {helo} ({literal})" if helo else f"from {literal}"]
-    if client.login:
+    if client.login and show_login:
         clauses.append(f"(authenticated as {_comment(client.login)})")
     by = _clean(hostname, _WORD_UNSAFE) or "localhost"
     clauses.append(f"by {by} (smtpbridge, listener {_comment(client.listener) or '?'})")

@@ -33,6 +33,9 @@ class RouteConfig:
     timeout: int = 60
     min_tls_version: str = "1.2"
     pin_sha256: tuple[str, ...] = ()
+    max_sessions: int = 20  # upstream sessions open at once, per host
+    session_wait: int = 30  # seconds a transaction waits for one before 451 4.3.2
+    data_timeout: int = 180  # seconds the body may make no progress (Postfix's default)
 
 
 @attr.frozen
@@ -77,6 +80,9 @@ def _route(t: Table, name: str) -> RouteConfig:
         timeout=t.integer("timeout", 60, minimum=1),
         min_tls_version=t.string("min_tls_version", "1.2", choices=UPSTREAM_TLS_VERSIONS),
         pin_sha256=tuple(_pin(t, value) for value in t.strings("pin_sha256", ())),
+        max_sessions=t.integer("max_sessions", 20, minimum=1),
+        session_wait=t.integer("session_wait", 30, minimum=0),
+        data_timeout=t.integer("data_timeout", 180, minimum=1),
     )
 
 
