@@ -27,6 +27,10 @@ settings.register_profile("ci", derandomize=True, deadline=None)
 settings.register_profile("dev", deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
+# Files the tests write (passwords, keys, tokens) are the bridge's secrets: like an
+# administrator's, they are readable by their owner only, or the bridge refuses them.
+os.umask(0o077)
+
 USER = "device"
 PASSWORD = "device-pass-1"  # noqa: S105 - a test account
 UPSTREAM_USER = "bridge"

@@ -21,11 +21,12 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from smtpbridge.client import UpstreamProtocol, UpstreamSession, parse_features
+from smtpbridge.client import UpstreamProtocol, parse_features
 from smtpbridge.config import Secret
 from smtpbridge.connector import connect, set_up
 from smtpbridge.errors import SMTPReplyError
 from smtpbridge.model import Reply, Route, UpstreamAccount
+from smtpbridge.upstreamsession import UpstreamSession
 from tests.upstream import Upstream, upstream, upstream_factory, write_ca_bundle
 
 FIXTURES = (upstream, upstream_factory)  # pytest finds fixtures by module attribute
@@ -311,6 +312,19 @@ def test_garbage_reply(garbage: bytes) -> None:
     assert harness.transport.disconnected
 
 
+@pytest.mark.parametrize("reply", [b"220-more\r\n" * 101,
+                                   (b"220-" + b"x" * 4000 + b"\r\n") * 17])
+def test_an_endless_reply_is_cut_off(reply: bytes) -> None:
+    """At most 100 lines or 64 KiB a reply: an upstream (or anyone on the path before
+    TLS) cannot make the bridge hold an endless greeting."""
+    harness = Harness()
+    harness.server(reply)
+    error = harness.error()
+    assert (error.code, error.enhanced) == (451, "4.4.2")
+    assert "more than 100 lines or 64 KiB during greeting" in error.text
+    assert harness.transport.disconnected
+
+
 def test_greeting_refused() -> None:
     harness = Harness()
     harness.server(b"554 5.3.2 go away\r\n")
@@ -436,7 +450,7 @@ def test_producer_is_registered_with_the_transport_during_data() -> None:
     assert harness.transport.producer is None
     harness.server(b"354 go\r\n")
     assert outcome(data).code == 354
-    assert harness.transport.producer is producer and harness.transport.streaming
+    assert harness.transport.producer._producer is producer and harness.transport.streaming
     session.end_data()
     assert harness.transport.producer is None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -197,3 +198,73 @@ def test_oauth_mistakes(oauth, key, reason):
     text = text.replace(single_account, "")
     message = error_of(text)
     assert f": {key}: " in message and reason in message
+
+
+@pytest.mark.parametrize("mode, who", [(0o640, "its group"), (0o604, "others"),
+                                       (0o644, "its group and others")])
+def test_secret_files_others_can_read_are_refused(tmp_path, mode, who):
+    password = tmp_path / "upstream-password"
+    password.write_text("secret\n")
+    password.chmod(mode)
+    text = MINIMAL.replace('password_env = "SMTPBRIDGE_TEST_PASSWORD"',
+                           f'password_file = "{password}"')
+    message = error_of(text, str(tmp_path / "c.toml"))
+    assert message == (f"{tmp_path}/c.toml: credentials.password_file: {password} can be "
+                       f"read by {who} (mode {mode:04o}): chmod 600 {password} (or set "
+                       "[server] allow_readable_secrets = true)")
+    password.chmod(0o600)
+    assert parse_config(text, str(tmp_path / "c.toml")).warnings == ()
+
+
+def test_every_kind_of_secret_file_is_checked(tmp_path):
+    for name in ("users", "key.pem", "cert.pem"):
+        (tmp_path / name).write_text("x\n")
+    (tmp_path / "cert.pem").chmod(0o644)  # a certificate is public: not checked
+    for name, key, text in [
+        ("users", "access.users_file", f'[access]\nusers_file = "{tmp_path}/users"\n'),
+        ("key.pem", "tls.key", f'[tls]\ncertificate = "{tmp_path}/cert.pem"\n'
+                               f'key = "{tmp_path}/key.pem"\n'),
+    ]:
+        (tmp_path / name).chmod(0o644)
+        assert f": {key}: " in error_of(text + MINIMAL, str(tmp_path / "c.toml"))
+        (tmp_path / name).chmod(0o600)
+
+
+def test_allow_readable_secrets_turns_the_refusal_into_a_warning(tmp_path):
+    password = tmp_path / "upstream-password"
+    password.write_text("secret\n")
+    password.chmod(0o644)
+    text = "[server]\nallow_readable_secrets = true\n" + MINIMAL.replace(
+        'password_env = "SMTPBRIDGE_TEST_PASSWORD"', f'password_file = "{password}"')
+    config = parse_config(text, str(tmp_path / "c.toml"))
+    assert config.warnings == (
+        f"{tmp_path}/c.toml: credentials.password_file: {password} can be read by its group "
+        f"and others (mode 0644): chmod 600 {password}",)
+
+
+def test_the_limits_have_their_documented_defaults():
+    config = parse_config(MINIMAL, "/x/test.toml")
+    server, access = config.server, config.access
+    assert (server.handshake_timeout, server.max_session_time) == (30, 3600)
+    assert (server.max_connections, server.max_connections_per_client) == (1000, 50)
+    assert (server.received_header_login, server.allow_readable_secrets) == (False, False)
+    assert config.listeners[0].backlog == 511 and config.listeners[0].max_connections is None
+    assert (access.auth_threads, access.auth_queue, access.auth_rate) == (2, 32, 20.0)
+    route = config.upstream
+    assert (route.max_sessions, route.session_wait, route.data_timeout) == (20, 30, 180)
+
+
+def test_every_setting_is_in_the_annotated_example():
+    import attr
+
+    from smtpbridge.config import AccessConfig, ListenerConfig, ServerConfig, TLSConfig
+    from smtpbridge.upstreamconfig import RouteConfig
+
+    with open(os.path.join(ROOT, "etc", "smtpbridge.toml"), encoding="utf-8") as f:
+        text = f.read()
+    missing = [f"{cls.__name__}.{field.name}" for cls in (
+        ServerConfig, TLSConfig, ListenerConfig, AccessConfig, RouteConfig)
+        for field in attr.fields(cls)
+        if field.name not in ("name", "hosts", "pin_sha256")
+        and not re.search(rf"^#? ?{field.name} = ", text, re.MULTILINE)]
+    assert missing == []

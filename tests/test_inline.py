@@ -293,6 +293,70 @@ def test_sender_rewrite_of_a_message_that_is_all_header() -> None:
     assert message.body == b"From: relay@example.com\r\nReply-To: a@b.example\r\nSubject: x\r\n"
 
 
+def test_sender_rewrite_fails_closed_on_a_huge_header_section() -> None:
+    """A From: beyond the rewriter's reach is never relayed as it is: 552 5.3.4."""
+    upstream = FakeUpstream()
+    t = transaction(upstream, REWRITING)
+    to_data(t)
+    t.write([b"X-Filler: " + b"x" * 990] * 300)  # 300 KiB of header, no end yet
+    t.write([b"From: forged@bank.example", b"", b"body"])
+    reply = error_of(t.finish())
+    assert (reply.code, reply.enhanced) == (552, "5.3.4")
+    session = the_session(upstream)
+    assert session.aborted and "." not in session.commands and upstream.messages == []
+
+
+def utf8_upstream() -> FakeUpstream:
+    """An upstream that does not offer SMTPUTF8."""
+    upstream = FakeUpstream()
+    del upstream.features["SMTPUTF8"]
+    return upstream
+
+
+def test_smtputf8_is_passed_on_when_the_upstream_offers_it() -> None:
+    upstream = FakeUpstream()
+    t = transaction(upstream)
+    assert outcome(t.mail("jörg@example.de", {"SMTPUTF8": None})).positive
+    assert outcome(t.rcpt("bü@example.de", {})).positive
+    assert the_session(upstream).commands[0] == "MAIL FROM:<jörg@example.de> SMTPUTF8"
+
+
+def test_a_non_ascii_sender_is_refused_when_the_upstream_lacks_smtputf8() -> None:
+    upstream = utf8_upstream()
+    t = transaction(upstream)
+    reply = outcome(t.mail("jörg@example.de", {"SMTPUTF8": None}))
+    assert (reply.code, reply.enhanced) == (553, "5.6.7")
+    assert the_session(upstream).commands == []  # nothing downgraded silently
+
+
+def test_ascii_only_transactions_pass_without_smtputf8_upstream() -> None:
+    upstream = utf8_upstream()
+    t = transaction(upstream)
+    assert outcome(t.mail(SENDER, {"SMTPUTF8": None})).positive
+    reply = outcome(t.rcpt("bü@example.de", {}))
+    assert (reply.code, reply.enhanced) == (553, "5.6.7")
+    assert outcome(t.rcpt(RECIPIENT, {})).positive
+    assert outcome(t.data(Producer())).code == 354
+    t.write([b"Subject: plain", b"", "body with ümlauts".encode()])  # 8-bit body: fine
+    assert outcome(t.finish()) == QUEUED
+    session = the_session(upstream)
+    assert session.commands[:2] == [f"MAIL FROM:<{SENDER}> SMTPUTF8",
+                                    f"RCPT TO:<{RECIPIENT}>"]
+    assert len(upstream.messages) == 1
+
+
+def test_a_non_ascii_header_is_refused_when_the_upstream_lacks_smtputf8() -> None:
+    upstream = utf8_upstream()
+    t = transaction(upstream)
+    assert outcome(t.mail(SENDER, {"SMTPUTF8": None})).positive
+    assert outcome(t.rcpt(RECIPIENT, {})).positive
+    assert outcome(t.data(Producer())).code == 354
+    t.write(["Subject: Grüße".encode(), b"", b"body"])
+    reply = error_of(t.finish())
+    assert (reply.code, reply.enhanced) == (553, "5.6.7")
+    assert the_session(upstream).aborted and upstream.messages == []
+
+
 def test_without_rewrite_sender_nothing_changes() -> None:
     upstream = FakeUpstream()
     t = transaction(upstream)

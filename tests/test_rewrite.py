@@ -11,7 +11,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from smtpbridge.model import ClientInfo
-from smtpbridge.rewrite import SenderRewriter, rewrite_headers
+from smtpbridge.rewrite import HeaderTooLarge, SenderRewriter, rewrite_headers
 from smtpbridge.trace import received_header
 
 WHEN = datetime.datetime(2026, 11, 23, 6, 7, 33, tzinfo=datetime.UTC)
@@ -369,15 +369,15 @@ def test_long_lines_stay_within_limit() -> None:
     assert out[4:] == [b""]
 
 
-def test_oversized_header_section_passes_unchanged() -> None:
+def test_oversized_header_section_is_refused_not_passed() -> None:
     message = [b"From: a@printer.local"] + [b"X-Filler: " + b"x" * 90] * 10 + [b"", b"b"]
     rewriter = SenderRewriter(ACCOUNT, max_header_bytes=500)
-    out = rewriter.feed(message[:4])
-    assert out == []
-    out += rewriter.feed(message[4:6])
-    assert out == message[:6]  # given up: nothing held any more
-    out += rewriter.feed(message[6:]) + rewriter.close()
-    assert out == message
+    assert rewriter.feed(message[:4]) == []
+    with pytest.raises(HeaderTooLarge) as caught:
+        rewriter.feed(message[4:6])
+    assert (caught.value.reply.code, caught.value.reply.enhanced) == (552, "5.3.4")
+    with pytest.raises(RuntimeError):  # nothing of this message goes out any more
+        rewriter.feed(message[6:])
 
 
 def test_header_section_at_the_limit_is_rewritten() -> None:
@@ -387,7 +387,8 @@ def test_header_section_at_the_limit_is_rewritten() -> None:
     rewriter = SenderRewriter(ACCOUNT, max_header_bytes=limit)
     assert rewriter.feed(message)[0] == b"From: relay@example.com"
     rewriter = SenderRewriter(ACCOUNT, max_header_bytes=limit - 1)
-    assert rewriter.feed(message) == message
+    with pytest.raises(HeaderTooLarge):
+        rewriter.feed(message)
 
 
 @pytest.mark.parametrize("address", ["relay@example.com\r\nBcc: x@y", "<relay@example.com>",
@@ -424,15 +425,19 @@ def _batches(lines: list[bytes], cuts: list[int]) -> list[list[bytes]]:
        limit=st.sampled_from([0, 60, 300, 256 * 1024]))
 @settings(max_examples=500)
 def test_batching_does_not_matter(lines: list[bytes], cuts: list[int], limit: int) -> None:
-    whole = SenderRewriter(ACCOUNT, max_header_bytes=limit)
-    expected = whole.feed(list(lines)) + whole.close()
-    rewriter = SenderRewriter(ACCOUNT, max_header_bytes=limit)
-    out: list[bytes] = []
-    for batch in _batches(lines, cuts):
-        out += rewriter.feed(batch)
-    out += rewriter.close()
-    assert out == expected
-    assert all(len(line) <= 998 for line in out)
+    def run(batches: list[list[bytes]]) -> list[bytes] | str:
+        rewriter = SenderRewriter(ACCOUNT, max_header_bytes=limit)
+        out: list[bytes] = []
+        try:
+            for batch in batches:
+                out += rewriter.feed(batch)
+        except HeaderTooLarge:
+            return "refused"
+        return out + rewriter.close()
+
+    expected = run([list(lines)])
+    assert run(_batches(lines, cuts)) == expected
+    assert expected == "refused" or all(len(line) <= 998 for line in expected)
 
 
 @given(headers=st.lists(st.sampled_from(_HEADERISH[:6]), max_size=8),

@@ -515,3 +515,25 @@ def test_auth_failures_are_slowed_then_blocked():
                                "try again later"]
     s.clock.advance(901)
     assert s.command(good)[0].startswith("235")
+
+
+# SMTPUTF8 (RFC 6531): never a silent downgrade.
+
+def test_a_utf8_sender_needs_the_smtputf8_parameter():
+    s = Session()
+    s.command("EHLO c")
+    assert s.command("MAIL FROM:<jörg@example.de>") == [
+        "553 5.6.7 Non-ASCII address needs MAIL FROM with SMTPUTF8"]
+    assert s.delivery.transactions == []
+    assert s.command("MAIL FROM:<jörg@example.de> SMTPUTF8")[0].startswith("250")
+    assert s.delivery.transactions[0].sender_params == {"SMTPUTF8": None}
+    assert s.command("RCPT TO:<bü@example.de>")[0].startswith("250")
+
+
+def test_a_utf8_recipient_needs_the_smtputf8_parameter():
+    s = Session()
+    s.command("EHLO c")
+    assert s.command("MAIL FROM:<a@example.com>")[0].startswith("250")
+    assert s.command("RCPT TO:<bü@example.de>")[0].startswith("553 5.6.7 ")
+    assert s.command("RCPT TO:<b@example.de>")[0].startswith("250")
+    assert s.delivery.transactions[0].recipients == ["b@example.de"]

@@ -259,3 +259,35 @@ def test_delay_cancel_stops_timer(clock: Clock) -> None:
     assert clock.getDelayedCalls() == []
     assert len(errors) == 1
     assert errors[0].check(CancelledError)  # type: ignore[attr-defined]
+
+
+# Attempts counted before their check, and the bridge's ceiling.
+
+def test_parallel_attempts_count_before_their_verdict(clock: Clock) -> None:
+    throttle = AuthThrottle(clock, ThrottleSettings(failure_limit=3, rate=0))
+    assert [throttle.begin(ADDRESS) for _ in range(5)] == [None, None, None, "busy", "busy"]
+    assert throttle.begin(OTHER) is None  # another address is not affected
+    throttle.end(ADDRESS, ok=None)  # no verdict: the slot is free again, nothing counted
+    assert throttle.begin(ADDRESS) is None
+    for _ in range(3):
+        throttle.end(ADDRESS, ok=False)
+    assert throttle.begin(ADDRESS) == "blocked"
+
+
+def test_a_success_frees_its_slot_and_the_failures(clock: Clock) -> None:
+    throttle = AuthThrottle(clock, ThrottleSettings(failure_limit=2, rate=0))
+    assert throttle.begin(ADDRESS) is None
+    assert throttle.end(ADDRESS, ok=False) > 0
+    assert throttle.begin(ADDRESS) is None
+    assert throttle.end(ADDRESS, ok=True) == 0.0
+    assert [throttle.begin(ADDRESS) for _ in range(3)] == [None, None, "busy"]
+
+
+def test_the_bridge_wide_ceiling_of_attempts_per_second(clock: Clock) -> None:
+    throttle = AuthThrottle(clock, ThrottleSettings(failure_limit=0, rate=5))
+    verdicts = [throttle.begin(f"192.0.2.{n}") for n in range(8)]
+    assert verdicts == [None] * 5 + ["rate"] * 3
+    clock.advance(0.4)  # two more tokens
+    assert [throttle.begin(f"198.51.100.{n}") for n in range(3)] == [None, None, "rate"]
+    clock.advance(10)  # the bucket holds at most one second's attempts
+    assert [throttle.begin(f"203.0.113.{n}") for n in range(6)].count(None) == 5

@@ -127,3 +127,13 @@ def test_demo_starts_and_stores_mail(tmp_path):
     finally:
         process.terminate()
         process.wait(30)
+
+
+def test_a_secret_file_others_can_read_is_refused(tmp_path):
+    path = demo_copy(tmp_path)
+    users = tmp_path / "demo-users"
+    users.chmod(0o644)
+    line = one_line_error(twistd(path))
+    assert line == (f"smtpbridge: configuration error: {path}: access.users_file: {users} "
+                    f"can be read by its group and others (mode 0644): chmod 600 {users} "
+                    "(or set [server] allow_readable_secrets = true)")

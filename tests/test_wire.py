@@ -15,6 +15,7 @@ from smtpbridge.wire import (
     Command,
     DataDecoder,
     ReplyParser,
+    ReplyTooLong,
     encode_lines,
     format_reply,
     parse_command,
@@ -615,3 +616,17 @@ def test_bare_lf_end_when_accepted() -> None:
     lines, rest = DataDecoder(accept_bare_lf_end=True).feed(data)
     assert lines == [b"Subject: x", b"", b"hello"]
     assert rest == SMUGGLED + b"\r\n.\r\n"
+
+
+def test_reply_parser_limits_a_reply() -> None:
+    parser = ReplyParser(max_lines=3, max_bytes=1000)
+    assert feed_reply(parser, b"250-a", b"250-b", b"250 c") == Reply(250, None, "a\nb\nc")
+    for line in (b"250-a", b"250-b", b"250-c"):
+        assert parser.feed(line) is None
+    with pytest.raises(ReplyTooLong):
+        parser.feed(b"250 d")
+    parser = ReplyParser(max_lines=100, max_bytes=1000)
+    assert parser.feed(b"250-" + b"x" * 900) is None
+    with pytest.raises(ReplyTooLong):
+        parser.feed(b"250 " + b"y" * 200)
+    assert parser.feed(b"250 fresh") == Reply(250, None, "fresh")  # the next reply starts anew

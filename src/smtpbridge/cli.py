@@ -72,6 +72,8 @@ def _check(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 1
+    for warning in config.warnings:
+        print(f"warning: {warning}")
     print(f"config ok: {args.config}")
     if args.config_only:
         return 0

@@ -1,27 +1,25 @@
-"""The upstream SMTP client protocol and the session it offers once set up.
+"""The upstream SMTP client protocol: it frames replies, times each step out and records
+the first failure.
 
-L{UpstreamProtocol} frames replies, times each step out and records the first
-failure; L{UpstreamSession} is the L{IUpstreamSession} the delivery drives.  How a
-session is set up (connect, STARTTLS, verify, AUTH) is L{smtpbridge.connector}'s job.
-Failures are L{UpstreamError}s with a 4xx the bridge can give its client as is,
-naming the upstream and what went wrong; replies to MAIL, RCPT, DATA and the final
-dot are returned as they are, to be passed on verbatim.
+How a session is set up (connect, STARTTLS, verify, AUTH) is L{smtpbridge.connector}'s
+job; the session the delivery then drives is L{smtpbridge.upstreamsession}.  Failures
+are L{UpstreamError}s with a 4xx the bridge can give its client as is, naming the
+upstream and what went wrong.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Literal
 
 import attr
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHandshakeListener,
-    IPushProducer,
     IReactorTime,
 )
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator as TLSOptions
@@ -32,12 +30,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpbridge.errors import SMTPReplyError, UpstreamError
-from smtpbridge.interfaces import IUpstreamSession
 from smtpbridge.lines import SMTPLineReceiver
 from smtpbridge.model import Reply, Route
 from smtpbridge.replies import UpstreamFailure
 from smtpbridge.tls import public_key_pin, tls_failure_reason
-from smtpbridge.wire import END_OF_DATA, ReplyParser, encode_lines, reply_line
+from smtpbridge.wire import ReplyParser, ReplyTooLong, reply_line
 
 log = Logger()
 
@@ -91,10 +88,14 @@ class UpstreamProtocol(SMTPLineReceiver, TimeoutMixin):
     holds one Deferred in a queue; the oldest one's step is what times out.
     """
 
-    def __init__(self, route: Route, clock: IReactorTime) -> None:
+    early_too_long = True  # an upstream's endless line ends the session at once
+
+    def __init__(self, route: Route, clock: IReactorTime,
+                 on_lost: Callable[[], object] | None = None) -> None:
         super().__init__()
         self.route = route
-        self._clock = clock
+        self.clock = clock
+        self._on_lost = on_lost  # told once when the connection is gone
         self._parser = ReplyParser()
         self._pending: deque[_Pending] = deque()
         self.error: SMTPReplyError | None = None
@@ -107,7 +108,7 @@ class UpstreamProtocol(SMTPLineReceiver, TimeoutMixin):
 
     def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:  # noqa: N802
         """TimeoutMixin's timer, on the clock the session was given."""
-        return self._clock.callLater(period, func)
+        return self.clock.callLater(period, func)
 
     @property
     def label(self) -> str:
@@ -137,6 +138,9 @@ class UpstreamProtocol(SMTPLineReceiver, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         self.setTimeout(None)
+        on_lost, self._on_lost = self._on_lost, None
+        if on_lost is not None:
+            on_lost()
         if self.error is not None:
             return
         if self.handshaking:
@@ -157,6 +161,9 @@ class UpstreamProtocol(SMTPLineReceiver, TimeoutMixin):
             return
         try:
             reply = self._parser.feed(line)
+        except ReplyTooLong as e:
+            self.fail(self.error_for(UpstreamFailure.LOST, f"sent {e} during {self._step}"))
+            return
         except ValueError:
             self.fail(self.error_for(UpstreamFailure.PROTOCOL,
                                      f"sent a malformed reply during {self._step}: "
@@ -242,117 +249,3 @@ class UpstreamProtocol(SMTPLineReceiver, TimeoutMixin):
                 self.connection.loseConnection()
         for item in pending:
             item.deferred.errback(error)
-
-
-@implementer(IUpstreamSession)
-class UpstreamSession:
-    """One upstream SMTP session: connected, TLS verified, authenticated, ready for MAIL."""
-
-    def __init__(self, protocol: UpstreamProtocol, features: dict[str, str]) -> None:
-        self._protocol = protocol
-        self.route = protocol.route
-        self.features = features
-
-    @property
-    def usable(self) -> bool:
-        """Connected and no command pending."""
-        return self._protocol.idle
-
-    def mail(self, sender: str, params: Mapping[str, str | None]) -> Deferred[Reply]:
-        """MAIL FROM, passing on only the parameters the upstream advertised."""
-        words = [f"MAIL FROM:<{sender}>"]
-        for key, value in params.items():
-            key = key.upper()
-            if key == "SIZE" and value and "SIZE" in self.features:
-                words.append(f"SIZE={value}")
-            elif key == "BODY" and (value or "").upper() == "8BITMIME" \
-                    and "8BITMIME" in self.features:
-                words.append("BODY=8BITMIME")
-            elif key == "SMTPUTF8" and "SMTPUTF8" in self.features:
-                words.append("SMTPUTF8")
-        return self._command(" ".join(words), "MAIL")
-
-    def rcpt(self, recipient: str, params: Mapping[str, str | None]) -> Deferred[Reply]:
-        """RCPT TO; no parameter is passed on (the bridge offers no RCPT extension)."""
-        return self._command(f"RCPT TO:<{recipient}>", "RCPT")
-
-    def _command(self, line: str, step: str) -> Deferred[Reply]:
-        """Send a command, unless the session failed or is in DATA (where the line would
-        become part of the message)."""
-        protocol = self._protocol
-        if protocol.error is not None:
-            return fail(protocol.error)
-        if protocol.in_data or self._data_pending:
-            return fail(RuntimeError(f"{step} during DATA"))
-        return protocol.send(line, step)
-
-    _data_pending = False  # DATA was sent, its reply has not come
-
-    def data(self, producer: IPushProducer) -> Deferred[Reply]:
-        """DATA: fires with the upstream's 354 (the upstream's write buffer then pauses
-        C{producer}), or its refusal."""
-        protocol = self._protocol
-
-        def answered(reply: Reply) -> Reply:
-            self._data_pending = False
-            protocol.in_data = reply.code == 354
-            if protocol.in_data and protocol.error is None:
-                protocol.connection.registerProducer(producer, True)
-            return reply
-
-        sent = self._command("DATA", "DATA")
-        if not sent.called:
-            self._data_pending = True
-        return sent.addCallback(answered)
-
-    def _unregister_producer(self) -> None:
-        if self._protocol.error is None and self._protocol.transport is not None:
-            self._protocol.connection.unregisterProducer()
-
-    def write_lines(self, lines: Sequence[bytes]) -> None:
-        """Body lines, unstuffed and without line endings; sent dot-stuffed with CRLF."""
-        protocol = self._protocol
-        if protocol.error is None:
-            if not protocol.in_data:
-                raise RuntimeError("write_lines outside DATA")
-            protocol.connection.write(encode_lines(lines))
-
-    def end_data(self) -> Deferred[Reply]:
-        """The final dot: fires with the upstream's verdict on the message."""
-        protocol = self._protocol
-        if protocol.error is not None:
-            return fail(protocol.error)
-        if not protocol.in_data:
-            return fail(RuntimeError("end_data outside DATA"))
-        self._unregister_producer()
-        protocol.in_data = False
-        protocol.connection.write(END_OF_DATA)
-        return protocol.expect("end of data")
-
-    def reset(self) -> Deferred[Reply]:
-        """RSET."""
-        return self._command("RSET", "RSET")
-
-    def quit(self) -> Deferred[None]:
-        """QUIT, then close; never fails.  In DATA (or waiting for its 354) the session is
-        aborted instead: a QUIT there would be a line of the message."""
-        protocol = self._protocol
-        if protocol.error is not None:
-            return succeed(None)
-        if protocol.in_data or self._data_pending:
-            self.abort()
-            return succeed(None)
-        protocol.quiet = True
-        closed = protocol.error_for(UpstreamFailure.LOST, "session was closed")
-        return protocol.send("QUIT", "QUIT").addBoth(
-            lambda _: protocol.fail(closed, close="lose"))
-
-    def abort(self) -> None:
-        """Drop the connection at once, so the upstream never sees a final dot."""
-        protocol = self._protocol
-        if protocol.error is None:
-            if protocol.in_data:
-                self._unregister_producer()
-            log.info("upstream {where}: transaction aborted", where=where(self.route))
-            protocol.quiet = True
-            protocol.fail(protocol.error_for(UpstreamFailure.LOST, "session was aborted"))

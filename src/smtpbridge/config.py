@@ -125,6 +125,7 @@ class Config:
     credentials: CredentialsConfig
     senders: SendersConfig
     demo: DemoConfig | None
+    warnings: tuple[str, ...] = ()  # what the administrator should hear about at start
 
     @property
     def upstream(self) -> RouteConfig:
@@ -152,11 +153,11 @@ def _server(t: Table) -> ServerConfig:
     return ServerConfig(
         hostname=t.string("hostname", socket.getfqdn()),
         max_message_size=t.integer("max_message_size", DEFAULT_MAX_MESSAGE_SIZE, minimum=1024),
-        idle_timeout=t.integer("idle_timeout", 300, minimum=10),
+        idle_timeout=t.integer("idle_timeout", 300, minimum=1),
         received_header=t.boolean("received_header", True),
         received_header_login=t.boolean("received_header_login", False),
         handshake_timeout=t.integer("handshake_timeout", 30, minimum=1),
-        max_session_time=t.integer("max_session_time", 3600, minimum=10),
+        max_session_time=t.integer("max_session_time", 3600, minimum=1),
         max_connections=t.integer("max_connections", 1000, minimum=1),
         max_connections_per_client=t.integer("max_connections_per_client", 50, minimum=1),
         allow_readable_secrets=t.boolean("allow_readable_secrets", False),
@@ -166,7 +167,7 @@ def _server(t: Table) -> ServerConfig:
 def _tls(t: Table) -> TLSConfig:
     return TLSConfig(
         certificate=t.path("certificate", None),
-        key=t.path("key", None),
+        key=t.secret_path("key", None),
         create_self_signed=t.boolean("create_self_signed", False),
     )
 
@@ -184,7 +185,7 @@ def _listener(t: Table) -> ListenerConfig:
                                      choices=CLIENT_CERTIFICATE_MODES),
         client_ca=t.path("client_ca", None),
         certificate=t.path("certificate", None),
-        key=t.path("key", None),
+        key=t.secret_path("key", None),
         max_connections=t.integer("max_connections", None, minimum=1),
         backlog=t.integer("backlog", 511, minimum=1, maximum=65535),
     )
@@ -207,7 +208,7 @@ def _listener(t: Table) -> ListenerConfig:
 def _access(t: Table) -> AccessConfig:
     return AccessConfig(
         trusted_networks=_networks(t, "trusted_networks", DEFAULT_TRUSTED_NETWORKS),
-        users_file=t.path("users_file", None),
+        users_file=t.secret_path("users_file", None),
         auth_failure_limit=t.integer("auth_failure_limit", 10),
         auth_failure_window=t.number("auth_failure_window", 600.0, minimum=1.0),
         auth_block_time=t.number("auth_block_time", 900.0),
@@ -271,7 +272,7 @@ def parse_config(text: str, path: str) -> Config:
     listeners_data = root.get("listener", list, REQUIRED)
     listeners = []
     for index, item in enumerate(listeners_data):
-        table = Table(path, f"listener[{index}]", item, root.base_dir)
+        table = root.sub(f"listener[{index}]", item)
         listeners.append(_listener(table))
         table.done()
     if not listeners:
@@ -304,7 +305,28 @@ def parse_config(text: str, path: str) -> Config:
     )
     root.done()
     _check_whole(config)
-    return config
+    return attr.evolve(config, warnings=_check_secret_files(config, root.secret_files))
+
+
+def _check_secret_files(config: Config, files: list[tuple[str, str]]) -> tuple[str, ...]:
+    """Refuse secret files that others may read, as ssh does (a warning instead with
+    allow_readable_secrets); the warnings."""
+    warnings = []
+    for key, path in files:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError:
+            continue  # a missing file is reported where it is read
+        if not mode & 0o044:
+            continue
+        who = "its group and others" if mode & 0o004 and mode & 0o040 else (
+            "others" if mode & 0o004 else "its group")
+        reason = f"{path} can be read by {who} (mode {mode & 0o777:04o}): chmod 600 {path}"
+        if not config.server.allow_readable_secrets:
+            raise ConfigError(config.path, key, reason + " (or set [server] "
+                                                         "allow_readable_secrets = true)")
+        warnings.append(f"{config.path}: {key}: {reason}")
+    return tuple(warnings)
 
 
 def _check_whole(config: Config) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet import error as net_error
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, fail
 from twisted.internet.defer import TimeoutError as WaitTimeout
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator as TLSOptions
@@ -21,13 +21,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from smtpbridge.client import UpstreamProtocol, UpstreamSession, parse_features, upstream_error
+from smtpbridge.client import UpstreamProtocol, parse_features, upstream_error
 from smtpbridge.clientauth import authenticate, refuse
 from smtpbridge.errors import SMTPReplyError, UpstreamError
 from smtpbridge.interfaces import ITokenSource, IUpstreamConnector, IUpstreamSession
 from smtpbridge.model import Route, UpstreamAccount
 from smtpbridge.replies import UpstreamFailure
 from smtpbridge.tls import connection_summary, upstream_tls_options
+from smtpbridge.upstreamsession import UpstreamSession
 from smtpbridge.wire import reply_line
 
 log = Logger()
@@ -119,11 +120,14 @@ def _connect_error(failure: Failure, route: Route) -> UpstreamError:
 
 def connect(reactor: Any, route: Route, account: UpstreamAccount | None, helo_name: str,
             tls_options: TLSOptions | None = None, progress: Progress | None = None,
-            tokens: ITokenSource | None = None) -> Deferred[UpstreamSession]:
+            tokens: ITokenSource | None = None,
+            on_lost: Callable[[], object] | None = None) -> Deferred[UpstreamSession]:
     """Open a verified, authenticated upstream session, or fail with a 4xx L{UpstreamError}.
 
-    C{progress(step, detail)} hears of each step that succeeded (for C{smtpbridge check}).
+    C{progress(step, detail)} hears of each step that succeeded (for C{smtpbridge check});
+    C{on_lost()} is called once when the connection is gone or could not be made.
     """
+    lost = _once(on_lost)
     if tls_options is None:
         try:
             tls_options = upstream_tls_options(route)
@@ -131,13 +135,14 @@ def connect(reactor: Any, route: Route, account: UpstreamAccount | None, helo_na
             error = upstream_error(route, UpstreamFailure.TLS,
                                    f"TLS failed: cannot load CA certificates: {e}")
             log.warn("{text}", text=error.reply.text)
+            lost()
             return fail(error)
     options = tls_options
     endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, route.host, route.port,
                                                        timeout=route.timeout)
     if route.tls == "implicit":
         endpoint = wrapClientTLS(options, endpoint)
-    factory = Factory.forProtocol(lambda: UpstreamProtocol(route, reactor))
+    factory = Factory.forProtocol(lambda: UpstreamProtocol(route, reactor, lost))
     factory.noisy = False
     connecting: Deferred[Any] = endpoint.connect(factory)
     connecting.addTimeout(route.timeout, reactor)
@@ -148,11 +153,53 @@ def connect(reactor: Any, route: Route, account: UpstreamAccount | None, helo_na
         return set_up(protocol, account, helo_name, options, progress, tokens)
 
     def not_connected(failure: Failure) -> Failure:
+        lost()
         error = _connect_error(failure, route)
         log.warn("{text}", text=error.reply.text)
         return Failure(error)
 
     return connecting.addCallbacks(connected, not_connected)
+
+
+def _once(call: Callable[[], object] | None) -> Callable[[], None]:
+    """C{call}, made safe to call any number of times: it runs the first time only."""
+    def run() -> None:
+        nonlocal call
+        if call is not None:
+            pending, call = call, None
+            pending()
+    return run
+
+
+class SessionSlots:
+    """At most C{route.max_sessions} upstream sessions open at once to one host: a
+    transaction beyond them waits up to C{route.session_wait} seconds for one to close,
+    then gets 451 4.3.2, so idle clients cannot hold every upstream login at once."""
+
+    def __init__(self, clock: Any) -> None:
+        self._clock = clock
+        self._slots: dict[tuple[str, int], DeferredSemaphore] = {}
+
+    def in_use(self, route: Route) -> int:
+        semaphore = self._slots.get((route.host, route.port))
+        return 0 if semaphore is None else semaphore.limit - semaphore.tokens
+
+    def acquire(self, route: Route) -> Deferred[Callable[[], None]]:
+        """Fires with the function that gives the slot back (call it once the session's
+        connection is gone), or fails with the 451 4.3.2."""
+        key = (route.host, route.port)
+        semaphore = self._slots.get(key)
+        if semaphore is None:
+            semaphore = self._slots[key] = DeferredSemaphore(route.max_sessions)
+        waiting: Deferred[Any] = semaphore.acquire()
+
+        def timed_out(result: Any, timeout: float) -> Callable[[], None]:
+            raise upstream_error(route, UpstreamFailure.REFUSED, f"has {route.max_sessions} "
+                                 "sessions open already; try again later")
+
+        if not waiting.called:
+            waiting.addTimeout(route.session_wait, self._clock, onTimeoutCancel=timed_out)
+        return waiting.addCallback(lambda _: _once(semaphore.release))
 
 
 @implementer(IUpstreamConnector)
@@ -166,6 +213,7 @@ class UpstreamConnector:
         self._helo_name = helo_name
         self.tokens = dict(tokens or {})
         self._tls: dict[Route, TLSOptions] = {}
+        self.slots = SessionSlots(reactor)
 
     def tls_options(self, route: Route) -> TLSOptions:
         """The route's client TLS options (CA bundle read once); OSError or ValueError."""
@@ -185,6 +233,10 @@ class UpstreamConnector:
         except (OSError, ValueError):
             options = None  # connect() reports it
         tokens = self.tokens.get(account.name) if account is not None else None
-        session: Deferred[Any] = connect(self._reactor, route, account, self._helo_name,
-                                         options, progress, tokens)
+
+        def open_session(release: Callable[[], None]) -> Deferred[UpstreamSession]:
+            return connect(self._reactor, route, account, self._helo_name, options, progress,
+                           tokens, on_lost=release)
+
+        session: Deferred[Any] = self.slots.acquire(route).addCallback(open_session)
         return session

@@ -1,4 +1,5 @@
-"""Process-wide limits: the file-descriptor budget of the listeners.
+"""Process-wide limits: the file-descriptor budget of the listeners, and the bounded
+thread pool of the password checks.
 
 Every connection costs a descriptor, and an in-line transaction a second one upstream.
 When the process nears its limit, the listeners stop accepting (their ports pause, new
@@ -9,9 +10,20 @@ upstream connect with EMFILE; they resume once enough connections have closed.
 from __future__ import annotations
 
 import resource
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from smtpbridge.errors import SMTPReplyError
+from smtpbridge.replies import AUTH_BUSY
+
+T = TypeVar("T")
 
 log = Logger()
 
@@ -78,3 +90,39 @@ class ConnectionGovernor:
             log.info("{open} client connections: listeners accept again", open=self.open)
             for port in self._ports:
                 port.startReading()
+
+
+class BoundedThreadPool(Service):
+    """A thread pool of its own, for the password checks (scrypt holds 32 MiB and about
+    100 ms of CPU each), apart from the reactor's pool that resolves upstream host names.
+
+    At most C{threads} checks run and C{queue} wait; more are refused at once with
+    454 4.7.0, so a guessing storm costs a bounded amount of memory and never delays
+    name resolution.
+    """
+
+    def __init__(self, reactor: Any, threads: int, queue: int, name: str) -> None:
+        self._reactor = reactor
+        self._pool = ThreadPool(threads, threads, name)
+        self._limit = threads + queue
+        self.busy = 0
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        self._pool.start()
+
+    def stopService(self) -> None:  # noqa: N802
+        super().stopService()
+        self._pool.stop()
+
+    def run(self, function: Callable[..., T], *args: object) -> Deferred[T]:
+        """C{function(*args)} in a thread of the pool; fails with the 454 when it is full."""
+        if self.busy >= self._limit:
+            return fail(SMTPReplyError(AUTH_BUSY))
+        self.busy += 1
+
+        def done(result: T | Failure) -> T | Failure:
+            self.busy -= 1
+            return result
+
+        return deferToThreadPool(self._reactor, self._pool, function, *args).addBoth(done)

@@ -32,6 +32,9 @@ class SMTPLineReceiver(LineReceiver):
 
     delimiter = b"\n"
     MAX_LENGTH = 4096
+    #: Report an over-long line as soon as it is too long, not only once it ends (a
+    #: peer that is to be dropped for it may never end it).
+    early_too_long = False
     _discarding = False
     _reprocess = False
 
@@ -106,6 +109,8 @@ class SMTPLineReceiver(LineReceiver):
         if end < 0:
             # The line goes on: skip what came so far, and the rest up to its end.
             self._discarding = True
+            if self.early_too_long:
+                self.line_too_long()
             return
         self._discarding = False
         self._buffer = line[end + 1:]

@@ -24,6 +24,7 @@ from smtpbridge.replies import (
     NEED_HELO,
     NEED_MAIL,
     NEED_RCPT,
+    NEEDS_SMTPUTF8,
     NESTED_MAIL,
     NO_VALID_RECIPIENTS,
     TOO_BIG,
@@ -65,6 +66,7 @@ class MailCommands(ServerSession):
         self._decoder: DataDecoder | None = None
         self._size = 0
         self._progress = 0  # body bytes since the idle deadline last restarted
+        self._smtputf8 = False  # the transaction's MAIL FROM said SMTPUTF8
         self._body_refusal: Reply | None = None
 
     def smtp_MAIL(self, argument: str) -> Reply | Deferred[Reply]:  # noqa: N802
@@ -81,6 +83,9 @@ class MailCommands(ServerSession):
                      session=self.client.session_id, sender=sender, text=refusal.text)
             return refusal
         params = self._mail_params(params)
+        if not sender.isascii() and "SMTPUTF8" not in params:
+            return NEEDS_SMTPUTF8  # RFC 6531 3.5: never a silent downgrade
+        self._smtputf8 = "SMTPUTF8" in params
         transaction = self.services.delivery.transaction(self.client)
         self._transaction, self._recipients, self._accepted = transaction, 0, []
 
@@ -125,6 +130,8 @@ class MailCommands(ServerSession):
         recipient, params = parse_rcpt_to(argument)
         for name in params:
             raise SMTPReplyError(unsupported(name))
+        if not recipient.isascii() and not self._smtputf8:
+            return NEEDS_SMTPUTF8
         if self._recipients >= self.settings.max_recipients:
             return TOO_MANY_RECIPIENTS
         self._recipients += 1

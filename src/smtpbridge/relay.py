@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -27,7 +27,8 @@ from smtpbridge.interfaces import (
     Params,
 )
 from smtpbridge.model import ClientInfo, Reply, Route, UpstreamAccount
-from smtpbridge.rewrite import SenderRewriter
+from smtpbridge.replies import UPSTREAM_NO_SMTPUTF8
+from smtpbridge.rewrite import HeaderTooLarge, SenderRewriter
 
 log = Logger()
 
@@ -91,6 +92,9 @@ class InlineTransaction:
         self._session: IUpstreamSession | None = None
         self._rewriter: SenderRewriter | None = None
         self._data_sent = False  # DATA went upstream: only an abort may end the session now
+        self._refusal: SMTPReplyError | None = None  # the body was refused on its way
+        self._ascii_only = False  # SMTPUTF8 asked for, the upstream lacks it
+        self._in_header = True
         self._in_data = False
         self._over = False
 
@@ -106,6 +110,11 @@ class InlineTransaction:
             session.quit()
             raise SMTPReplyError(GONE)
         self._session = session
+        if "SMTPUTF8" in params and "SMTPUTF8" not in session.features:
+            # Relayed without it only while nothing needs it: ASCII addresses and headers.
+            if not sender.isascii():
+                return UPSTREAM_NO_SMTPUTF8
+            self._ascii_only = True
         if account is not None and account.rewrite_sender:
             # Providers refuse mail whose sender is not the login's own address.
             self._rewriter = SenderRewriter(account.rewrite_sender)
@@ -119,6 +128,8 @@ class InlineTransaction:
         return self._session
 
     def rcpt(self, recipient: str, params: Params) -> Deferred[Reply]:
+        if self._ascii_only and not recipient.isascii():
+            return succeed(UPSTREAM_NO_SMTPUTF8)
         return maybeDeferred(lambda: self._current().rcpt(recipient, params))
 
     def data(self, producer: IPushProducer) -> Deferred[Reply]:
@@ -135,12 +146,35 @@ class InlineTransaction:
     def write(self, lines: Sequence[bytes]) -> None:
         session = self._session
         if self._in_data and not self._over and session is not None:
+            if self._ascii_only and self._in_header:
+                self._check_ascii_header(lines)
+                if self._over:
+                    return
             if self._rewriter is not None:
-                lines = self._rewriter.feed(list(lines))
+                try:
+                    lines = self._rewriter.feed(list(lines))
+                except HeaderTooLarge as e:
+                    # Fail closed: never relay the message with its own From:.
+                    self._refusal = e
+                    self.abort()
+                    return
             if lines:
                 session.write_lines(lines)
 
+    def _check_ascii_header(self, lines: Sequence[bytes]) -> None:
+        """Without SMTPUTF8 upstream, a non-ASCII header line refuses the message."""
+        for line in lines:
+            if not line:
+                self._in_header = False
+                return
+            if not line.isascii():
+                self._refusal = SMTPReplyError(UPSTREAM_NO_SMTPUTF8)
+                self.abort()
+                return
+
     def finish(self) -> Deferred[Reply]:
+        if self._refusal is not None:
+            return fail(self._refusal)
         try:
             session = self._current()
         except SMTPReplyError as e:

@@ -16,6 +16,7 @@ AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_TEMP_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")
 AUTH_BLOCKED = Reply(454, "4.7.0", "Too many failed logins from your address; try again later")
+AUTH_BUSY = Reply(454, "4.7.0", "Too many logins at once; try again later")
 AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
 AUTH_UNDECODABLE = Reply(501, "5.5.2", "Cannot decode AUTH response")
 AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication "
@@ -37,6 +38,9 @@ TLS_ACTIVE = Reply(503, "5.5.1", "Error: TLS already active")
 TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 BAD_SIZE = Reply(501, "5.5.4", "Bad SIZE parameter")
 BAD_BODY = Reply(501, "5.5.4", "Bad BODY parameter; 7BIT or 8BITMIME")
+NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address needs MAIL FROM with SMTPUTF8")
+UPSTREAM_NO_SMTPUTF8 = Reply(553, "5.6.7", "The upstream does not support SMTPUTF8; "
+                                           "non-ASCII addresses and headers cannot be relayed")
 INTERNAL_ERROR = Reply(451, "4.3.0", "Error: internal error, try again later")
 
 

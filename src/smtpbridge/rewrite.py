@@ -7,7 +7,18 @@ from __future__ import annotations
 
 import re
 
+from smtpbridge.errors import SMTPReplyError
+from smtpbridge.model import Reply
+
 MAX_LINE = 998  # RFC 5322 2.1.1: lines must not be longer than this
+
+
+class HeaderTooLarge(SMTPReplyError):
+    """The header section is too large for the From: rewrite: the message is refused."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(Reply(552, "5.3.4", "Message header section exceeds "
+                                             f"{limit // 1024} KiB; cannot rewrite the sender"))
 
 
 # A header field's first line: a name of printable ASCII but ":", then ":"
@@ -40,7 +51,8 @@ class SenderRewriter:
       the header section ends it the same way.  Postfix's cleanup does the
       same, and so does every parser: what follows is body, not header.
     - A header section over ``max_header_bytes`` (counting CRLFs) is not a
-      device's: the rewrite is given up and the message passes unchanged.
+      device's, and a From: after that point could not be rewritten: the message is
+      refused (L{HeaderTooLarge}, 552 5.3.4).  It never passes with its own From:.
 
     Lines stay within RFC 5322's 998 octets: a line the rewrite would make
     longer is folded at one of its blanks.
@@ -78,9 +90,8 @@ class SenderRewriter:
                 return out
             self._held_bytes += len(line) + 2
             if self._held_bytes > self._limit:
-                out = self._release()
-                out.extend(lines[index:])
-                return out
+                self._held, self._state = [], "closed"
+                raise HeaderTooLarge(self._limit)
             self._held.append(line)
         return []
 

@@ -16,6 +16,7 @@ from smtpbridge.model import Reply
 from smtpbridge.replies import (
     ALREADY_AUTHENTICATED,
     AUTH_BLOCKED,
+    AUTH_BUSY,
     AUTH_CANCELLED,
     AUTH_FAILED,
     AUTH_NEEDS_TLS,
@@ -85,27 +86,31 @@ class AuthCommands(ServerSession):
         session, host = self.client.session_id, self.client.peer_host
         throttle, checker = self.services.throttle, self.services.checker
         assert checker is not None, "AUTH is refused without a checker"
-        if throttle is not None and throttle.blocked(host):
-            log.info("{session} AUTH refused: [{host}] is blocked after repeated failures",
-                     session=session, host=host)
-            return AUTH_BLOCKED
+        refused = throttle.begin(host) if throttle is not None else None
+        if refused is not None:
+            log.info("{session} AUTH refused: {why}", session=session, why={
+                "blocked": f"[{host}] is blocked after repeated failures",
+                "busy": f"[{host}] has too many logins under way",
+                "rate": "the bridge's ceiling of AUTH attempts per second"}[refused])
+            return AUTH_BLOCKED if refused == "blocked" else AUTH_BUSY
         try:
             ok = await maybeDeferred(checker.check, username, password)
-        except SMTPReplyError as e:
-            log.warn("{session} password check failed: {text}", session=session,
-                     text=e.reply.text)
+        except Exception as e:
+            if throttle is not None:
+                throttle.end(host, ok=None)  # no verdict on the password
+            if isinstance(e, SMTPReplyError):
+                log.warn("{session} password check failed: {text}", session=session,
+                         text=e.reply.text)
+            else:
+                log.failure("{session} password check failed", Failure(), session=session)
             return AUTH_TEMP_FAILURE
-        except Exception:
-            log.failure("{session} password check failed", Failure(), session=session)
-            return AUTH_TEMP_FAILURE
+        delay = throttle.end(host, ok) if throttle is not None else 0.0
         if not ok:
             log.info("{session} AUTH failed for user {user!r} from [{host}]",
                      session=session, user=username, host=host)
             if throttle is not None:
-                await throttle.delay(throttle.failed(host))
+                await throttle.delay(delay)
             return AUTH_FAILED
-        if throttle is not None:
-            throttle.succeeded(host)
         kept = Secret(password) if self.services.keep_password else None
         self.client = attr.evolve(self.client, login=username, password=kept)
         log.info("{session} AUTH ok: user {user!r}", session=session, user=username)

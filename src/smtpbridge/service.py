@@ -15,9 +15,7 @@ from typing import Any
 import attr
 from OpenSSL import SSL
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.threads import deferToThreadPool
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from smtpbridge.config import DEFAULT, Config, ListenerConfig
@@ -30,7 +28,7 @@ from smtpbridge.interfaces import (
     IPasswordChecker,
     ITokenSource,
 )
-from smtpbridge.limits import ConnectionGovernor, raise_file_limit
+from smtpbridge.limits import BoundedThreadPool, ConnectionGovernor, raise_file_limit
 from smtpbridge.listener import CertificateReloader, ListenerService
 from smtpbridge.mapping import (
     UpstreamLoginChecker,
@@ -170,18 +168,14 @@ def upstreams(config: Config, reactor: Any) -> Upstreams:
     return Upstreams(connector, mapper, known)
 
 
-def _checker(config: Config, reactor: Any, upstream: Upstreams) -> IPasswordChecker | None:
+def _checker(config: Config, upstream: Upstreams,
+             threads: BoundedThreadPool) -> IPasswordChecker | None:
     mapper = upstream.mapper
     if IClientLoginMapper.providedBy(mapper):
         return UpstreamLoginChecker(try_login(upstream.connector), mapper.routes)
     if config.access.users_file is None:
         return None
-    pool = reactor.getThreadPool()
-
-    def run_blocking(f: Callable[..., Any], *args: object) -> Deferred[Any]:
-        return deferToThreadPool(reactor, pool, f, *args)
-
-    return UsersFileChecker(load_users(config.access.users_file), run_blocking)
+    return UsersFileChecker(load_users(config.access.users_file), threads.run)
 
 
 def _policy(config: Config) -> AccessPolicy:
@@ -193,7 +187,8 @@ def _throttle(config: Config, reactor: Any) -> AuthThrottle:
     access = config.access
     return AuthThrottle(reactor, ThrottleSettings(
         failure_limit=access.auth_failure_limit, window=access.auth_failure_window,
-        block_time=access.auth_block_time, delay_step=access.auth_failure_delay))
+        block_time=access.auth_block_time, delay_step=access.auth_failure_delay,
+        rate=access.auth_rate))
 
 
 def make_service(config: Config, reactor: Any) -> MultiService:
@@ -206,7 +201,10 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     upstream = upstreams(config, reactor)
     delivery = InlineDelivery(upstream.mapper, upstream.connector)
     policy = _policy(config)
-    checker = _checker(config, reactor, upstream)
+    threads = BoundedThreadPool(reactor, config.access.auth_threads, config.access.auth_queue,
+                                "smtpbridge-password-checks")
+    threads.setServiceParent(top)
+    checker = _checker(config, upstream, threads)
     keep_password = IClientLoginMapper.providedBy(upstream.mapper)
     throttle = _throttle(config, reactor)
     soft, _ = raise_file_limit()

@@ -25,7 +25,10 @@ def makeService(options: Options) -> object:  # noqa: N802
     from smtpbridge.service import make_service
 
     try:
-        return make_service(load_config(options["config"]), reactor)
+        config = load_config(options["config"])
+        for warning in config.warnings:
+            sys.stderr.write(f"smtpbridge: warning: {warning}\n")
+        return make_service(config, reactor)
     except ConfigError as e:
         sys.stderr.write(f"smtpbridge: configuration error: {e}\n")
         raise SystemExit(1)

@@ -41,6 +41,8 @@ class ThrottleSettings:
     delay_step: float = attr.field(default=1.0, validator=_non_negative_time)
     #: Longest wait before answering a failed AUTH.
     max_delay: float = attr.field(default=10.0, validator=_non_negative_time)
+    #: AUTH attempts per second for all clients together; 0 means no ceiling.
+    rate: float = attr.field(default=20.0, validator=_non_negative_time)
 
 
 class AuthThrottle:
@@ -70,6 +72,57 @@ class AuthThrottle:
         if settings.delay_step > 0:
             needed = max(needed, math.ceil(settings.max_delay / settings.delay_step))
         self._keep = max(1, needed)
+        # Attempts being checked now, per address: they count against the limit before
+        # their verdict, so parallel guesses cannot pass it.
+        self._in_flight: dict[str, int] = {}
+        # The global ceiling: a token bucket of one second's attempts.
+        self._tokens = settings.rate
+        self._refilled = clock.seconds()
+
+    def begin(self, address: str) -> str | None:
+        """An AUTH attempt from C{address} is about to be checked: None when it may be (it
+        is then counted until L{end}), else why not: "blocked" (too many failures),
+        "busy" (its attempts under way would reach the limit) or "rate" (the bridge's
+        ceiling of attempts per second)."""
+        if self.blocked(address):
+            return "blocked"
+        key = normalise_address(address)
+        limit = self.settings.failure_limit
+        failures = self._failures.get(key)
+        if limit and len(failures or ()) + self._in_flight.get(key, 0) >= limit:
+            return "busy"
+        if not self._take_token():
+            return "rate"
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        return None
+
+    def end(self, address: str, ok: bool | None) -> float:
+        """The attempt C{begin} allowed has its verdict (None: it could not be checked);
+        the seconds to wait before answering it (0 unless it failed)."""
+        key = normalise_address(address)
+        left = self._in_flight.get(key, 1) - 1
+        if left > 0:
+            self._in_flight[key] = left
+        else:
+            self._in_flight.pop(key, None)
+        if ok is None:
+            return 0.0
+        if ok:
+            self.succeeded(address)
+            return 0.0
+        return self.failed(address)
+
+    def _take_token(self) -> bool:
+        rate = self.settings.rate
+        if not rate:
+            return True
+        now = self._clock.seconds()
+        self._tokens = min(rate, self._tokens + (now - self._refilled) * rate)
+        self._refilled = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
     def blocked(self, address: str) -> float:
         """Seconds left of a block for this address, 0.0 if it is not blocked."""

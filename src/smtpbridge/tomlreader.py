@@ -17,7 +17,8 @@ REQUIRED: Any = object()
 class Table:
     """Reads one TOML table, remembering which keys were used to reject the rest."""
 
-    def __init__(self, file: str, name: str, data: Any, base_dir: str) -> None:
+    def __init__(self, file: str, name: str, data: Any, base_dir: str,
+                 secret_files: list[tuple[str, str]] | None = None) -> None:
         if not isinstance(data, dict):
             raise ConfigError(file, name, f"must be a table, not {_type_name(data)}")
         self.file = file
@@ -25,6 +26,13 @@ class Table:
         self.data = data
         self.base_dir = base_dir
         self.used: set[str] = set()
+        # (dotted key, path) of every file read for a secret, shared by every table of
+        # the file: whether others may read them is checked once all is read.
+        self.secret_files = secret_files if secret_files is not None else []
+
+    def sub(self, name: str, data: Any) -> Table:
+        """A table within this file, sharing what it learns about secret files."""
+        return Table(self.file, name, data, self.base_dir, self.secret_files)
 
     def key(self, key: str) -> str:
         return f"{self.name}.{key}" if self.name else key
@@ -80,6 +88,13 @@ class Table:
             return None if value == "" else value
         return os.path.normpath(os.path.join(self.base_dir, os.path.expanduser(value)))
 
+    def secret_path(self, key: str, default: Any = REQUIRED) -> Any:
+        """The path of a file that holds a secret (a key, a users file, a token)."""
+        value = self.path(key, default)
+        if value:
+            self.secret_files.append((self.key(key), value))
+        return value
+
     def secret(self, key: str) -> Secret | None:
         """A secret given as ``<key>_file`` (a file holding it) or ``<key>_env`` (a variable)."""
         from_file = self.path(f"{key}_file", None)
@@ -91,6 +106,7 @@ class Table:
         if from_file and from_env:
             raise self.error(f"{key}_file", f"give either {key}_file or {key}_env, not both")
         if from_file:
+            self.secret_files.append((self.key(f"{key}_file"), from_file))
             try:
                 with open(from_file, encoding="utf-8") as f:
                     value = f.read().strip("\r\n")
@@ -120,7 +136,7 @@ class Table:
         for key, value in self.data.items():
             if isinstance(value, dict):
                 self.used.add(key)
-                found.append((key, Table(self.file, self.key(key), value, self.base_dir)))
+                found.append((key, self.sub(self.key(key), value)))
         return found
 
     def table(self, key: str, required: bool = False) -> Table | None:
@@ -129,7 +145,7 @@ class Table:
             if required:
                 raise self.error(key, "required table is missing")
             return None
-        return Table(self.file, self.key(key), self.data[key], self.base_dir)
+        return self.sub(self.key(key), self.data[key])
 
     def done(self) -> None:
         for key in self.data:

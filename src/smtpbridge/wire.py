@@ -212,19 +212,35 @@ def parse_enhanced(text: str) -> tuple[str | None, str]:
     return f"{match[1]}.{match[2]}.{match[3]}", text[match.end() :]
 
 
-class ReplyParser:
-    """Accumulates reply lines (without line endings) from an SMTP server."""
+class ReplyTooLong(ValueError):
+    """A reply went on beyond the parser's limits: a hostile or broken server."""
 
-    def __init__(self) -> None:
+
+class ReplyParser:
+    """Accumulates reply lines (without line endings) from an SMTP server.
+
+    A reply may have at most C{max_lines} lines and C{max_bytes} octets, so a server
+    cannot make the bridge hold an endless reply.
+    """
+
+    def __init__(self, max_lines: int = 100, max_bytes: int = 64 * 1024) -> None:
+        self._max_lines = max_lines
+        self._max_bytes = max_bytes
         self._reset()
 
     def _reset(self) -> None:
         self._code: int | None = None
         self._enhanced: str | None = None
         self._lines: list[str] = []
+        self._bytes = 0
 
     def feed(self, line: bytes) -> Reply | None:
         """Take one line; the complete reply after its last line, else None."""
+        self._bytes += len(line) + 2
+        if len(self._lines) >= self._max_lines or self._bytes > self._max_bytes:
+            self._reset()
+            raise ReplyTooLong(f"a reply of more than {self._max_lines} lines or "
+                               f"{self._max_bytes // 1024} KiB")
         match = _REPLY_LINE.fullmatch(line.decode("utf-8", errors="replace"))
         if match is None:
             self._reset()
