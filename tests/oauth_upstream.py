@@ -5,10 +5,12 @@ L{Provider}:
 
 - the token endpoint is twisted.web over HTTPS (the session's self-signed
   certificate) on 127.0.0.1, a free port, in the reactor thread.  It checks the
-  client ID and secret and the refresh token, issues access tokens with a chosen
-  lifetime, may rotate the refresh token, delay its answers, or answer every
-  request with an error; it records every request's form fields and can be
-  stopped and started again on the same port;
+  client ID and secret (or, like Entra for a confidential client with a
+  certificate, a signed client assertion) and the refresh token, issues access
+  tokens with a chosen lifetime, may rotate the refresh token, forget refresh
+  tokens left unused too long, delay its answers, or answer every request with an
+  error; it records every request's form fields and can be stopped and started
+  again on the same port;
 - the upstream is aiosmtpd on 127.0.0.1 requiring STARTTLS, then AUTH, offering
   only XOAUTH2 and OAUTHBEARER.  It accepts a token only while the endpoint's
   record holds it unexpired and unrevoked, and only for the account's user.  A
@@ -19,6 +21,9 @@ L{Provider}:
 Every secret the provider knows, issues or receives (client secret, refresh and
 access tokens, the SASL responses carrying them) is added to L{SECRETS}, the set a
 log scan looks for.
+
+``start_proxy(directory)`` runs a real forward proxy (tinyproxy) on loopback, whose
+log shows every CONNECT it tunnelled.
 """
 
 from __future__ import annotations
@@ -27,8 +32,11 @@ import asyncio
 import base64
 import json
 import os
+import re
 import secrets
+import socket
 import ssl
+import subprocess
 import threading
 import time
 from typing import Any
@@ -36,6 +44,10 @@ from typing import Any
 import attr
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
 from twisted.internet.threads import blockingCallFromThread
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -49,6 +61,11 @@ GOOGLE_SCOPE = "https://mail.google.com/"
 REJECTED = "535 5.7.8 Username and Password not accepted"
 INVALID_GRANT = {"error": "invalid_grant",
                  "error_description": "Token has been expired or revoked."}
+ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+NO_CREDENTIAL = {"error": "invalid_client",
+                 "error_description": "AADSTS7000218: The request body must contain the "
+                                      "following parameter: 'client_assertion' or "
+                                      "'client_secret'."}
 SECRETS: set[str] = set()  # everything secret: none may appear in a log line or a reply
 _SECRETS_LOCK = threading.Lock()
 
@@ -167,7 +184,8 @@ class _Handler:
         if fields is None:
             return AuthResult(success=False, handled=True)
         gs2, _, rest = fields.partition("\x01")
-        user = next((part[2:] for part in gs2.split(",") if part.startswith("a=")), "")
+        user = next((saslname(part[2:]) for part in gs2.split(",") if part.startswith("a=")),
+                    "")
         parts = dict(part.partition("=")[::2] for part in rest.split("\x01") if part)
         if not gs2.startswith("n,"):
             user = ""  # channel binding is not offered: a wrong GS2 header
@@ -220,6 +238,37 @@ class _Handler:
         return "250 2.0.0 OK queued"
 
 
+def saslname(text: str) -> str:
+    """A GS2 saslname decoded (RFC 5801): "=2C" is ",", "=3D" is "="; any other "=" or a
+    "," makes it malformed: ""."""
+    if re.search(r"=(?!2C|3D)", text) or "," in text:
+        return ""
+    return text.replace("=2C", ",").replace("=3D", "=")
+
+
+def verify_assertion(certificate: str, form: dict[str, str], audience: str) -> str | None:
+    """What is wrong with the form's client assertion (an RS256 JWT signed by the key of
+    C{certificate}, for C{audience}), or None."""
+    if form.get("client_assertion_type") != ASSERTION_TYPE:
+        return "client_assertion_type missing"
+    assertion = form.get("client_assertion", "")
+    remember(assertion)
+    with open(certificate, "rb") as f:
+        public_key = x509.load_pem_x509_certificate(f.read()).public_key()
+    try:
+        header, claims, signature = assertion.split(".")
+        public_key.verify(_unb64(signature), f"{header}.{claims}".encode(),
+                          padding.PKCS1v15(), hashes.SHA256())
+        audience_ok = json.loads(_unb64(claims)).get("aud") == audience
+    except (ValueError, InvalidSignature):
+        return "AADSTS700027: the client assertion's signature is invalid"
+    return None if audience_ok else "AADSTS700027: wrong audience"
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
 class _Controller(Controller):
     """A controller that listens on port 0 and builds L{_OAuthSMTP} servers."""
 
@@ -245,8 +294,14 @@ class Provider:
     refresh_tokens: set[str] = attr.field(repr=False)  # the ones the endpoint accepts
     ca_file: str = ""  # trusts the upstream's certificate
     # Endpoint settings (change them under the lock, or before traffic).
-    expires_in: int = 3600
+    expires_in: float = 3600
     rotate: bool = False  # every answer to a refresh brings a new refresh token
+    # A confidential client with a certificate: each request must carry an assertion
+    # signed by its key (no secret then).
+    assertion_certificate: str | None = None
+    # Seconds after which an unused refresh token is forgotten (Microsoft: 90 days).
+    refresh_idle_limit: float | None = None
+    refresh_used: dict[str, float] = attr.Factory(dict)  # refresh token: last use
     delay: float = 0.0  # seconds before each answer
     failure: tuple[int, dict] | None = None  # answer every request with this
     # Upstream settings.
@@ -308,17 +363,22 @@ class Provider:
             return self.failure
         if path != b"/token":
             return 404, {"error": "not_found"}
-        if form.get("client_id") != self.client_id or \
-                form.get("client_secret") != self.client_secret:
-            return 401, {"error": "invalid_client", "error_description": "Unauthorized"}
+        refused = self._client_refused(form)
+        if refused is not None:
+            return refused
         grant = form.get("grant_type")
         body: dict[str, Any] = {}
         if grant == "refresh_token":
-            if form.get("refresh_token") not in self.refresh_tokens:
+            refresh, now = form.get("refresh_token", ""), time.time()
+            limit, used = self.refresh_idle_limit, self.refresh_used.get(refresh)
+            if refresh not in self.refresh_tokens or \
+                    limit is not None and used is not None and now - used > limit:
                 return 400, dict(INVALID_GRANT)
+            self.refresh_used[refresh] = now
             if self.rotate:
                 self.refresh_tokens = {secret("refresh")}
                 body["refresh_token"] = next(iter(self.refresh_tokens))
+                self.refresh_used[body["refresh_token"]] = now
         elif grant != "client_credentials":
             return 400, {"error": "unsupported_grant_type"}
         now = time.time()
@@ -327,6 +387,21 @@ class Provider:
         return 200, {"access_token": issued.token, "token_type": "Bearer",
                      "expires_in": self.expires_in, "scope": form.get("scope", GOOGLE_SCOPE),
                      **body}
+
+    def _client_refused(self, form: dict[str, str]) -> tuple[int, dict] | None:
+        """The answer to a request whose client does not authenticate as it must."""
+        if form.get("client_id") != self.client_id:
+            return 401, {"error": "invalid_client", "error_description": "Unauthorized"}
+        if self.assertion_certificate is None:
+            if form.get("client_secret") != self.client_secret:
+                return 401, {"error": "invalid_client", "error_description": "Unauthorized"}
+            return None
+        if "client_assertion" not in form and "client_secret" not in form:
+            return 401, dict(NO_CREDENTIAL)
+        problem = verify_assertion(self.assertion_certificate, form, self.token_url)
+        if problem is not None or "client_secret" in form:
+            return 401, {"error": "invalid_client", "error_description": problem or "both"}
+        return None
 
     def valid(self, token: str) -> bool:
         """Whether the upstream takes C{token} now."""
@@ -397,3 +472,72 @@ def start_provider(reactor: Any, certificate: tuple[str, str], directory: str, *
         provider.stop()
         raise
     return provider
+
+
+# A forward proxy.
+
+@attr.define
+class ForwardProxy:
+    """tinyproxy listening on 127.0.0.1:C{port}, optionally asking for Basic credentials;
+    its log records each tunnel it was asked for."""
+
+    process: subprocess.Popen
+    port: int
+    log_path: str
+    credentials: tuple[str, str] | None = attr.field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        """The proxy's URL, with its credentials if it wants some."""
+        user = f"{self.credentials[0]}:{self.credentials[1]}@" if self.credentials else ""
+        return f"http://{user}127.0.0.1:{self.port}"
+
+    @property
+    def name(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def tunnels(self) -> list[str]:
+        """The HOST:PORT of every CONNECT request the proxy received, in order."""
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return re.findall(r"Request \(file descriptor \d+\): CONNECT (\S+) HTTP/", f.read())
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+def start_proxy(directory: str, credentials: tuple[str, str] | None = None) -> ForwardProxy:
+    """Start tinyproxy on a free loopback port, with its own configuration and log in
+    C{directory}; ready when it returns.  C{ForwardProxy.stop()} ends it."""
+    os.makedirs(directory, exist_ok=True)
+    for _attempt in range(5):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        log_path = os.path.join(directory, f"tinyproxy-{port}.log")
+        config = os.path.join(directory, f"tinyproxy-{port}.conf")
+        with open(config, "w", encoding="utf-8") as f:
+            f.write(f'Port {port}\nListen 127.0.0.1\nTimeout 60\nLogFile "{log_path}"\n'
+                    "LogLevel Connect\nMaxClients 50\nAllow 127.0.0.1\n")
+            if credentials:
+                f.write(f"BasicAuth {credentials[0]} {credentials[1]}\n")
+        process = subprocess.Popen(["tinyproxy", "-d", "-c", config],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proxy = ForwardProxy(process, port, log_path, credentials)
+        if _listening(proxy):
+            return proxy
+        proxy.stop()
+    raise RuntimeError("tinyproxy did not start")
+
+
+def _listening(proxy: ForwardProxy) -> bool:
+    """Whether the proxy accepts connections within ten seconds (False if it exited)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and proxy.process.poll() is None:
+        try:
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=1).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False

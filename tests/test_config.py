@@ -154,6 +154,7 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path):
 def test_the_provider_examples_parse(tmp_path, name):
     with open(os.path.join(ROOT, "etc", name), encoding="utf-8") as f:
         text = f.read().replace("/etc/smtpbridge/", f"{tmp_path}/")
+    text = text.replace("/var/lib/smtpbridge/", f"{tmp_path}/")
     for secret in ("m365-client-secret", "gmail-client-secret", "gmail-refresh-token"):
         (tmp_path / secret).write_text("not-a-real-secret\n")
     config = parse_config(text, str(tmp_path / name))

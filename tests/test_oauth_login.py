@@ -6,8 +6,10 @@ import base64
 import hashlib
 import json
 import os
+import pwd
 import queue
 import secrets
+import shutil
 import stat
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from smtpbridge.tls import ServerTLS, server_context
+from tests.oauth_upstream import start_proxy
 
 SMTPBRIDGE = os.path.join(os.path.dirname(sys.executable), "smtpbridge")
 CLIENT_ID = "client-1"
@@ -134,8 +137,13 @@ def device_command(endpoints: Endpoints, token_file: str, *extra: str) -> list[s
             "--ca-certificates", endpoints.ca, "--timeout", "60", *extra]
 
 
-def run(command: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+def run(command: list[str], env: dict[str, str] | None = None,
+        ) -> subprocess.CompletedProcess[str]:
+    if env is not None:
+        env = {**{key: value for key, value in os.environ.items()
+                  if key.lower() not in ("https_proxy", "no_proxy")}, **env}
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False,
+                          env=env)
 
 
 def device_code_answer(**extra: Any) -> tuple[int, dict[str, Any]]:
@@ -266,6 +274,12 @@ def test_an_untrusted_endpoint_certificate(endpoints, token_file):
      "--token-url must be an https:// URL"),
     (["--provider", "google", "--client-secret-file", "/nonexistent/secret"],
      "cannot read the client secret file /nonexistent/secret"),
+    (["--provider", "microsoft"], "--tenant is needed with --provider microsoft: the "
+     "Directory (tenant) ID or domain of the app registration"),
+    (["--provider", "google", "--proxy", "https://proxy.example:3128"],
+     "--proxy: must be http://HOST:PORT"),
+    (["--provider", "google", "--owner", "no-such-user-4f2"],
+     "--owner: there is no user no-such-user-4f2"),
 ])
 def test_unusable_options(token_file, arguments, reason):
     result = run([SMTPBRIDGE, "oauth-login", "--client-id", CLIENT_ID,
@@ -277,6 +291,75 @@ def test_an_unwritable_token_file_fails_before_the_sign_in(endpoints, tmp_path):
     result = run(device_command(endpoints, str(tmp_path / "missing" / "token")))
     assert_failed(result, "cannot write", "missing or not writable")
     assert endpoints.resource.requests == []
+
+
+# --- the token file's owner, a proxy -----------------------------------------------------
+
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+
+
+@ROOT_ONLY
+def test_owner_gives_the_file_to_the_bridges_user(endpoints, token_file, tmp_path):
+    nobody = pwd.getpwnam("nobody")
+    endpoints.resource.device_answers.append(device_code_answer())
+    refused = run(device_command(endpoints, token_file, "--owner", "nobody"))
+    directory = tmp_path / "secrets"
+    assert_failed(refused, f"nobody cannot write the directory {directory}, where the "
+                           f"bridge replaces the rotated token: chown nobody {directory}")
+    assert endpoints.resource.requests == []
+    os.chown(directory, nobody.pw_uid, nobody.pw_gid)
+    refresh = secret("refresh")
+    endpoints.resource.token_answers.append((200, endpoints.resource.tokens(
+        refresh_token=refresh)))
+
+    result = run(device_command(endpoints, token_file, "--owner", "nobody"))
+
+    assert result.returncode == 0, result.stderr
+    info = os.stat(token_file)
+    assert (info.st_uid, info.st_gid) == (nobody.pw_uid, nobody.pw_gid)
+    assert stat.S_IMODE(info.st_mode) == 0o600
+    assert result.stdout.splitlines()[-1] == \
+        f"refresh token written to {token_file} (owned by nobody)"
+    assert "note:" not in result.stdout
+
+
+@ROOT_ONLY
+def test_root_without_owner_is_told_about_it(endpoints, token_file):
+    endpoints.resource.device_answers.append(device_code_answer())
+    endpoints.resource.token_answers.append((200, endpoints.resource.tokens(
+        refresh_token=secret("refresh"))))
+    result = run(device_command(endpoints, token_file))
+    assert result.returncode == 0, result.stderr
+    assert f"note: {token_file} will belong to root; the bridge must read and replace it " \
+           "as its own user: give --owner USER" in result.stdout
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may give files away")
+def test_owner_needs_root(token_file):
+    other = "root"
+    result = run([SMTPBRIDGE, "oauth-login", "--provider", "google", "--client-id", CLIENT_ID,
+                  "--refresh-token-file", token_file, "--owner", other])
+    assert_failed(result, f"--owner {other} needs root")
+
+
+@pytest.mark.skipif(shutil.which("tinyproxy") is None, reason="tinyproxy is not installed")
+@pytest.mark.parametrize("how", ["--proxy", "HTTPS_PROXY"])
+def test_the_login_goes_through_a_proxy(endpoints, token_file, tmp_path, how):
+    proxy = start_proxy(str(tmp_path / "proxy"))
+    try:
+        endpoints.resource.device_answers.append(device_code_answer())
+        endpoints.resource.token_answers += [PENDING, (200, endpoints.resource.tokens(
+            refresh_token=secret("refresh")))]
+        command = device_command(endpoints, token_file)
+        if how == "--proxy":
+            result = run([*command, "--proxy", proxy.url], env={})
+        else:
+            result = run(command, env={"HTTPS_PROXY": proxy.url})
+        assert result.returncode == 0, result.stderr
+        host = f"127.0.0.1:{endpoints.port.getHost().port}"
+        assert proxy.tunnels() == [host] * 3  # /device, /token twice
+    finally:
+        proxy.stop()
 
 
 # --- authorization code flow with PKCE --------------------------------------------------

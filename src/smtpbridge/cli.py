@@ -15,8 +15,11 @@ from smtpbridge.oauthlogin import add_command as add_oauth_login
 from smtpbridge.users import hash_password
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from smtpbridge.connector import UpstreamConnector
     from smtpbridge.model import Assignment
+    from smtpbridge.oauthconfig import OAuthSettings
 
 PROG = "smtpbridge"
 
@@ -78,8 +81,11 @@ def _check(args: argparse.Namespace) -> int:
     if args.config_only:
         return 0
 
+    oauth = {name: account.oauth for name, account in config.accounts.items()
+             if account.oauth is not None}
+
     async def run(reactor: Any) -> None:
-        failures = await _check_upstreams(upstream.connector, upstream.checked())
+        failures = await _check_upstreams(upstream.connector, upstream.checked(), oauth)
         print("PASS: the upstream accepts the bridge" if not failures
               else f"FAIL: {failures} upstream check(s) failed")
         if failures:
@@ -92,8 +98,12 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _check_upstreams(connector: UpstreamConnector, assignments: list[Assignment]) -> int:
-    """Connect, STARTTLS, verify, AUTH and QUIT with every account; the number that failed."""
+async def _check_upstreams(connector: UpstreamConnector, assignments: list[Assignment],
+                           oauth: Mapping[str, OAuthSettings] | None = None) -> int:
+    """Connect, STARTTLS, verify, AUTH and QUIT with every account; the number that failed.
+    An OAuth2 account (C{oauth}, by name) shows its checked settings and gets a token first."""
+    from smtpbridge.oauthconfig import describe
+
     def progress(step: str, detail: str) -> None:
         print(f"  ok    {step:<9} {detail}")
 
@@ -102,9 +112,12 @@ async def _check_upstreams(connector: UpstreamConnector, assignments: list[Assig
         account = assignment.account
         name = account.username if account is not None else "(no AUTH: passthrough)"
         tokens = connector.tokens.get(account.name) if account is not None else None
+        settings = (oauth or {}).get(account.name) if account is not None else None
         for route in assignment.routes:
             print(f"upstream {route.host}:{route.port} as {name}")
             try:
+                for step, detail in describe(settings) if settings is not None else ():
+                    progress(step, detail)
                 if tokens is not None:
                     await tokens.token()
                     progress("token", "OAuth2 access token obtained")

@@ -2,33 +2,33 @@
 
 Three grants (a refresh token kept in a file and rotated, client credentials with a
 secret or a certificate assertion, a token file maintained by another tool) behind a
-cache that shares one request among concurrent callers.  The client secret, refresh
-token, assertion and access token never appear in a log line, a reply or an exception.
+cache that shares one request among concurrent callers and renews a token a margin
+before it expires; a keepalive service refreshes accounts left idle, so their refresh
+tokens do not die unused.  The client secret, refresh token, assertion, access token and
+proxy credentials never appear in a log line, a reply or an exception.
 """
 
 from __future__ import annotations
 
-import base64
-import json
-import uuid
-from collections.abc import Callable, Iterable
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attr
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from treq.client import HTTPClient
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpbridge.errors import TokenError
 from smtpbridge.interfaces import ITokenSource
-from smtpbridge.oauthconfig import OAuthSettings
+from smtpbridge.oauthconfig import DEFAULT_REFRESH_MARGIN, OAuthSettings, proxy_name
 from smtpbridge.oauthwire import (
+    client_assertion,
     clip,
     endpoint_host,
     error_text,
@@ -43,9 +43,9 @@ from smtpbridge.oauthwire import (
 log = Logger()
 
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-ASSERTION_LIFETIME = 600
 DEFAULT_EXPIRES_IN = 3600
 TOKEN_FILE_REUSE = 300.0  # seconds a token read from a token file is used before re-reading
+KEEPALIVE_RETRY = 3600.0  # seconds before a failed keepalive refresh is tried again
 
 
 @attr.frozen
@@ -67,13 +67,20 @@ class CachedTokenSource:
     """
 
     def __init__(self, fetch: Callable[[], Deferred[Token]], clock: IReactorTime,
-                 margin: float = 60.0) -> None:
+                 margin: float = DEFAULT_REFRESH_MARGIN) -> None:
         self._fetch = fetch
         self._clock = clock
         self._margin = margin
         self._token: Token | None = None
         self._refresh_at = 0.0
         self._waiters: list[Deferred[str]] | None = None
+        self.fetched_at: float | None = None  # when the last fetch succeeded
+
+    def refresh(self) -> Deferred[str]:
+        """A new token even if the cached one is still good (or the fetch under way)."""
+        if self._waiters is None:
+            self._token = None
+        return self.token()
 
     def token(self) -> Deferred[str]:
         if self._token is not None and self._clock.seconds() < self._refresh_at:
@@ -91,7 +98,8 @@ class CachedTokenSource:
             self._token = None
 
     def _fetched(self, token: Token) -> None:
-        lifetime = max(token.expires_at - self._clock.seconds(), 0.0)
+        self.fetched_at = self._clock.seconds()
+        lifetime = max(token.expires_at - self.fetched_at, 0.0)
         self._token = token
         self._refresh_at = token.expires_at - min(self._margin, lifetime / 10)
         waiters, self._waiters = self._waiters or [], None
@@ -114,13 +122,14 @@ class TokenEndpoint:
     """Posts form requests to one token endpoint and reads its JSON answer."""
 
     def __init__(self, url: str, client_id: str, reactor: Any, client: HTTPClient,
-                 timeout: float) -> None:
+                 timeout: float, proxy: str | None = None) -> None:
         self.url = url
         self.host = endpoint_host(url)
         self.client_id = client_id
         self._reactor = reactor
         self._client = client
         self._timeout = timeout
+        self._through = f" through the proxy {proxy_name(proxy)}" if proxy else ""
 
     def failed(self, detail: str) -> TokenError:
         return TokenError(f"OAuth2 token request to {self.host} failed: {detail}")
@@ -162,8 +171,9 @@ class TokenEndpoint:
             expires_in = max(int(float(data.get("expires_in", DEFAULT_EXPIRES_IN))), 0)
         except (TypeError, ValueError, OverflowError):
             raise self.failed(f"invalid expires_in {clip(str(data['expires_in']), 30)!r}")
-        log.info("OAuth2 token for {client_id} from {host}: expires in {expires_in} s",
-                 client_id=self.client_id, host=self.host, expires_in=expires_in)
+        log.info("OAuth2 token for {client_id} from {host}: expires in {expires_in} s{through}",
+                 client_id=self.client_id, host=self.host, expires_in=expires_in,
+                 through=self._through)
         rotated = data.get("refresh_token")
         return (Token(access_token, self._reactor.seconds() + expires_in),
                 rotated if isinstance(rotated, str) and rotated else None)
@@ -174,8 +184,10 @@ class EndpointGrant:
 
     A refresh token is read from its file for each request; a rotated one is saved back.
     Should saving fail, the new one is used from memory for as long as the file still
-    holds the one it replaced.  A certificate and key are read for each assertion, so
-    renewed files are picked up.
+    holds the one it replaced.  The client authenticates with its secret, or with an
+    assertion signed by its certificate's key (either grant: Entra wants it from a
+    confidential client for refresh tokens too), or not at all (a public client).  The
+    certificate and key are read for each assertion, so renewed files are picked up.
     """
 
     def __init__(self, settings: OAuthSettings, endpoint: TokenEndpoint,
@@ -200,7 +212,7 @@ class EndpointGrant:
             in_file = self._read(str(settings.refresh_token_file), "refresh token file ")
             unsaved = self._unsaved
             form["refresh_token"] = unsaved[1] if unsaved and unsaved[0] == in_file else in_file
-        elif settings.client_secret is None:
+        if settings.client_certificate is not None:
             form["client_assertion_type"] = ASSERTION_TYPE
             form["client_assertion"] = self._assertion()
         token, rotated = await self._endpoint.request(form, [form.get(name, "") for name in (
@@ -240,46 +252,6 @@ class EndpointGrant:
             raise self._endpoint.failed(str(e))
 
 
-def client_assertion(certificate: bytes, key: bytes, client_id: str, audience: str,
-                     now: float) -> str:
-    """A JWT client assertion signed RS256 with C{key}, valid for ten minutes from C{now}.
-
-    Raises ValueError (with a reason that holds no key material) for unusable PEM data.
-    """
-    try:
-        cert = x509.load_pem_x509_certificates(certificate)[0]
-    except (ValueError, IndexError):
-        raise ValueError("client_certificate holds no usable PEM certificate") from None
-    try:
-        private_key = serialization.load_pem_private_key(key, password=None)
-    except (ValueError, TypeError):
-        raise ValueError("client_key holds no usable unencrypted PEM private key") from None
-    public_key = cert.public_key()
-    if not isinstance(private_key, rsa.RSAPrivateKey):
-        raise ValueError("client_key is not an RSA private key")
-    if not isinstance(public_key, rsa.RSAPublicKey) or \
-            private_key.public_key().public_numbers() != public_key.public_numbers():
-        raise ValueError("client_key does not belong to client_certificate")
-    issued = int(now)
-    header = {"alg": "RS256", "typ": "JWT",
-              "x5t": _b64url(cert.fingerprint(hashes.SHA1())),  # noqa: S303 - a name only
-              "x5t#S256": _b64url(cert.fingerprint(hashes.SHA256()))}
-    claims = {"aud": audience, "iss": client_id, "sub": client_id, "jti": str(uuid.uuid4()),
-              "nbf": issued, "iat": issued, "exp": issued + ASSERTION_LIFETIME}
-    signing_input = f"{_b64url(_json(header))}.{_b64url(_json(claims))}"
-    signature = private_key.sign(signing_input.encode("ascii"), padding.PKCS1v15(),
-                                 hashes.SHA256())
-    return f"{signing_input}.{_b64url(signature)}"
-
-
-def _json(value: object) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode("utf-8")
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 class TokenFileGrant:
     """An access token that another tool keeps fresh in a file."""
 
@@ -302,12 +274,13 @@ class TokenFileGrant:
 
 
 def token_source(settings: OAuthSettings, reactor: Any, *, agent: Any = None,
-                 margin: float = 60.0) -> CachedTokenSource:
+                 margin: float | None = None) -> CachedTokenSource:
     """The cached token source for C{settings} (complete: checked by the configuration).
     The endpoint is asked through C{agent} (default: an Agent verifying its certificate
-    against C{settings.ca_certificates} or the system store).  A token file is re-read
-    every five minutes, C{margin} does not apply to it.  Raises ValueError for an
-    unreadable CA bundle."""
+    against C{settings.ca_certificates} or the system store, through C{settings.proxy}).
+    Tokens are renewed C{margin} seconds before they expire (default: the account's
+    refresh_margin); a token file is re-read every five minutes instead.  Raises
+    ValueError for an unreadable CA bundle."""
     if settings.grant == "token_file":
         assert settings.token_file is not None
         return CachedTokenSource(TokenFileGrant(settings.token_file, reactor).fetch,
@@ -315,12 +288,95 @@ def token_source(settings: OAuthSettings, reactor: Any, *, agent: Any = None,
     assert settings.token_url is not None and settings.client_id is not None
     if agent is None:
         try:
-            client = https_client(reactor, settings.ca_certificates, settings.timeout)
+            client = https_client(reactor, settings.ca_certificates, settings.timeout,
+                                  settings.proxy)
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read {settings.ca_certificates}: {reason(e)}")
     else:
         client = HTTPClient(agent)
     endpoint = TokenEndpoint(settings.token_url, settings.client_id, reactor, client,
-                             settings.timeout)
+                             settings.timeout, settings.proxy)
     return CachedTokenSource(EndpointGrant(settings, endpoint, reactor).fetch, reactor,
-                             margin=margin)
+                             margin=settings.refresh_margin if margin is None else margin)
+
+
+class TokenKeepalive(Service):
+    """Refreshes the token of each ``refresh_token`` account that fetched none for its
+    keepalive_interval, so that its refresh token stays in use: Microsoft drops one unused
+    for 90 days, Google one unused for six months, and a device that mails once a quarter
+    would then find it dead.  Idle time counts from the refresh token file's last change
+    (a login or a rotation) when the bridge starts.  Every refresh is logged; a failure
+    too, and it is tried again an hour later; nothing it does stops the bridge."""
+
+    name = "oauth keepalive"
+
+    def __init__(self, accounts: Mapping[str, tuple[CachedTokenSource, float, str]],
+                 clock: IReactorTime) -> None:
+        self._accounts = dict(accounts)  # name: (source, interval, refresh token file)
+        self._clock = clock
+        self._calls: dict[str, IDelayedCall] = {}
+
+    def startService(self) -> None:  # noqa: N802 - Twisted's name
+        super().startService()  # type: ignore[no-untyped-call]
+        for name, (_source, interval, path) in sorted(self._accounts.items()):
+            try:
+                idle = max(time.time() - os.stat(path).st_mtime, 0.0)
+            except OSError:
+                idle = 0.0
+            log.info("OAuth2 keepalive for account {account}: its token is refreshed after "
+                     "{interval} without use", account=name, interval=_duration(interval))
+            self._schedule(name, interval - idle)
+
+    def stopService(self) -> Deferred[None] | None:  # noqa: N802 - Twisted's name
+        for call in self._calls.values():
+            if call.active():
+                call.cancel()
+        self._calls.clear()
+        return super().stopService()  # type: ignore[no-untyped-call, no-any-return]
+
+    def _schedule(self, name: str, delay: float) -> None:
+        if self.running:
+            self._calls[name] = self._clock.callLater(max(delay, 0.0), self._due, name)
+
+    def _due(self, name: str) -> None:
+        source, interval, _path = self._accounts[name]
+        last = source.fetched_at
+        if last is not None and self._clock.seconds() - last < interval:
+            self._schedule(name, last + interval - self._clock.seconds())
+            return
+        log.info("OAuth2 keepalive: account {account} fetched no token for {interval}; "
+                 "refreshing", account=name, interval=_duration(interval))
+
+        def done(_: str) -> None:
+            log.info("OAuth2 keepalive: account {account} refreshed", account=name)
+            self._schedule(name, interval)
+
+        def failed(failure: Failure) -> None:
+            text = failure.value.reply.text if isinstance(failure.value, TokenError) \
+                else type(failure.value).__name__
+            log.warn("OAuth2 keepalive: account {account} not refreshed ({text}); trying "
+                     "again in {retry}", account=name, text=text,
+                     retry=_duration(min(interval, KEEPALIVE_RETRY)))
+            self._schedule(name, min(interval, KEEPALIVE_RETRY))
+
+        source.refresh().addCallbacks(done, failed)
+
+
+def _duration(seconds: float) -> str:
+    """C{seconds} for a log line: "1 day", "7 days", "3600 s"."""
+    if seconds < 86400:
+        return f"{seconds:g} s"
+    return f"{seconds / 86400:g} day" + ("" if seconds == 86400 else "s")
+
+
+def token_keepalive(settings: Mapping[str, OAuthSettings], sources: Mapping[str, ITokenSource],
+                    clock: IReactorTime) -> TokenKeepalive:
+    """The keepalive service for every account of C{settings} (by name) that has a refresh
+    token and a keepalive_interval, using its token source of C{sources}."""
+    accounts: dict[str, tuple[CachedTokenSource, float, str]] = {}
+    for name, oauth in settings.items():
+        source = sources.get(name)
+        if oauth.grant == "refresh_token" and oauth.keepalive_interval > 0 and \
+                isinstance(source, CachedTokenSource):
+            accounts[name] = (source, oauth.keepalive_interval, str(oauth.refresh_token_file))
+    return TokenKeepalive(accounts, clock)

@@ -65,6 +65,9 @@ class LoginSettings:
     extras: tuple[tuple[str, str], ...]
     ca_certificates: str | None
     timeout: float
+    proxy: str | None = attr.field(default=None, repr=False)  # may carry credentials
+    owner: tuple[str, int, int] | None = None  # user name, user and group ID of the file
+
 
 def say(text: str, stream: Any = None) -> None:
     """A line on standard output (or C{stream}) at once, without control characters (an
@@ -72,13 +75,15 @@ def say(text: str, stream: Any = None) -> None:
     print("".join(c if c.isprintable() else "?" for c in text), file=stream or sys.stdout,
           flush=True)
 
+
 class FormPoster:
     """Posts forms to the login's HTTPS endpoints and reads their JSON answers.  The
     values in C{hidden} are hidden in any text taken from an answer."""
 
     def __init__(self, reactor: Any, settings: LoginSettings) -> None:
         try:
-            self._client = https_client(reactor, settings.ca_certificates, REQUEST_TIMEOUT)
+            self._client = https_client(reactor, settings.ca_certificates, REQUEST_TIMEOUT,
+                                        settings.proxy)
         except (OSError, ValueError) as e:
             raise LoginError(f"cannot read {settings.ca_certificates}: {reason(e)}")
         self._reactor = reactor

@@ -126,7 +126,14 @@ def xoauth2_response(username: str, token: str) -> str:
 
 def oauthbearer_response(username: str, token: str, host: str, port: int) -> str:
     """The OAUTHBEARER initial response (RFC 7628), base64."""
-    return b64(f"n,a={username},\x01host={host}\x01port={port}\x01auth=Bearer {token}\x01\x01")
+    return b64(f"n,a={gs2_name(username)},\x01host={host}\x01port={port}\x01"
+               f"auth=Bearer {token}\x01\x01")
+
+
+def gs2_name(username: str) -> str:
+    """C{username} as a GS2 header's saslname (RFC 5801, used by RFC 7628): "=" becomes
+    "=3D" and "," becomes "=2C", since a "," would end the authorization identity."""
+    return username.replace("=", "=3D").replace(",", "=2C")
 
 
 def choose_mechanism(offered: list[str], wanted: str, oauth: bool) -> str | None:
