@@ -24,13 +24,13 @@ LAYERS: list[tuple[str, set[str]]] = [
                "limits"}),
     ("upstream", {"client", "upstreamsession", "clientauth", "connector", "oauthwire", "oauth",
                   "pool"}),
-    ("delivery", {"relay", "spool"}),
+    ("delivery", {"spool", "dsn", "bodyfilter", "bodypump", "relay", "queuerunner"}),
     ("mapper", {"mapping"}),
     ("policy", {"policy"}),
     ("session", {"serverbase", "serverauth", "mailcommands", "server"}),
     ("listener", {"listener", "demo"}),
-    ("roots", {"service", "tap", "cli", "oauthflows", "oauthlogin", "fakeupstream", "testing",
-               "metrics", "admin"}),
+    ("roots", {"service", "tap", "cli", "oauthflows", "oauthlogin", "queuecli", "fakeupstream",
+               "testing", "metrics", "admin"}),
 ]
 RANK = {module: rank for rank, (_, modules) in enumerate(LAYERS) for module in modules}
 LIMIT = 400  # lines: a module over this is two modules

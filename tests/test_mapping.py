@@ -221,9 +221,9 @@ def test_the_annotated_example_documents_every_mapper():
 def test_failover_and_login_checks_over_several_hosts():
     from twisted.internet.defer import fail, succeed
 
+    from smtpbridge.connector import connect_first, try_login
     from smtpbridge.errors import LoginRejected
     from smtpbridge.model import Reply
-    from smtpbridge.relay import connect_first, try_login
 
     routes = (Route("a.example"), Route("b.example"), Route("c.example"))
     rejected = LoginRejected(Reply(454, "4.7.0", "rejected the login"))

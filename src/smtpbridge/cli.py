@@ -12,6 +12,7 @@ from twisted.internet.task import react
 
 from smtpbridge.errors import ConfigError, SMTPReplyError
 from smtpbridge.oauthlogin import add_command as add_oauth_login
+from smtpbridge.queuecli import add_command as add_queue
 from smtpbridge.users import hash_password
 
 if TYPE_CHECKING:
@@ -155,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     hashing.set_defaults(func=_hash_password)
     add_oauth_login(commands)
+    add_queue(commands)
     return parser
 
 

@@ -40,6 +40,7 @@ T = TypeVar("T")
 TLS_MODES = ("implicit", "starttls", "none")
 AUTH_MODES = ("required", "optional")
 CLIENT_CERTIFICATE_MODES = ("none", "request", "require")
+SPOOL_MODES = ("fallback", "never", "always")
 DEFAULT_MAX_MESSAGE_SIZE = 36_700_160  # 35 MiB, like Microsoft 365's limit
 DEFAULT_TRUSTED_NETWORKS = (parse_network("127.0.0.0/8"), parse_network("::1/128"))
 
@@ -56,6 +57,20 @@ class ServerConfig:
     max_connections: int = 1000  # per listener, unless the listener says otherwise
     max_connections_per_client: int = 50  # per client address (Postfix's default)
     allow_readable_secrets: bool = False  # group/world-readable secret files: warn only
+
+
+@attr.frozen
+class SpoolConfig:
+    """The durable spool: where, when it is used, how long and how often it retries."""
+
+    directory: str = "/var/lib/smtpbridge/spool"
+    mode: str = "fallback"  # fallback | never | always
+    max_age: int = 5 * 86400  # seconds before an undeliverable message bounces
+    first_retry: int = 300
+    max_retry: int = 3600
+    max_size: int = 1024 * 1024 * 1024  # bytes the spool may hold
+    concurrency: int = 5  # deliveries at once per route
+    drain_timeout: int = 30  # seconds open transactions get to finish at a stop
 
 
 @attr.frozen
@@ -80,6 +95,7 @@ class ListenerConfig:
     key: str | None = None
     max_connections: int | None = None  # default: [server] max_connections
     backlog: int = 511  # the listen queue of a tcp endpoint
+    spool: str | None = None  # this listener's spool mode; default: [spool] mode
 
 
 @attr.frozen
@@ -125,6 +141,7 @@ class Config:
     credentials: CredentialsConfig
     senders: SendersConfig
     demo: DemoConfig | None
+    spool: SpoolConfig = SpoolConfig()
     warnings: tuple[str, ...] = ()  # what the administrator should hear about at start
 
     @property
@@ -164,6 +181,22 @@ def _server(t: Table) -> ServerConfig:
     )
 
 
+def _spool(t: Table) -> SpoolConfig:
+    spool = SpoolConfig(
+        directory=t.path("directory", SpoolConfig.directory),
+        mode=t.string("mode", "fallback", choices=SPOOL_MODES),
+        max_age=t.integer("max_age", 5 * 86400, minimum=60),
+        first_retry=t.integer("first_retry", 300, minimum=1),
+        max_retry=t.integer("max_retry", 3600, minimum=1),
+        max_size=t.integer("max_size", 1024 * 1024 * 1024, minimum=1024 * 1024),
+        concurrency=t.integer("concurrency", 5, minimum=1),
+        drain_timeout=t.integer("drain_timeout", 30, minimum=0),
+    )
+    if spool.max_retry < spool.first_retry:
+        raise t.error("max_retry", f"must be at least first_retry ({spool.first_retry})")
+    return spool
+
+
 def _tls(t: Table) -> TLSConfig:
     return TLSConfig(
         certificate=t.path("certificate", None),
@@ -188,6 +221,7 @@ def _listener(t: Table) -> ListenerConfig:
         key=t.secret_path("key", None),
         max_connections=t.integer("max_connections", None, minimum=1),
         backlog=t.integer("backlog", 511, minimum=1, maximum=65535),
+        spool=t.string("spool", None, choices=SPOOL_MODES),
     )
     if (listener.certificate is None) != (listener.key is None):
         raise t.error("certificate" if listener.certificate is None else "key",
@@ -302,6 +336,7 @@ def parse_config(text: str, path: str) -> Config:
         credentials=_required(root, "credentials", lambda t: credentials_table(t, accounts)),
         senders=_section(root, "senders", _senders) or SendersConfig(),
         demo=_section(root, "demo", _demo),
+        spool=_section(root, "spool", _spool) or SpoolConfig(),
     )
     root.done()
     _check_whole(config)

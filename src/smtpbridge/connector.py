@@ -23,7 +23,7 @@ from zope.interface import implementer
 
 from smtpbridge.client import UpstreamProtocol, parse_features, upstream_error
 from smtpbridge.clientauth import authenticate, refuse
-from smtpbridge.errors import SMTPReplyError, UpstreamError
+from smtpbridge.errors import LoginRejected, SMTPReplyError, UpstreamError
 from smtpbridge.interfaces import ITokenSource, IUpstreamConnector, IUpstreamSession
 from smtpbridge.model import Route, UpstreamAccount
 from smtpbridge.replies import UpstreamFailure
@@ -240,3 +240,48 @@ class UpstreamConnector:
 
         session: Deferred[Any] = self.slots.acquire(route).addCallback(open_session)
         return session
+
+
+async def connect_first(connector: IUpstreamConnector, routes: tuple[Route, ...],
+                        account: UpstreamAccount | None,
+                        stop_on_rejection: bool = False) -> IUpstreamSession:
+    """A session on the first route that connects, verifies and accepts the login.
+
+    Only setup failures move on to the next host, and they all happen before
+    MAIL FROM, so failing over can never send a message twice.  When every host
+    fails, a refused login (a verdict on the credentials) wins over the others;
+    C{stop_on_rejection} makes it final at once.
+    """
+    error: SMTPReplyError | None = None
+    refused: LoginRejected | None = None
+    for index, route in enumerate(routes):
+        try:
+            return await connector.connect(route, account)
+        except SMTPReplyError as e:
+            error = e
+            if isinstance(e, LoginRejected) and refused is None:
+                refused = e
+                if stop_on_rejection:
+                    break
+            if index + 1 < len(routes):
+                log.warn("upstream {host}:{port} failed ({text}); trying {next}",
+                         host=route.host, port=route.port, text=e.reply.text,
+                         next=routes[index + 1].host)
+    assert error is not None, "a route list is never empty"
+    raise refused or error
+
+
+def try_login(connector: IUpstreamConnector,
+              ) -> Callable[[tuple[Route, ...], UpstreamAccount], Deferred[bool]]:
+    """A check that logs in upstream with an account: True, False if the login was
+    refused, an error if the upstream could not be asked.  A refusal is not tried on the
+    other hosts: a wrong password should not count against the account everywhere."""
+    async def check(routes: tuple[Route, ...], account: UpstreamAccount) -> bool:
+        try:
+            session = await connect_first(connector, routes, account, stop_on_rejection=True)
+        except LoginRejected:
+            return False
+        await session.quit()
+        return True
+
+    return lambda routes, account: Deferred.fromCoroutine(check(routes, account))

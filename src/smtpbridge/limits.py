@@ -101,10 +101,12 @@ class BoundedThreadPool(Service):
     name resolution.
     """
 
-    def __init__(self, reactor: Any, threads: int, queue: int, name: str) -> None:
+    def __init__(self, reactor: Any, threads: int, queue: int, name: str,
+                 busy: Exception | None = None) -> None:
         self._reactor = reactor
         self._pool = ThreadPool(threads, threads, name)
         self._limit = threads + queue
+        self._refusal = busy if busy is not None else SMTPReplyError(AUTH_BUSY)
         self.busy = 0
 
     def startService(self) -> None:  # noqa: N802
@@ -116,9 +118,10 @@ class BoundedThreadPool(Service):
         self._pool.stop()
 
     def run(self, function: Callable[..., T], *args: object) -> Deferred[T]:
-        """C{function(*args)} in a thread of the pool; fails with the 454 when it is full."""
+        """C{function(*args)} in a thread of the pool; fails at once (by default with the
+        454 for AUTH) when it is full."""
         if self.busy >= self._limit:
-            return fail(SMTPReplyError(AUTH_BUSY))
+            return fail(self._refusal)
         self.busy += 1
 
         def done(result: T | Failure) -> T | Failure:

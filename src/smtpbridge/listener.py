@@ -7,16 +7,18 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from OpenSSL import SSL
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
     IReactorFromThreads,
     IStreamServerEndpoint,
 )
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -106,3 +108,49 @@ class CertificateReloader(Service):
         if self._previous is not None:
             signal.signal(signal.SIGHUP, self._previous)
             self._previous = None
+
+
+class Sessions(Protocol):
+    """A listener's factory, as a stop sees it: its open sessions (each with drain() and
+    abort(why))."""
+
+    sessions: set[Any]
+
+
+class BridgeService(MultiService):
+    """The whole bridge.  A stop (SIGTERM) first stops accepting, then lets the open
+    transactions finish for C{drain_timeout} seconds (idle sessions are closed with 421
+    at once, busy ones after their transaction), aborts what is still open (a client
+    that had no 250 yet: nothing is lost, the spool keeps what it acknowledged), and
+    only then stops the rest: the spool's runner, the thread pools."""
+
+    def __init__(self, clock: Any, drain_timeout: float) -> None:
+        super().__init__()
+        self._clock = clock
+        self.drain_timeout = drain_timeout
+        self.listeners: list[Sessions] = []  # the factories whose sessions are drained
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        Service.stopService(self)
+        accepting = [child for child in self if isinstance(child, ListenerService)]
+        for child in accepting:
+            await maybeDeferred(child.stopService)
+        open_sessions = [s for factory in self.listeners for s in list(factory.sessions)]
+        if open_sessions:
+            log.info("stopping: {count} open session(s) get {seconds:g} s to finish",
+                     count=len(open_sessions), seconds=self.drain_timeout)
+        for session in open_sessions:
+            session.drain()
+        deadline = self._clock.seconds() + self.drain_timeout
+        while any(factory.sessions for factory in self.listeners) and \
+                self._clock.seconds() < deadline:
+            await deferLater(self._clock, 0.1)
+        for factory in self.listeners:
+            for session in list(factory.sessions):
+                session.abort("the bridge is stopping")
+        for child in reversed(list(self)):
+            if child not in accepting:
+                await maybeDeferred(child.stopService)

@@ -1,23 +1,31 @@
-"""In-line delivery: each transaction is carried out upstream while the client waits.
+"""Delivery: each transaction is carried out upstream while the client waits, with the
+spool as the safety net when the upstream cannot take the message now.
 
-The client hears the upstream's own replies to MAIL, RCPT, DATA and the final
-dot, so the bridge never says 250 to a message the upstream has not taken.
-The body streams through with back-pressure.  A transaction abandoned in the
-middle of DATA drops the upstream connection without the final dot, so nothing
-half-sent can be delivered.
+The client hears the upstream's own replies to MAIL, RCPT, DATA and the final dot
+whenever the upstream gives one, so the bridge never says 250 to a message the
+upstream has not taken, unless the message is in the spool, fsynced: then the client
+hears ``250 2.0.0 Ok: queued as <id>``.  That happens (spool mode "fallback") when the
+upstream cannot be reached or set up before MAIL FROM, answers MAIL or the final dot
+with 4xx, or is lost; a recipient it refuses with 4xx is spooled alone.  A 5xx always
+passes through.  In mode "always" every message is spooled first; in mode "never" (no
+safety net) the upstream's verdict is all there is.  The body streams through with
+back-pressure; a transaction abandoned in the middle of DATA drops the upstream
+connection without the final dot, and leaves nothing in the spool.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from smtpbridge.errors import LoginRejected, SMTPReplyError
+from smtpbridge.bodyfilter import BodyFilter
+from smtpbridge.connector import connect_first
+from smtpbridge.errors import SMTPReplyError, UpstreamError
 from smtpbridge.interfaces import (
     ICredentialMapper,
     IDelivery,
@@ -26,77 +34,77 @@ from smtpbridge.interfaces import (
     IUpstreamSession,
     Params,
 )
-from smtpbridge.model import ClientInfo, Reply, Route, UpstreamAccount
-from smtpbridge.replies import UPSTREAM_NO_SMTPUTF8
-from smtpbridge.rewrite import HeaderTooLarge, SenderRewriter
+from smtpbridge.model import ClientInfo, Reply, UpstreamAccount
+from smtpbridge.replies import (
+    QUEUE_FAILED,
+    RECIPIENT_QUEUED,
+    SENDER_OK,
+    SPOOL_FULL,
+    START_DATA,
+    UPSTREAM_NO_SMTPUTF8,
+)
+from smtpbridge.spool import SpoolWriter
 
 log = Logger()
 
 GONE = Reply(451, "4.3.0", "Upstream session is no longer available")
 
 
-async def connect_first(connector: IUpstreamConnector, routes: tuple[Route, ...],
-                        account: UpstreamAccount | None,
-                        stop_on_rejection: bool = False) -> IUpstreamSession:
-    """A session on the first route that connects, verifies and accepts the login.
+class SafetyNet(Protocol):
+    """Where a message goes when the upstream cannot take it now: the spool, with the
+    queue runner that delivers it later."""
 
-    Only setup failures move on to the next host, and they all happen before
-    MAIL FROM, so failing over can never send a message twice.  When every host
-    fails, a refused login (a verdict on the credentials) wins over the others;
-    C{stop_on_rejection} makes it final at once.
-    """
-    error: SMTPReplyError | None = None
-    refused: LoginRejected | None = None
-    for index, route in enumerate(routes):
-        try:
-            return await connector.connect(route, account)
-        except SMTPReplyError as e:
-            error = e
-            if isinstance(e, LoginRejected) and refused is None:
-                refused = e
-                if stop_on_rejection:
-                    break
-            if index + 1 < len(routes):
-                log.warn("upstream {host}:{port} failed ({text}); trying {next}",
-                         host=route.host, port=route.port, text=e.reply.text,
-                         next=routes[index + 1].host)
-    assert error is not None, "a route list is never empty"
-    raise refused or error
+    def accepts(self, account: UpstreamAccount | None) -> bool:
+        """True when the account can deliver later (a configured account, not a client's
+        own login, which is kept nowhere)."""
 
+    def full(self) -> bool:
+        """True when no more messages fit."""
 
-def try_login(connector: IUpstreamConnector,
-              ) -> Callable[[tuple[Route, ...], UpstreamAccount], Deferred[bool]]:
-    """A check that logs in upstream with an account: True, False if the login was
-    refused, an error if the upstream could not be asked.  A refusal is not tried on the
-    other hosts: a wrong password should not count against the account everywhere."""
-    async def check(routes: tuple[Route, ...], account: UpstreamAccount) -> bool:
-        try:
-            session = await connect_first(connector, routes, account, stop_on_rejection=True)
-        except LoginRejected:
-            return False
-        await session.quit()
-        return True
+    def writer(self) -> SpoolWriter:
+        """A new message being written."""
 
-    return lambda routes, account: Deferred.fromCoroutine(check(routes, account))
+    def keep(self, writer: SpoolWriter, sender: str, recipients: Sequence[str],
+             account: UpstreamAccount, params: Params, client: ClientInfo,
+             tried: bool = True) -> Deferred[str]:
+        """Make the message durable and queue it; fires with its queue id, or fails with
+        OSError (then nothing is queued).  C{tried}: the upstream was just tried, so the
+        first delivery waits for the first retry."""
 
 
 @implementer(ITransaction)
 class InlineTransaction:
-    """One transaction relayed to one upstream session."""
+    """One transaction: relayed to one upstream session, or spooled.
+
+    C{net} is the spool (None: mode "never"); C{always} spools every message that can
+    be spooled without asking the upstream first (mode "always").
+    """
 
     def __init__(self, mapper: ICredentialMapper, connector: IUpstreamConnector,
-                 client: ClientInfo) -> None:
+                 client: ClientInfo, net: SafetyNet | None = None, always: bool = False,
+                 ) -> None:
         self._mapper = mapper
         self._connector = connector
         self._client = client
+        self._net = net
+        self._always = always
         self._session: IUpstreamSession | None = None
-        self._rewriter: SenderRewriter | None = None
+        self._account: UpstreamAccount | None = None
+        self._sender = ""
+        self._params: Params = {}
+        self._filter = BodyFilter()
+        self._can_spool = False  # the message may go to the spool if need be
+        self._spooling = False  # it does: the upstream is out of this transaction
+        self._accepted: list[str] = []  # recipients the upstream took
+        self._deferred: list[str] = []  # recipients for the spool
+        self._writer: SpoolWriter | None = None
         self._data_sent = False  # DATA went upstream: only an abort may end the session now
         self._refusal: SMTPReplyError | None = None  # the body was refused on its way
-        self._ascii_only = False  # SMTPUTF8 asked for, the upstream lacks it
-        self._in_header = True
+        self._lost: UpstreamError | None = None  # how the upstream session failed
         self._in_data = False
         self._over = False
+
+    # MAIL.
 
     def mail(self, sender: str, params: Params) -> Deferred[Reply]:
         return Deferred.fromCoroutine(self._mail(sender, params))
@@ -104,8 +112,27 @@ class InlineTransaction:
     async def _mail(self, sender: str, params: Params) -> Reply:
         mapped = self._mapper.map(self._client, sender)
         assignment = await mapped if isinstance(mapped, Deferred) else mapped
-        account = assignment.account
-        session = await connect_first(self._connector, assignment.routes, account)
+        account = self._account = assignment.account
+        rewrite_to = account.rewrite_sender if account is not None else None
+        if rewrite_to and sender:  # providers refuse a sender that is not the login's own
+            sender = rewrite_to
+        self._sender, self._params = sender, dict(params)
+        self._filter = BodyFilter(rewrite_to)
+        net = self._net if self._net is not None and self._net.accepts(account) else None
+        self._can_spool = net is not None and not net.full()
+        if self._always and self._can_spool:
+            self._spooling = True
+            return SENDER_OK
+        try:
+            session = await connect_first(self._connector, assignment.routes, account)
+        except SMTPReplyError as e:
+            if self._over:
+                raise SMTPReplyError(GONE)
+            if e.reply.transient and self._can_spool:
+                return self._to_spool(e.reply)
+            if e.reply.transient and net is not None:
+                return SPOOL_FULL
+            raise
         if self._over:  # the client left while we were connecting
             session.quit()
             raise SMTPReplyError(GONE)
@@ -114,88 +141,183 @@ class InlineTransaction:
             # Relayed without it only while nothing needs it: ASCII addresses and headers.
             if not sender.isascii():
                 return UPSTREAM_NO_SMTPUTF8
-            self._ascii_only = True
-        if account is not None and account.rewrite_sender:
-            # Providers refuse mail whose sender is not the login's own address.
-            self._rewriter = SenderRewriter(account.rewrite_sender)
-            if sender:
-                sender = account.rewrite_sender
-        return await session.mail(sender, params)
+            self._filter.ascii_headers = True
+        try:
+            reply = await session.mail(sender, params)
+        except UpstreamError as e:
+            if self._can_spool:
+                return self._to_spool(e.reply)
+            raise
+        if reply.transient and self._can_spool:
+            return self._to_spool(reply)
+        return reply
+
+    def _to_spool(self, why: Reply) -> Reply:
+        """The upstream is out of this transaction: what it took so far goes to the spool."""
+        log.info("{session} upstream cannot take the message now ({code} {text}); it goes "
+                 "to the spool", session=self._client.session_id, code=why.code,
+                 text=why.text)
+        self._spooling = True
+        self._deferred = self._accepted + self._deferred
+        self._accepted = []
+        session, self._session = self._session, None
+        if session is not None:
+            session.abort() if self._data_sent else session.quit()
+        return SENDER_OK
 
     def _current(self) -> IUpstreamSession:
         if self._session is None or self._over:
             raise SMTPReplyError(GONE)
         return self._session
 
+    # RCPT.
+
     def rcpt(self, recipient: str, params: Params) -> Deferred[Reply]:
-        if self._ascii_only and not recipient.isascii():
-            return succeed(UPSTREAM_NO_SMTPUTF8)
-        return maybeDeferred(lambda: self._current().rcpt(recipient, params))
+        return Deferred.fromCoroutine(self._rcpt(recipient, params))
+
+    async def _rcpt(self, recipient: str, params: Params) -> Reply:
+        if self._filter.ascii_headers and not recipient.isascii():
+            return UPSTREAM_NO_SMTPUTF8
+        if self._spooling:
+            self._deferred.append(recipient)
+            return RECIPIENT_QUEUED
+        try:
+            reply = await self._current().rcpt(recipient, params)
+        except UpstreamError as e:
+            if not self._can_spool:
+                self._lost = e
+                raise
+            self._to_spool(e.reply)
+            self._deferred.append(recipient)
+            return RECIPIENT_QUEUED
+        if reply.positive:
+            self._accepted.append(recipient)
+        elif reply.transient and self._can_spool:
+            log.info("{session} upstream deferred <{recipient}> ({code} {text}); it goes to "
+                     "the spool", session=self._client.session_id, recipient=recipient,
+                     code=reply.code, text=reply.text)
+            self._deferred.append(recipient)
+            return RECIPIENT_QUEUED
+        return reply
+
+    # DATA and the body.
 
     def data(self, producer: IPushProducer) -> Deferred[Reply]:
-        def answered(reply: Reply) -> Reply:
-            if reply.code == 354 and not self._over:
-                self._in_data = True
-            elif reply.code != 354:
-                self._data_sent = False  # refused: the session can still quit politely
-            return reply
+        return Deferred.fromCoroutine(self._data(producer))
 
+    async def _data(self, producer: IPushProducer) -> Reply:
+        if self._can_spool and self._net is not None:
+            self._writer = self._net.writer()
+        if not self._spooling and not self._accepted and self._deferred:
+            self._to_spool(Reply(450, None, "every recipient was deferred"))
+        if self._spooling:
+            self._in_data = True
+            return START_DATA
+        session = self._current()
         self._data_sent = True
-        return maybeDeferred(lambda: self._current().data(producer)).addCallback(answered)
+        try:
+            reply = await session.data(producer)
+        except UpstreamError as e:
+            if self._writer is None:
+                self._lost = e
+                raise
+            self._to_spool(e.reply)
+            reply = START_DATA
+        if reply.code != 354:
+            self._data_sent = False
+            if reply.transient and self._writer is not None:
+                self._to_spool(reply)
+                reply = START_DATA
+            else:
+                self._discard()
+                return reply
+        if not self._over:
+            self._in_data = True
+        return reply
 
     def write(self, lines: Sequence[bytes]) -> None:
-        session = self._session
-        if self._in_data and not self._over and session is not None:
-            if self._ascii_only and self._in_header:
-                self._check_ascii_header(lines)
-                if self._over:
-                    return
-            if self._rewriter is not None:
-                try:
-                    lines = self._rewriter.feed(list(lines))
-                except HeaderTooLarge as e:
-                    # Fail closed: never relay the message with its own From:.
-                    self._refusal = e
-                    self.abort()
-                    return
-            if lines:
-                session.write_lines(lines)
+        if not self._in_data or self._over:
+            return
+        try:
+            lines = self._filter.feed(lines)
+        except SMTPReplyError as e:  # fail closed: nothing of this message goes anywhere
+            self._refusal = e
+            self.abort()
+            return
+        self._emit(lines)
 
-    def _check_ascii_header(self, lines: Sequence[bytes]) -> None:
-        """Without SMTPUTF8 upstream, a non-ASCII header line refuses the message."""
-        for line in lines:
-            if not line:
-                self._in_header = False
-                return
-            if not line.isascii():
-                self._refusal = SMTPReplyError(UPSTREAM_NO_SMTPUTF8)
-                self.abort()
-                return
+    def _emit(self, lines: Sequence[bytes]) -> None:
+        """Lines ready to go: into the spool file and upstream."""
+        if self._writer is not None:
+            self._writer.write(lines)
+        if self._session is not None and lines:
+            self._session.write_lines(lines)
+
+    # The final dot.
 
     def finish(self) -> Deferred[Reply]:
         if self._refusal is not None:
             return fail(self._refusal)
-        try:
-            session = self._current()
-        except SMTPReplyError as e:
-            return fail(e)
-        if self._rewriter is not None and self._in_data:
-            rest = self._rewriter.close()
-            if rest:
-                session.write_lines(rest)
-        self._over = True
+        if self._over or not self._in_data:
+            return fail(self._lost or SMTPReplyError(GONE))
+        self._emit(self._filter.close())
         self._in_data = False
+        self._over = True
+        return Deferred.fromCoroutine(self._finish())
 
-        def done(result: Reply | Failure) -> Reply | Failure:
+    async def _finish(self) -> Reply:
+        if self._spooling:
+            return await self._keep(self._deferred)
+        session = self._session
+        assert session is not None, "in-line DATA has a session"
+        try:
+            reply = await session.end_data()
+        except UpstreamError as e:
+            if self._writer is None:
+                raise
+            log.info("{session} upstream lost at the final dot ({text}); the message goes "
+                     "to the spool", session=self._client.session_id, text=e.reply.text)
+            return await self._keep(self._accepted + self._deferred)
+        finally:
             session.quit()
-            return result
+        if reply.transient and self._writer is not None:
+            log.info("{session} upstream deferred the message ({code} {text}); it goes to "
+                     "the spool", session=self._client.session_id, code=reply.code,
+                     text=reply.text)
+            return await self._keep(self._accepted + self._deferred)
+        if reply.positive and self._deferred:
+            queued = await self._keep(self._deferred)
+            if not queued.positive:
+                return queued  # the deferred ones could not be kept: the client retries
+            return Reply(reply.code, reply.enhanced,
+                         f"{reply.text}; {len(self._deferred)} recipient(s) {queued.text[4:]}")
+        self._discard()
+        return reply
 
-        return session.end_data().addBoth(done)
+    async def _keep(self, recipients: Sequence[str]) -> Reply:
+        """Spool the message for C{recipients}: 250 once it is durable."""
+        writer, net, account = self._writer, self._net, self._account
+        assert writer is not None and net is not None and account is not None
+        self._writer = None
+        try:
+            queue_id = await net.keep(writer, self._sender, recipients, account, self._params,
+                                      self._client, tried=not self._always)
+        except OSError as e:
+            log.error("{session} the message could not be spooled: {error}",
+                      session=self._client.session_id, error=e)
+            return QUEUE_FAILED
+        return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+    def _discard(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.discard()
 
     def abort(self) -> None:
-        if self._over:
+        if self._over and self._writer is None and self._session is None:
             return
         self._over = True
+        self._discard()
         session, self._session = self._session, None
         if session is None:
             return
@@ -207,11 +329,16 @@ class InlineTransaction:
 
 @implementer(IDelivery)
 class InlineDelivery:
-    """Relays every transaction upstream as it happens."""
+    """Relays every transaction upstream as it happens; with a safety net (the spool),
+    keeps what the upstream cannot take now, or (C{always}) spools everything."""
 
-    def __init__(self, mapper: ICredentialMapper, connector: IUpstreamConnector) -> None:
+    def __init__(self, mapper: ICredentialMapper, connector: IUpstreamConnector,
+                 net: SafetyNet | None = None, always: bool = False) -> None:
         self._mapper = mapper
         self._connector = connector
+        self._net = net
+        self._always = always
 
     def transaction(self, client: ClientInfo) -> InlineTransaction:
-        return InlineTransaction(self._mapper, self._connector, client)
+        return InlineTransaction(self._mapper, self._connector, client, self._net,
+                                 self._always)

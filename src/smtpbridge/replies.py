@@ -7,6 +7,11 @@ import enum
 from smtpbridge.model import Reply
 
 OK = Reply(250, "2.0.0", "Ok")
+SENDER_OK = Reply(250, "2.1.0", "Ok")
+RECIPIENT_QUEUED = Reply(250, "2.1.5", "Ok")
+START_DATA = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
+SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage; try again later")
+QUEUE_FAILED = Reply(451, "4.3.0", "Message could not be queued; try again later")
 BYE = Reply(221, "2.0.0", "Bye")
 READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
 VRFY_REPLY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")

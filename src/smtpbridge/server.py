@@ -36,7 +36,7 @@ from smtpbridge.replies import (
     syntax,
 )
 from smtpbridge.serverauth import AuthCommands
-from smtpbridge.serverbase import ListenerSettings
+from smtpbridge.serverbase import ListenerSettings, ServerSession
 from smtpbridge.throttle import AuthThrottle
 from smtpbridge.tls import ServerTLS, connection_summary, peer_fingerprint
 
@@ -67,14 +67,16 @@ class SMTPServerFactory(Factory):
         self.governor = governor
         self.open = 0
         self.per_client: dict[str, int] = {}
+        self.sessions: set[ServerSession] = set()
 
     def buildProtocol(self, addr: Any) -> SMTPServerProtocol:  # noqa: N802
         protocol = SMTPServerProtocol(self)
         protocol.factory = self
         return protocol
 
-    def opened(self, client: str) -> Reply | None:
+    def opened(self, client: str, session: ServerSession) -> Reply | None:
         """Count a new connection; the 421 to close it with when it is one too many."""
+        self.sessions.add(session)
         self.open += 1
         self.per_client[client] = self.per_client.get(client, 0) + 1
         if self.governor is not None:
@@ -87,7 +89,8 @@ class SMTPServerFactory(Factory):
                                        "connections from your address; try again later")
         return None
 
-    def closed(self, client: str) -> None:
+    def closed(self, client: str, session: ServerSession) -> None:
+        self.sessions.discard(session)
         self.open -= 1
         left = self.per_client.get(client, 1) - 1
         if left > 0:
@@ -119,7 +122,7 @@ class SMTPServerProtocol(AuthCommands, MailCommands):
             self.handshake.start()
         self.start_session()
         self._counted = normalise_address(self.client.peer_host)
-        refusal = self.services.opened(self._counted)
+        refusal = self.services.opened(self._counted, self)
         if refusal is not None:
             log.info("{session} refused: {text}", session=self.client.session_id,
                      text=refusal.text)
@@ -145,7 +148,7 @@ class SMTPServerProtocol(AuthCommands, MailCommands):
         self.handshake.stop()
         self.end_session()
         if self._counted is not None:
-            self.services.closed(self._counted)
+            self.services.closed(self._counted, self)
             self._counted = None
         log.info("{session} disconnect from [{host}]", session=self.client.session_id,
                  host=self.client.peer_host)

@@ -82,10 +82,10 @@ class SessionServices(Protocol):
     throttle: AuthThrottle | None
     keep_password: bool  # passthrough needs the login's password
 
-    def opened(self, client: str) -> Reply | None:
+    def opened(self, client: str, session: ServerSession) -> Reply | None:
         """Count a new connection from C{client}; the 421 if it is one too many."""
 
-    def closed(self, client: str) -> None:
+    def closed(self, client: str, session: ServerSession) -> None:
         """A connection from C{client} ended."""
 
 
@@ -124,6 +124,7 @@ class ServerSession(SMTPLineReceiver):
         self._errors = 0
         self._gone = False
         self._closing = False
+        self._draining = False  # the bridge is stopping: close once no transaction is open
         self._gate: _OutputGate | None = None
         self.idle = Deadline(clock, settings.idle_timeout, self._idle_timeout)
         self.lifetime = Deadline(clock, settings.max_session_time, self._session_timeout)
@@ -213,11 +214,24 @@ class ServerSession(SMTPLineReceiver):
 
     # Replies.
 
+    def drain(self) -> None:
+        """The bridge is stopping: close now if no transaction is open, else once it ends."""
+        self._draining = True
+        if self._transaction is None and "reply" not in self.holds:
+            self.close(self._shutting_down())
+
+    def _shutting_down(self) -> Reply:
+        return Reply(421, "4.3.2", f"{self.settings.hostname} Service shutting down; "
+                                   "try again later")
+
     def reply(self, reply: Reply) -> None:
         """Send one reply; too many errors end the session as Postfix does."""
         if self._gone or self._closing:
             return
         self.connection.write(format_reply(reply))
+        if self._draining and self._transaction is None and reply.code != 354:
+            self.close(self._shutting_down())
+            return
         if reply.code >= 400:
             self._errors += 1
             if self._errors >= self.settings.max_errors:

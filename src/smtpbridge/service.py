@@ -8,6 +8,7 @@ options) is a L{ConfigError}.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +20,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from smtpbridge.config import DEFAULT, Config, ListenerConfig
-from smtpbridge.connector import UpstreamConnector
+from smtpbridge.connector import UpstreamConnector, try_login
 from smtpbridge.demo import MailFolderDelivery, demo_upstream_factory
 from smtpbridge.errors import ConfigError, OptionError
 from smtpbridge.interfaces import (
@@ -29,7 +30,7 @@ from smtpbridge.interfaces import (
     ITokenSource,
 )
 from smtpbridge.limits import BoundedThreadPool, ConnectionGovernor, raise_file_limit
-from smtpbridge.listener import CertificateReloader, ListenerService
+from smtpbridge.listener import BridgeService, CertificateReloader, ListenerService
 from smtpbridge.mapping import (
     UpstreamLoginChecker,
     builtin_mapper_factories,
@@ -38,10 +39,13 @@ from smtpbridge.mapping import (
 )
 from smtpbridge.model import Assignment, Route, UpstreamAccount
 from smtpbridge.networks import NetworkSet
+from smtpbridge.oauth import token_keepalive
 from smtpbridge.policy import AccessPolicy, SenderRules
-from smtpbridge.relay import InlineDelivery, try_login
+from smtpbridge.queuerunner import QueueRunner, RetrySettings
+from smtpbridge.relay import InlineDelivery
 from smtpbridge.server import SMTPServerFactory
 from smtpbridge.serverbase import ListenerSettings
+from smtpbridge.spool import Spool
 from smtpbridge.throttle import AuthThrottle, ThrottleSettings
 from smtpbridge.tls import ServerTLS, create_self_signed, server_context
 from smtpbridge.users import UsersFileChecker, load_users
@@ -191,15 +195,40 @@ def _throttle(config: Config, reactor: Any) -> AuthThrottle:
         rate=access.auth_rate))
 
 
+def _queue_runner(config: Config, reactor: Any, upstream: Upstreams,
+                  parent: MultiService) -> QueueRunner | None:
+    """The spool and its runner, unless every listener's spool mode is "never"."""
+    settings = config.spool
+    if all((listener.spool or settings.mode) == "never" for listener in config.listeners):
+        return None
+    threads = BoundedThreadPool(reactor, 4, 100_000, "smtpbridge-spool",
+                                busy=OSError(errno.EBUSY, "too many spool writes at once"))
+    threads.setServiceParent(parent)
+    runner = QueueRunner(
+        Spool(settings.directory, settings.max_size), upstream.connector, upstream.accounts,
+        reactor, RetrySettings(first_retry=settings.first_retry, max_retry=settings.max_retry,
+                               max_age=settings.max_age, concurrency=settings.concurrency),
+        config.server.hostname, threads.run)
+    runner.setName("spool")
+    runner.setServiceParent(parent)
+    return runner
+
+
 def make_service(config: Config, reactor: Any) -> MultiService:
     """The whole bridge as one service: every listener, and the demo upstream if configured."""
-    top = MultiService()
+    top = BridgeService(reactor, config.spool.drain_timeout)
     tls = config.tls
     if tls.create_self_signed and tls.certificate and tls.key and not (
             os.path.exists(tls.certificate) or os.path.exists(tls.key)):
         create_self_signed(tls.certificate, tls.key, config.server.hostname)
     upstream = upstreams(config, reactor)
-    delivery = InlineDelivery(upstream.mapper, upstream.connector)
+    token_keepalive({name: account.oauth for name, account in config.accounts.items()
+                     if account.oauth is not None},
+                    upstream.connector.tokens, reactor).setServiceParent(top)
+    runner = _queue_runner(config, reactor, upstream, top)
+    deliveries = {mode: InlineDelivery(upstream.mapper, upstream.connector,
+                                       runner if mode != "never" else None, mode == "always")
+                  for mode in ("never", "fallback", "always")}
     policy = _policy(config)
     threads = BoundedThreadPool(reactor, config.access.auth_threads, config.access.auth_queue,
                                 "smtpbridge-password-checks")
@@ -235,8 +264,10 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         )
         listener_tls = (server_tls(_context_builder(config, listener, index))
                         if listener.tls != "none" else None)
+        delivery = deliveries[listener.spool or config.spool.mode]
         factory: Any = SMTPServerFactory(settings, delivery, policy, checker, reactor,
                                          listener_tls, throttle, keep_password, governor)
+        top.listeners.append(factory)
         if listener_tls is not None and listener.tls == "implicit":
             factory = TLSMemoryBIOFactory(listener_tls, False, factory)
         _endpoint_service(reactor, config, f"listener[{index}].endpoint",

@@ -1,0 +1,336 @@
+"""The queue runner: takes messages into the spool and delivers them later.
+
+It is the relay's L{smtpbridge.relay.SafetyNet}: a message is kept once it is durable
+(fsynced in a thread, so the reactor does not wait on the disk).  Each message is tried
+again on a doubling schedule (C{first_retry}, twice that, ... at most C{max_retry}
+apart), with the account it was accepted for, over that account's routes (failover
+included), at most C{concurrency} at once per route.  A 5xx, or C{max_age} without
+success, sends the envelope sender a delivery status notification (no bounce for a
+bounce or the null sender).  A message leaves the spool only after the upstream's 2xx
+for each of its recipients.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, BinaryIO
+
+import attr
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+
+from smtpbridge import dsn
+from smtpbridge.bodypump import BodyPump
+from smtpbridge.connector import connect_first
+from smtpbridge.errors import SMTPReplyError
+from smtpbridge.interfaces import IUpstreamConnector, IUpstreamSession, Params
+from smtpbridge.model import Assignment, ClientInfo, Reply, UpstreamAccount
+from smtpbridge.spool import Envelope, Spool, SpoolWriter
+from smtpbridge.wire import reply_line
+
+log = Logger()
+
+
+@attr.frozen
+class RetrySettings:
+    """When spooled messages are tried again, and for how long."""
+
+    first_retry: float = 300.0
+    max_retry: float = 3600.0
+    max_age: float = 5 * 86400.0
+    concurrency: int = 5  # deliveries at once per route
+
+    def delay(self, attempts: int) -> float:
+        """Seconds until the next try after C{attempts} tries that failed."""
+        return float(min(self.first_retry * 2.0 ** max(0, attempts - 1), self.max_retry))
+
+
+@attr.define
+class _Outcome:
+    """What one delivery attempt achieved."""
+
+    deferred: list[str] = attr.Factory(list)  # recipients to try again
+    failed: list[dsn.Failure] = attr.Factory(list)  # recipients refused for good
+    error: str = ""  # the last temporary failure
+
+
+class QueueRunner(Service):
+    """Keeps messages in C{spool} and delivers them through C{connector}.
+
+    C{accounts} maps account names to their routes and account (the configuration's);
+    C{run_blocking} runs a blocking call in a thread and fires with its result.
+    """
+
+    def __init__(self, spool: Spool, connector: IUpstreamConnector,
+                 accounts: Mapping[str, Assignment], reactor: Any, settings: RetrySettings,
+                 hostname: str, run_blocking: Callable[..., Deferred[Any]]) -> None:
+        self.spool = spool
+        self._connector = connector
+        self._accounts = dict(accounts)
+        self._reactor = reactor
+        self.settings = settings
+        self._hostname = hostname
+        self._run_blocking = run_blocking
+        self._timers: dict[str, IDelayedCall] = {}
+        self._routes: dict[str, DeferredSemaphore] = {}
+        self._sessions: set[IUpstreamSession] = set()
+        self._busy: set[str] = set()  # messages being tried now
+        self._again: set[str] = set()  # ... and asked to be tried again once done
+        self._previous_handler: Any = None
+        self._stopping = False
+
+    # The relay's safety net.
+
+    def accepts(self, account: UpstreamAccount | None) -> bool:
+        return account is not None and self._accounts.get(account.name) is not None and \
+            self._accounts[account.name].account == account
+
+    def full(self) -> bool:
+        return self.spool.full()
+
+    def writer(self) -> SpoolWriter:
+        return self.spool.writer(self._reactor.seconds())
+
+    def keep(self, writer: SpoolWriter, sender: str, recipients: Sequence[str],
+             account: UpstreamAccount, params: Params, client: ClientInfo,
+             tried: bool = True, bounce: bool = False) -> Deferred[str]:
+        now = self._reactor.seconds()
+        first = now + self.settings.delay(1) if tried else now
+        envelope = Envelope(
+            id=writer.id, sender=sender, recipients=tuple(recipients), account=account.name,
+            created=now, size=writer.size, params=tuple(params.items()),
+            next_attempt=first, client=client.peer_host, session=client.session_id,
+            bounce=bounce)
+
+        def kept(_: object) -> str:
+            log.info("{session} queued as {id}: <{sender}> to {count} recipient(s), "
+                     "{size} bytes, account {account}", session=envelope.session,
+                     id=envelope.id, sender=sender, count=len(recipients),
+                     size=envelope.size, account=account.name)
+            self._schedule(envelope.id, first)
+            return envelope.id
+
+        return self._run_blocking(writer.commit, envelope).addCallback(kept)
+
+    # Service.
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        self._stopping = False
+        self.spool.prepare()
+        now = self._reactor.seconds()
+        for envelope in self.spool.envelopes():
+            self._schedule(envelope.id, max(now, envelope.next_attempt))
+        self.spool.register(os.getpid())
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(
+                signal.SIGUSR1, lambda number, frame: self._reactor.callFromThread(self.flush))
+
+    def stopService(self) -> None:  # noqa: N802
+        super().stopService()
+        self._stopping = True
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+        for session in list(self._sessions):
+            session.abort()  # the message stays in the spool
+        self.spool.unregister(os.getpid())
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGUSR1, self._previous_handler)
+            self._previous_handler = None
+
+    # Scheduling.
+
+    def _schedule(self, message_id: str, when: float) -> None:
+        if self._stopping:
+            return
+        timer = self._timers.pop(message_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        delay = max(0.0, when - self._reactor.seconds())
+        self._timers[message_id] = self._reactor.callLater(delay, self._attempt, message_id)
+
+    def flush(self) -> None:
+        """Try at once the messages ``smtpbridge queue flush`` asked for (all when none
+        is named): SIGUSR1."""
+        requested = self.spool.take_flush_requests()
+        ids = self.spool.ids() if not requested or "all" in requested else sorted(requested)
+        log.info("queue flush: trying {count} message(s) now", count=len(ids))
+        now = self._reactor.seconds()
+        for message_id in ids:
+            self._schedule(message_id, now)
+
+    def _attempt(self, message_id: str) -> None:
+        self._timers.pop(message_id, None)
+        Deferred.fromCoroutine(self._deliver(message_id)).addErrback(
+            lambda failure: log.failure("queue {id}: delivery attempt failed", failure,
+                                        id=message_id))
+
+    # Delivery.
+
+    async def _deliver(self, message_id: str) -> None:
+        if self._stopping or self.spool.held(message_id):
+            return
+        if message_id in self._busy:  # a flush while it is being tried: once more after
+            self._again.add(message_id)
+            return
+        self._busy.add(message_id)
+        try:
+            await self._deliver_once(message_id)
+        finally:
+            self._busy.discard(message_id)
+            if message_id in self._again:
+                self._again.discard(message_id)
+                if self.spool.load(message_id) is not None:
+                    self._schedule(message_id, self._reactor.seconds())
+
+    async def _deliver_once(self, message_id: str) -> None:
+        envelope = self.spool.load(message_id)
+        if envelope is None:
+            return
+        assignment = self._accounts.get(envelope.account)
+        route = assignment.routes[0].host if assignment is not None else "?"
+        limit = self._routes.setdefault(route, DeferredSemaphore(self.settings.concurrency))
+        await limit.acquire()
+        try:
+            with self.spool.locked(message_id) as data:
+                envelope = self.spool.load(message_id)
+                if data is None or envelope is None or self._stopping:
+                    if envelope is not None and not self._stopping:
+                        self._schedule(message_id, self._reactor.seconds() + 60)
+                    return
+                await self._try(envelope, data, assignment)
+        finally:
+            limit.release()
+
+    async def _try(self, envelope: Envelope, data: BinaryIO,
+                   assignment: Assignment | None) -> None:
+        now = self._reactor.seconds()
+        if assignment is None:
+            outcome = _Outcome(list(envelope.recipients),
+                               error=f"account {envelope.account} is not configured")
+        else:
+            outcome = await self._send(envelope, data, assignment)
+        attempts = envelope.attempts + 1
+        if outcome.deferred and now - envelope.created >= self.settings.max_age:
+            days = self.settings.max_age / 86400
+            outcome.failed += [dsn.Failure(r, "4.4.7", outcome.error or "no delivery")
+                               for r in outcome.deferred]
+            reason = f"could not be delivered for {days:g} days"
+            outcome.deferred = []
+        else:
+            reason = "the upstream refused it"
+        if outcome.failed:
+            data.seek(0)
+            await self._bounce(envelope, outcome.failed, data, reason)
+        delivered = len(envelope.recipients) - len(outcome.deferred) - len(outcome.failed)
+        if not outcome.deferred:
+            self.spool.remove(envelope.id)
+            log.info("{session} queue {id}: done after {attempts} attempt(s): {delivered} "
+                     "delivered, {failed} bounced", session=envelope.session,
+                     id=envelope.id, attempts=attempts, delivered=delivered,
+                     failed=len(outcome.failed))
+            return
+        later = now + self.settings.delay(attempts)
+        updated = attr.evolve(envelope, recipients=tuple(outcome.deferred), attempts=attempts,
+                              next_attempt=later, last_error=outcome.error)
+        if self.spool.update(updated):
+            log.info("{session} queue {id}: deferred ({error}); next attempt in {delay:g} s",
+                     session=envelope.session, id=envelope.id, error=outcome.error,
+                     delay=later - now)
+            self._schedule(envelope.id, later)
+
+    async def _send(self, envelope: Envelope, data: BinaryIO,
+                    assignment: Assignment) -> _Outcome:
+        """One attempt over the account's routes: who got it, who waits, who never will."""
+        recipients = list(envelope.recipients)
+        try:
+            session = await connect_first(self._connector, assignment.routes,
+                                          assignment.account)
+        except SMTPReplyError as e:
+            return _Outcome(recipients, error=reply_line(e.reply))
+        self._sessions.add(session)
+        try:
+            return await self._transaction(session, envelope, data, recipients)
+        except SMTPReplyError as e:  # the session was lost
+            return _Outcome(recipients, error=reply_line(e.reply))
+        finally:
+            self._sessions.discard(session)
+            session.quit()
+
+    async def _transaction(self, session: IUpstreamSession, envelope: Envelope,
+                           data: BinaryIO, recipients: list[str]) -> _Outcome:
+        params = dict(envelope.params)
+        if "SMTPUTF8" in params and "SMTPUTF8" not in session.features and (
+                not envelope.sender.isascii() or not all(r.isascii() for r in recipients)):
+            text = "the upstream does not support SMTPUTF8"
+            return _Outcome(failed=[dsn.Failure(r, "5.6.7", text) for r in recipients])
+        reply = await session.mail(envelope.sender, params)
+        if not reply.positive:
+            return self._verdict(reply, recipients)
+        outcome, accepted = _Outcome(), []
+        for recipient in recipients:
+            reply = await session.rcpt(recipient, {})
+            if reply.positive:
+                accepted.append(recipient)
+            else:
+                verdict = self._verdict(reply, [recipient])
+                outcome.deferred += verdict.deferred
+                outcome.failed += verdict.failed
+                outcome.error = verdict.error or outcome.error
+        if not accepted:
+            return outcome
+        pump = BodyPump(data, session, self._reactor)
+        reply = await session.data(pump)
+        if reply.code != 354:
+            verdict = self._verdict(reply, accepted)
+        else:
+            await pump.run()
+            verdict = self._verdict(await session.end_data(), accepted)
+        outcome.deferred += verdict.deferred
+        outcome.failed += verdict.failed
+        outcome.error = verdict.error or outcome.error
+        return outcome
+
+    @staticmethod
+    def _verdict(reply: Reply, recipients: list[str]) -> _Outcome:
+        if reply.positive:
+            return _Outcome()
+        if reply.transient:
+            return _Outcome(list(recipients), error=reply_line(reply))
+        status = reply.enhanced or "5.0.0"
+        return _Outcome(failed=[dsn.Failure(r, status, reply_line(reply)) for r in recipients])
+
+    async def _bounce(self, envelope: Envelope, failed: list[dsn.Failure], data: BinaryIO,
+                      reason: str) -> None:
+        """Tell the envelope sender, through the same account (never for a bounce)."""
+        for failure in failed:
+            log.info("{session} queue {id}: <{recipient}> bounced: {text}",
+                     session=envelope.session, id=envelope.id, recipient=failure.recipient,
+                     text=failure.diagnostic)
+        assignment = self._accounts.get(envelope.account)
+        if envelope.bounce or not envelope.sender or assignment is None or \
+                assignment.account is None:
+            return
+        account = assignment.account
+        address = account.rewrite_sender or f"MAILER-DAEMON@{self._hostname}"
+        lines = dsn.bounce(
+            reporting_host=self._hostname, from_address=address, to_address=envelope.sender,
+            queue_id=envelope.id, arrival=envelope.created, now=self._reactor.seconds(),
+            failures=failed, original_headers=dsn.header_section(
+                data.read(dsn.HEADER_LIMIT + 1024).split(b"\r\n")), reason=reason)
+        writer = self.writer()
+        writer.write(lines)
+        client = ClientInfo(envelope.client, 0, "spool", envelope.session)
+        try:
+            await self.keep(writer, account.rewrite_sender or "", [envelope.sender], account,
+                            {}, client, tried=False, bounce=True)
+        except OSError as e:
+            log.error("{session} queue {id}: the bounce could not be queued: {error}",
+                      session=envelope.session, id=envelope.id, error=e)

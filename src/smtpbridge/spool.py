@@ -1,0 +1,333 @@
+"""The spool on disk: messages the bridge has taken responsibility for.
+
+Each message is two files in ``queue/``: ``<id>.eml``, the message as it goes upstream
+(CRLF lines, not dot-stuffed, never changed), and ``<id>.json``, its envelope and
+delivery state (replaced atomically at each change).  A message exists once its
+``.json`` does: a message is written to ``tmp/``, fsynced, renamed into ``queue/``
+(data first, envelope last) and the directory fsynced, so a crash leaves it whole or
+absent.  ``hold/<id>`` marks a message held by the administrator, ``flush/<id>`` (or
+``flush/all``) one to retry at once.  Files are 0600 in 0700 directories.
+
+Only blocking file operations, no reactor: the callers choose the thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from typing import BinaryIO
+
+import attr
+
+#: The files a spool directory holds.
+SUBDIRECTORIES = ("tmp", "queue", "hold", "flush", "run")
+
+
+@attr.frozen
+class Envelope:
+    """A spooled message's envelope and delivery state (never a secret: the account is
+    named, its credentials stay in the configuration)."""
+
+    id: str
+    sender: str  # as it goes upstream (after a sender rewrite); "" for a bounce
+    recipients: tuple[str, ...]  # those still to deliver
+    account: str  # the name of the upstream account that delivers it
+    created: float
+    size: int
+    params: tuple[tuple[str, str | None], ...] = ()  # MAIL parameters: SIZE, BODY, SMTPUTF8
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_error: str = ""
+    client: str = ""  # the device's address and session, for the logs and DSNs
+    session: str = ""
+    bounce: bool = False  # a bounce the bridge made: it never bounces itself
+
+    def to_json(self) -> str:
+        data = attr.asdict(self)
+        data["recipients"] = list(self.recipients)
+        data["params"] = [list(item) for item in self.params]
+        return json.dumps(data, ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Envelope:
+        data = json.loads(text)
+        data["recipients"] = tuple(data["recipients"])
+        data["params"] = tuple((key, value) for key, value in data.get("params", ()))
+        known = {field.name for field in attr.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+def new_id(now: float) -> str:
+    """A queue id: sortable by time, unique by its random part (16 hex digits)."""
+    return f"{int(now):08X}{secrets.token_hex(4).upper()}"
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class SpoolWriter:
+    """One message being written into the spool; nothing is in the queue until
+    L{commit}, and L{discard} leaves no trace.
+
+    Writes are sequential and not synced: a message that is kept is fsynced at commit.
+    """
+
+    def __init__(self, spool: Spool, message_id: str) -> None:
+        self._spool = spool
+        self.id = message_id
+        self._path = os.path.join(spool.directory, "tmp", f"{message_id}.eml")
+        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self._file: BinaryIO | None = os.fdopen(fd, "wb")
+        self.size = 0
+        spool.reserve(0)
+
+    def write(self, lines: Sequence[bytes]) -> None:
+        """Body lines, unstuffed and without line endings."""
+        if self._file is None or not lines:
+            return
+        data = b"\r\n".join(lines) + b"\r\n"
+        self._file.write(data)
+        self.size += len(data)
+        self._spool.reserve(len(data))
+
+    def commit(self, envelope: Envelope) -> None:
+        """Make the message durable in the queue (blocking: fsyncs; run it in a thread).
+        Raises OSError when it cannot be stored; then nothing is in the queue."""
+        if self._file is None:
+            raise OSError(errno.EBADF, "the message was already committed or discarded")
+        f, self._file = self._file, None
+        spool = self._spool
+        queue = os.path.join(spool.directory, "queue")
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.replace(self._path, os.path.join(queue, f"{self.id}.eml"))
+            temporary = os.path.join(spool.directory, "tmp", f"{self.id}.json")
+            _write_file(temporary, envelope.to_json().encode("utf-8"))
+            os.replace(temporary, os.path.join(queue, f"{self.id}.json"))
+            _fsync_directory(queue)
+        except OSError:
+            with suppress(OSError):
+                f.close()
+            for leftover in (spool.path(self.id, "json"), spool.path(self.id), self._path,
+                             os.path.join(spool.directory, "tmp", f"{self.id}.json")):
+                with suppress(OSError):
+                    os.unlink(leftover)
+            spool.release(self.size)
+            raise
+        spool.committed(self.size)
+
+    def discard(self) -> None:
+        """Forget the message: nothing of it stays."""
+        if self._file is None:
+            return
+        f, self._file = self._file, None
+        with suppress(OSError):
+            f.close()
+        with suppress(OSError):
+            os.unlink(self._path)
+        self._spool.release(self.size)
+
+
+class Spool:
+    """A spool directory: messages written, committed, listed, updated and removed.
+
+    C{max_size} bounds the bytes it holds, committed and being written: L{full} says
+    when no new message should be taken.
+    """
+
+    def __init__(self, directory: str, max_size: int) -> None:
+        self.directory = directory
+        self.max_size = max_size
+        self.stored = 0  # bytes of committed messages
+        self.writing = 0  # bytes of messages being written
+
+    def prepare(self) -> None:
+        """Create the directories (0700); clear what a crash left in ``tmp/`` and message
+        data without an envelope; count what is stored."""
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        for name in SUBDIRECTORIES:
+            os.makedirs(os.path.join(self.directory, name), mode=0o700, exist_ok=True)
+        for name in os.listdir(os.path.join(self.directory, "tmp")):
+            with suppress(OSError):
+                os.unlink(os.path.join(self.directory, "tmp", name))
+        queue = os.path.join(self.directory, "queue")
+        names = set(os.listdir(queue))
+        self.stored = 0
+        for name in names:
+            stem, _, suffix = name.rpartition(".")
+            if suffix == "eml" and f"{stem}.json" not in names:
+                with suppress(OSError):
+                    os.unlink(os.path.join(queue, name))  # a commit that did not finish
+            elif suffix == "eml":
+                with suppress(OSError):
+                    self.stored += os.path.getsize(os.path.join(queue, name))
+
+    # Space.
+
+    def full(self, more: int = 0) -> bool:
+        """True when C{more} bytes would not fit in C{max_size}."""
+        return self.stored + self.writing + more >= self.max_size
+
+    def reserve(self, size: int) -> None:
+        self.writing += size
+
+    def release(self, size: int) -> None:
+        self.writing = max(0, self.writing - size)
+
+    def committed(self, size: int) -> None:
+        self.release(size)
+        self.stored += size
+
+    # Messages.
+
+    def writer(self, now: float | None = None) -> SpoolWriter:
+        return SpoolWriter(self, new_id(time.time() if now is None else now))
+
+    def path(self, message_id: str, suffix: str = "eml") -> str:
+        return os.path.join(self.directory, "queue", f"{message_id}.{suffix}")
+
+    def ids(self) -> list[str]:
+        """The ids of every message in the queue, oldest first."""
+        names = os.listdir(os.path.join(self.directory, "queue"))
+        return sorted(name[:-5] for name in names if name.endswith(".json"))
+
+    def load(self, message_id: str) -> Envelope | None:
+        """The message's envelope, or None when it is gone (delivered or deleted)."""
+        try:
+            with open(self.path(message_id, "json"), encoding="utf-8") as f:
+                return Envelope.from_json(f.read())
+        except FileNotFoundError:
+            return None
+
+    def envelopes(self) -> Iterator[Envelope]:
+        for message_id in self.ids():
+            envelope = self.load(message_id)
+            if envelope is not None:
+                yield envelope
+
+    def update(self, envelope: Envelope) -> bool:
+        """Replace the message's envelope (its state after an attempt); False when the
+        message is gone meanwhile (then nothing is written)."""
+        final = self.path(envelope.id, "json")
+        if not os.path.exists(final):
+            return False
+        temporary = os.path.join(self.directory, "tmp", f"{envelope.id}.json")
+        _write_file(temporary, envelope.to_json().encode("utf-8"))
+        os.replace(temporary, final)
+        return True
+
+    def remove(self, message_id: str) -> bool:
+        """Remove a message (envelope first: without it the data is no message); False
+        when it was not there."""
+        existed = False
+        with suppress(FileNotFoundError):
+            os.unlink(self.path(message_id, "json"))
+            existed = True
+        with suppress(FileNotFoundError):
+            size = os.path.getsize(self.path(message_id))
+            os.unlink(self.path(message_id))
+            self.stored = max(0, self.stored - size)
+        for marker in ("hold", "flush"):
+            with suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.directory, marker, message_id))
+        return existed
+
+    @contextmanager
+    def locked(self, message_id: str) -> Iterator[BinaryIO | None]:
+        """The message's data, opened and locked for one delivery attempt (or for the
+        queue command that changes it); None when it is gone or locked by another."""
+        try:
+            f = open(self.path(message_id), "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            yield None
+            return
+        try:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield None
+                return
+            yield f
+        finally:
+            f.close()
+
+    # The processes that deliver from this spool, for the queue command's signals.
+
+    def register(self, pid: int) -> None:
+        _write_file(os.path.join(self.directory, "run", str(pid)), b"")
+
+    def unregister(self, pid: int) -> None:
+        with suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.directory, "run", str(pid)))
+
+    def runners(self) -> list[int]:
+        """The process ids that registered (some may be gone)."""
+        return [int(name) for name in os.listdir(os.path.join(self.directory, "run"))
+                if name.isdigit()]
+
+    # Markers the queue command leaves for the runner.
+
+    def _marker(self, kind: str, message_id: str) -> str:
+        return os.path.join(self.directory, kind, message_id)
+
+    def held(self, message_id: str) -> bool:
+        return os.path.exists(self._marker("hold", message_id))
+
+    def hold(self, message_id: str, on: bool = True) -> None:
+        marker = self._marker("hold", message_id)
+        if on:
+            _write_file(marker, b"")
+        else:
+            with suppress(FileNotFoundError):
+                os.unlink(marker)
+
+    def request_flush(self, message_id: str = "all") -> None:
+        _write_file(self._marker("flush", message_id), b"")
+
+    def take_flush_requests(self) -> set[str]:
+        """The ids asked to be retried at once ("all" for every message), cleared."""
+        directory = os.path.join(self.directory, "flush")
+        names = set(os.listdir(directory))
+        for name in names:
+            with suppress(OSError):
+                os.unlink(os.path.join(directory, name))
+        return names
+
+
+def message_lines(f: BinaryIO, chunk: int = 64 * 1024) -> Iterator[list[bytes]]:
+    """A spooled message's lines, without their CRLF, in batches of about C{chunk} bytes."""
+    rest = b""
+    while True:
+        data = f.read(chunk)
+        if not data:
+            break
+        data = rest + data
+        cut = data.rfind(b"\r\n")
+        if cut < 0:
+            rest = data
+            continue
+        rest = data[cut + 2:]
+        yield data[:cut].split(b"\r\n")
+    if rest:
+        yield [rest]

@@ -1,0 +1,327 @@
+"""The spool on disk, bounces, and the queue runner with a fake upstream and a Clock."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import stat
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import Clock
+
+from smtpbridge import dsn
+from smtpbridge.model import Assignment, ClientInfo, Reply, Route, UpstreamAccount
+from smtpbridge.queuerunner import QueueRunner, RetrySettings
+from smtpbridge.secret import Secret
+from smtpbridge.spool import Envelope, Spool, message_lines
+from smtpbridge.testing import FakeUpstream, unreachable
+
+ROUTE = Route("smtp.example.com", 587)
+ACCOUNT = UpstreamAccount("relay@example.com", Secret("pw"), name="office")
+REWRITING = UpstreamAccount("relay@example.com", Secret("pw"), name="office",
+                            rewrite_sender="relay@example.com")
+CLIENT = ClientInfo("192.0.2.7", 40000, "legacy", "s1")
+BODY = [b"From: scanner@example.com", b"Subject: scan", b"", b".dot line", b"end"]
+
+
+def result(d: Deferred[Any]) -> Any:
+    box: list[Any] = []
+    d.addBoth(box.append)
+    assert box, "the Deferred has not fired"
+    return box[0]
+
+
+@pytest.fixture
+def spool(tmp_path: Any) -> Spool:
+    spool = Spool(str(tmp_path / "spool"), 10 * 1024 * 1024)
+    spool.prepare()
+    return spool
+
+
+# The files.
+
+def test_a_committed_message_is_two_private_files(spool: Spool) -> None:
+    writer = spool.writer(1_800_000_000)
+    writer.write(BODY)
+    assert spool.ids() == []  # nothing is queued before the commit
+    envelope = Envelope(writer.id, "a@example.com", ("b@example.com",), "office",
+                        1_800_000_000.0, writer.size)
+    writer.commit(envelope)
+    assert spool.ids() == [writer.id]
+    assert spool.load(writer.id) == envelope
+    with open(spool.path(writer.id), "rb") as f:
+        assert f.read() == b"".join(line + b"\r\n" for line in BODY)
+    for path in (spool.path(writer.id), spool.path(writer.id, "json")):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    for name in ("", "queue", "tmp"):
+        assert stat.S_IMODE(os.stat(os.path.join(spool.directory, name)).st_mode) == 0o700
+    assert spool.stored == writer.size and spool.writing == 0
+    assert os.listdir(os.path.join(spool.directory, "tmp")) == []
+
+
+def test_a_discarded_message_leaves_nothing(spool: Spool) -> None:
+    writer = spool.writer()
+    writer.write(BODY)
+    assert spool.writing == writer.size
+    writer.discard()
+    assert spool.ids() == [] and spool.writing == 0
+    assert os.listdir(os.path.join(spool.directory, "tmp")) == []
+
+
+def test_what_a_crash_leaves_is_cleared_at_start(spool: Spool) -> None:
+    kept = spool.writer()
+    kept.write([b"kept"])
+    kept.commit(Envelope(kept.id, "", ("b@example.com",), "office", 0.0, kept.size))
+    half = spool.writer()
+    half.write([b"half written"])  # a crash: never committed
+    with open(spool.path("0000000000000000"), "wb") as f:  # data renamed, envelope not
+        f.write(b"orphan\r\n")
+    again = Spool(spool.directory, spool.max_size)
+    again.prepare()
+    assert again.ids() == [kept.id]
+    assert os.listdir(os.path.join(spool.directory, "tmp")) == []
+    assert not os.path.exists(spool.path("0000000000000000"))
+    assert again.stored == kept.size
+
+
+def test_the_size_budget(tmp_path: Any) -> None:
+    spool = Spool(str(tmp_path / "spool"), 1000)
+    spool.prepare()
+    writer = spool.writer()
+    writer.write([b"x" * 600])
+    assert not spool.full() and spool.full(more=400)
+    writer.write([b"x" * 400])
+    assert spool.full()
+    writer.discard()
+    assert not spool.full()
+
+
+def test_message_lines_survive_any_chunking() -> None:
+    import io
+
+    data = b"".join(line + b"\r\n" for line in [b"a" * 70000, b"", b"b", b"c" * 5])
+    batches = list(message_lines(io.BytesIO(data), chunk=1000))
+    assert [line for batch in batches for line in batch] == [b"a" * 70000, b"", b"b",
+                                                             b"c" * 5]
+
+
+def test_locked_messages_and_markers(spool: Spool) -> None:
+    writer = spool.writer()
+    writer.write([b"x"])
+    writer.commit(Envelope(writer.id, "", ("b@example.com",), "office", 0.0, 3))
+    with spool.locked(writer.id) as first:
+        assert first is not None
+        with spool.locked(writer.id) as second:
+            assert second is None  # another holder (the queue command) must wait
+    spool.hold(writer.id)
+    assert spool.held(writer.id)
+    spool.hold(writer.id, on=False)
+    assert not spool.held(writer.id)
+    spool.request_flush(writer.id)
+    assert spool.take_flush_requests() == {writer.id}
+    assert spool.take_flush_requests() == set()
+    assert spool.remove(writer.id) and spool.ids() == [] and spool.stored == 0
+
+
+# Bounces.
+
+def test_a_bounce_is_a_delivery_status_notification() -> None:
+    lines = dsn.bounce(
+        reporting_host="bridge.example.net", from_address="relay@example.com",
+        to_address="scanner@example.com", queue_id="ABC", arrival=1_800_000_000,
+        now=1_800_003_600, failures=[dsn.Failure("office@example.com", "5.1.1",
+                                                 "550 5.1.1 No such user")],
+        original_headers=[b"Subject: scan", b"From: scanner@example.com"],
+        reason="the upstream refused it")
+    message = email.message_from_bytes(b"\r\n".join(lines) + b"\r\n",
+                                       policy=email.policy.default)
+    assert message.get_content_type() == "multipart/report"
+    assert message.get_param("report-type") == "delivery-status"
+    assert message["To"].addresses[0].addr_spec == "scanner@example.com"
+    assert message["Auto-Submitted"] == "auto-replied"
+    text, status, headers = message.get_payload()
+    assert "office@example.com" in text.get_content()
+    assert status.get_content_type() == "message/delivery-status"
+    fields = str(status)
+    assert "Reporting-MTA: dns; bridge.example.net" in fields
+    assert "Final-Recipient: rfc822; office@example.com" in fields
+    assert "Action: failed" in fields and "Status: 5.1.1" in fields
+    assert "Diagnostic-Code: smtp; 550 5.1.1 No such user" in fields
+    assert headers.get_content_type() == "text/rfc822-headers"
+    assert "Subject: scan" in str(headers)
+
+
+# The runner.
+
+class Runner:
+    """A queue runner on a Clock with a fake upstream; blocking calls run at once."""
+
+    def __init__(self, spool: Spool, account: UpstreamAccount = ACCOUNT,
+                 routes: tuple[Route, ...] = (ROUTE,), **settings: float) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.upstream = FakeUpstream()
+        self.spool = spool
+        self.runner = QueueRunner(spool, self.upstream, {account.name: Assignment(routes,
+                                                                                  account)},
+                                  self.clock, RetrySettings(**settings), "bridge.example.net",
+                                  lambda f, *args: maybeDeferred(f, *args))
+        self.account = account
+
+    def keep(self, sender: str = "scanner@example.com",
+             recipients: tuple[str, ...] = ("office@example.com",)) -> str:
+        writer = self.runner.writer()
+        writer.write(BODY)
+        queue_id: str = result(self.runner.keep(writer, sender, recipients, self.account, {},
+                                                CLIENT, tried=False))
+        return queue_id
+
+    def run(self, seconds: float = 0.0) -> None:
+        self.clock.advance(seconds)
+        for _ in range(50):  # the body pump's steps
+            self.clock.advance(0)
+
+
+def test_the_first_try_waits_when_the_upstream_was_just_tried(spool: Spool) -> None:
+    t = Runner(spool, first_retry=300)
+    writer = t.runner.writer()
+    writer.write(BODY)
+    queue_id = result(t.runner.keep(writer, "a@example.com", ["b@example.com"], ACCOUNT, {},
+                                    CLIENT))
+    t.run(299)
+    assert t.upstream.attempts == [] and spool.ids() == [queue_id]
+    t.run(1)
+    assert len(t.upstream.messages) == 1 and spool.ids() == []
+
+
+def test_a_kept_message_is_delivered_and_removed(spool: Spool) -> None:
+    t = Runner(spool)
+    queue_id = t.keep()
+    assert spool.ids() == [queue_id]
+    t.run()
+    [message] = t.upstream.messages
+    assert message.sender == "scanner@example.com"
+    assert message.recipients == ["office@example.com"]
+    assert message.body == b"".join(line + b"\r\n" for line in BODY)
+    assert spool.ids() == [] and spool.stored == 0
+
+
+def test_a_temporary_failure_is_retried_on_a_doubling_schedule(spool: Spool) -> None:
+    t = Runner(spool, first_retry=300, max_retry=1000)
+    t.upstream.connect_errors[ROUTE.host] = unreachable(ROUTE)
+    queue_id = t.keep()
+    t.run()
+    envelope = spool.load(queue_id)
+    assert envelope is not None and envelope.attempts == 1
+    assert "unreachable" in envelope.last_error
+    assert envelope.next_attempt == t.clock.seconds() + 300
+    t.run(300)
+    assert spool.load(queue_id).attempts == 2  # type: ignore[union-attr]
+    t.run(599)
+    assert spool.load(queue_id).attempts == 2  # type: ignore[union-attr]
+    t.run(1)
+    assert spool.load(queue_id).attempts == 3  # type: ignore[union-attr]
+    assert spool.load(queue_id).next_attempt == t.clock.seconds() + 1000  # type: ignore
+    del t.upstream.connect_errors[ROUTE.host]
+    t.run(1000)
+    assert len(t.upstream.messages) == 1 and spool.ids() == []
+
+
+def test_a_refusal_bounces_to_the_sender_through_the_same_account(spool: Spool) -> None:
+    t = Runner(spool, REWRITING)
+    t.upstream.replies["rcpt:gone@example.com"] = Reply(550, "5.1.1", "No such user")
+    t.keep(recipients=("office@example.com", "gone@example.com"))
+    t.run()
+    t.run()
+    delivered, bounce = t.upstream.messages
+    assert delivered.recipients == ["office@example.com"]
+    assert bounce.sender == "relay@example.com"  # the account's own address
+    assert bounce.recipients == ["scanner@example.com"]
+    assert b"multipart/report" in bounce.body and b"gone@example.com" in bounce.body
+    assert b"Status: 5.1.1" in bounce.body
+    assert spool.ids() == []
+
+
+def test_no_bounce_for_the_null_sender_or_a_bounce(spool: Spool) -> None:
+    t = Runner(spool)
+    t.upstream.replies["end_data"] = Reply(554, "5.7.1", "Rejected")
+    t.keep(sender="")
+    t.run()
+    t.run()
+    assert t.upstream.messages == [] and spool.ids() == []
+    assert all(s.transmissions[0].sender == "" for s in t.upstream.sessions)
+
+
+def test_max_age_bounces_and_removes(spool: Spool) -> None:
+    t = Runner(spool, first_retry=3600, max_retry=3600, max_age=2 * 3600)
+    t.upstream.connect_errors[ROUTE.host] = unreachable(ROUTE)
+    queue_id = t.keep()
+    t.run()
+    t.run(3600)
+    assert spool.load(queue_id) is not None
+    t.run(3600)  # two hours old: no more tries
+    assert spool.load(queue_id) is None
+    del t.upstream.connect_errors[ROUTE.host]
+    t.run(3600)  # the bounce waited like any message
+    [bounce] = t.upstream.messages
+    assert bounce.recipients == ["scanner@example.com"] and b"Status: 4.4.7" in bounce.body
+
+
+def test_held_messages_wait_and_flush_retries_at_once(spool: Spool) -> None:
+    t = Runner(spool, first_retry=3600, max_retry=3600)
+    t.upstream.connect_errors[ROUTE.host] = unreachable(ROUTE)
+    queue_id = t.keep()
+    t.run()
+    del t.upstream.connect_errors[ROUTE.host]
+    spool.hold(queue_id)
+    spool.request_flush(queue_id)
+    t.runner.flush()
+    t.run()
+    assert t.upstream.messages == [] and spool.ids() == [queue_id]
+    spool.hold(queue_id, on=False)
+    spool.request_flush("all")
+    t.runner.flush()
+    t.run()
+    assert len(t.upstream.messages) == 1 and spool.ids() == []
+
+
+def test_a_message_of_an_unknown_account_waits(spool: Spool) -> None:
+    t = Runner(spool)
+    writer = spool.writer()
+    writer.write(BODY)
+    writer.commit(Envelope(writer.id, "a@example.com", ("b@example.com",), "removed",
+                           t.clock.seconds(), writer.size))
+    t.runner.startService()
+    try:
+        t.run()
+        envelope = spool.load(writer.id)
+        assert envelope is not None and envelope.attempts == 1
+        assert envelope.last_error == "account removed is not configured"
+    finally:
+        t.runner.stopService()
+
+
+def test_a_restarted_runner_picks_everything_up(spool: Spool) -> None:
+    first = Runner(spool)
+    first.upstream.connect_errors[ROUTE.host] = unreachable(ROUTE)
+    ids = {first.keep(), first.keep()}
+    first.run()
+    second = Runner(spool)  # a new process over the same directory
+    second.runner.startService()
+    try:
+        second.run(RetrySettings().max_retry)
+        assert len(second.upstream.messages) == 2 and spool.ids() == []
+        assert ids
+    finally:
+        second.runner.stopService()
+
+
+def test_only_configured_accounts_are_spooled(spool: Spool) -> None:
+    t = Runner(spool)
+    assert t.runner.accepts(ACCOUNT)
+    assert not t.runner.accepts(UpstreamAccount("alice@example.com", Secret("theirs"),
+                                                name="passthrough:alice@example.com"))
+    assert not t.runner.accepts(None)
