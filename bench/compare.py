@@ -91,6 +91,7 @@ class Run:
             stack.callback(self.postfix.stop)
             self.targets["postfix"] = Target("postfix", self.postfix.port)
         self.delivered = 0  # messages the sink should have by now
+        self.disturbed = 0  # measurements started while the machine was busy anyway
 
     def start_bridge(self, name: str, workers: int | None = None) -> Bridge:
         directory = self.directory / name
@@ -101,19 +102,38 @@ class Run:
         self.stack.callback(bridge.stop)
         return bridge
 
+    def relay_pid(self, target: Target) -> int | None:
+        """The process (tree) that relays for C{target}; None for direct submission."""
+        for bridge in (self.bridge, self.bridge2):
+            if bridge is not None and target.port == bridge.ports["smtps"]:
+                return bridge.pid
+        if self.postfix is not None and target.port == self.postfix.port:
+            return self.postfix.master_pid()
+        return None
+
+    def quiet(self) -> None:
+        """Wait a while for other processes on the machine to calm down."""
+        if self.args.quiet_wait <= 0:
+            return
+        waited, cores = harness.wait_for_quiet(self.args.quiet_cores, self.args.quiet_wait)
+        if cores >= self.args.quiet_cores:
+            self.disturbed += 1
+
     def load(self, target: Target, count: int, concurrency: int) -> dict[str, Any]:
         """Send C{count} messages; latencies, rate, errors, CPU, and when the sink had all."""
-        before = self.cpu()
+        self.quiet()
+        relay = self.relay_pid(target)
+        before = self.cpu(relay)
         result = asyncio.run(harness.load(target, self.context, self.body, count, concurrency,
                                           self.args.timeout))
         self.delivered += result.accepted
         drained = self.sink.wait_for(self.delivered, self.args.drain_timeout)
-        after = self.cpu()
+        after = self.cpu(relay)
         if drained is None:
             self.delivered = self.sink.messages
-        busy = after["machine"] - before["machine"]
-        bench = after["bench"] - before["bench"]
-        sink = after["sink"] - before["sink"]
+        used = {key: after[key] - before[key] for key in after}
+        other = used["machine"] - used["bench"] - used["sink"] - used["relay"]
+        wall = result.elapsed + (drained or 0.0)
         per = 1000 / result.accepted if result.accepted else float("nan")
         return {
             "sent": count,
@@ -126,16 +146,19 @@ class Run:
             "sink_seconds": None if drained is None else result.elapsed + drained,
             "delivered_rate": (result.accepted / (result.elapsed + drained)
                                if drained is not None and result.accepted else 0.0),
-            "relay_cpu_ms": (busy - bench - sink) * per,
-            "bench_cpu_ms": bench * per,
-            "sink_cpu_ms": sink * per,
+            "relay_cpu_ms": used["relay"] * per,
+            "bench_cpu_ms": used["bench"] * per,
+            "sink_cpu_ms": used["sink"] * per,
+            "other_cores": other / wall if wall else float("nan"),
         }
 
-    def cpu(self) -> dict[str, float]:
-        """Busy CPU seconds of the machine, of the bench (the load generator) and the sink."""
+    def cpu(self, relay: int | None) -> dict[str, float]:
+        """Busy CPU seconds of the machine, the bench (the load generator), the sink and
+        the relay (the bridge or Postfix, with every process below it)."""
         return {"machine": harness.machine_busy_seconds(),
                 "bench": time.process_time(),
-                "sink": harness.cpu_seconds([self.sink.pid])}
+                "sink": harness.cpu_seconds([self.sink.pid]),
+                "relay": harness.cpu_seconds(harness.descendants(relay)) if relay else 0.0}
 
     def warm_up(self, names: list[str]) -> None:
         for name in names:
@@ -144,6 +167,7 @@ class Run:
 
     def idle(self) -> dict[str, Any]:
         """A fresh bridge: RSS after a warm-up, then with the idle sessions open."""
+        self.quiet()
         directory = Path(tempfile.mkdtemp(dir=self.directory, prefix="idle-"))
         config = harness.bridge_config(directory, self.tls, self.sink.port, users=self.users)
         bridge = Bridge(config, directory)
@@ -190,11 +214,11 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return f"{value:,.{digits}f}"
 
 
-def spread(rounds: list[dict[str, Any]], key: str, digits: int = 1) -> str:
-    values = [r[key] for r in rounds if r.get(key) is not None and r[key] == r[key]]
-    if len(values) < 2:
+def each(rounds: list[dict[str, Any]], key: str, digits: int = 1) -> str:
+    """The value of every round, in order."""
+    if len(rounds) < 2:
         return ""
-    return f"{min(values):,.{digits}f}-{max(values):,.{digits}f}"
+    return " ".join(fmt(r.get(key), digits) for r in rounds)
 
 
 def table(rows: list[list[str]]) -> str:
@@ -245,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds to wait for the sink to receive every accepted message")
     parser.add_argument("--settle", type=float, default=1.0,
                         help="seconds to wait before reading RSS (default 1)")
+    parser.add_argument("--quiet-wait", type=float, default=60.0,
+                        help="before each measurement, wait up to this many seconds for "
+                             "other processes to use less than --quiet-cores (default 60)")
+    parser.add_argument("--quiet-cores", type=float, default=0.25,
+                        help="CPU cores other processes may use when a measurement starts")
     parser.add_argument("--no-postfix", action="store_true", help="leave Postfix out")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
@@ -280,11 +309,21 @@ def main(argv: list[str] | None = None) -> int:
                     say(f"round {number + 1}/{args.rounds}: {mode}")
                     measure(run, mode, number, results[mode])
             notes = run.notes
+            if run.disturbed:
+                notes.append(f"{run.disturbed} measurement(s) started while other processes "
+                             f"used {args.quiet_cores:g} cores or more after waiting "
+                             f"{args.quiet_wait:g} s")
+            others = [r["other_cores"] for by_target in results.values()
+                      for rounds in by_target.values() for r in rounds if "other_cores" in r]
+            if others and max(others) >= 0.1:
+                notes.append(f"other processes on the machine used {harness.median(others):.2f}"
+                             f" cores (median; at most {max(others):.2f}) while the figures "
+                             "were measured")
     except KeyboardInterrupt:
         print("interrupted; every process the bench started was stopped", file=sys.stderr)
         return 130
 
-    checks = check_targets(results)
+    checks = check_targets(results, args)
     if args.json:
         print(json.dumps({"machine": info, "settings": {
             "rounds": args.rounds, "messages": args.messages, "size": args.size,
@@ -317,8 +356,8 @@ def measure(run: Run, mode: str, number: int, into: dict[str, list[dict[str, Any
 
 
 SUMMARY_KEYS = ("p50_ms", "p99_ms", "rate", "delivered_rate", "sink_seconds", "relay_cpu_ms",
-                "bench_cpu_ms", "sink_cpu_ms", "rss_before_mib", "rss_mib", "per_session_kib",
-                "sessions")
+                "bench_cpu_ms", "sink_cpu_ms", "other_cores", "rss_before_mib", "rss_mib",
+                "per_session_kib", "sessions")
 
 
 def summary(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
@@ -334,7 +373,10 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
-def check_targets(results: dict[str, dict[str, list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+def check_targets(results: dict[str, dict[str, list[dict[str, Any]]]],
+                  args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each target of the issue with its measured value; pass None when not measured (or
+    not measured under the target's conditions: 50 clients, 1,000 idle sessions)."""
     medians = summary(results)
 
     def get(mode: str, name: str, key: str) -> float | None:
@@ -374,6 +416,12 @@ def check_targets(results: dict[str, dict[str, list[dict[str, Any]]]]) -> list[d
                  "value": value, "pass": passed}
         if passed is None:
             check["note"] = missing(*needs[target])
+        elif target == IDLE_RSS and args.idle_sessions != 1000:
+            check["pass"] = None
+            check["note"] = f"measured with {args.idle_sessions} sessions, not 1,000"
+        elif "concurrent" in key and args.concurrency != 50:
+            check["pass"] = None
+            check["note"] = f"measured with {args.concurrency} clients, not 50"
         checks.append(check)
     checks.append({"target": "relay_memory", "text": "relaying 50 MiB, RSS growth",
                    "limit": 16.0, "sense": "<=", "value": None, "pass": None,
@@ -392,18 +440,18 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, list[dict[str,
     if "single" in results:
         direct = medians["single"].get("direct", {})
         rows = [["single client", "p50 ms", "p99 ms", "p50 x direct", "p99 x direct",
-                 "p50 range", "errors"]]
+                 "p50 each round", "errors"]]
         for name, rs in results["single"].items():
             m = medians["single"][name]
             rows.append([LABELS[name], fmt(m["p50_ms"], 2), fmt(m["p99_ms"], 2),
                          fmt(ratio(m["p50_ms"], direct.get("p50_ms")), 2),
                          fmt(ratio(m["p99_ms"], direct.get("p99_ms")), 2),
-                         spread(rs, "p50_ms", 2), errors_of(rs) or "0"])
+                         each(rs, "p50_ms", 2), errors_of(rs) or "0"])
         print(f"\nsingle: one client, {args.messages} messages per round, {rounds}")
         print(table(rows))
     if "auth" in results:
         plain = medians["auth"].get("bridge", {})
-        rows = [["bridge, one client", "p50 ms", "p99 ms", "p50 x no AUTH", "p50 range",
+        rows = [["bridge, one client", "p50 ms", "p99 ms", "p50 x no AUTH", "p50 each round",
                  "errors"]]
         for name, rs in results["auth"].items():
             m = medians["auth"][name]
@@ -411,7 +459,7 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, list[dict[str,
                 f"AUTH LOGIN (scrypt 2^{args.password_cost})"
             rows.append([label, fmt(m["p50_ms"], 2), fmt(m["p99_ms"], 2),
                          fmt(ratio(m["p50_ms"], plain.get("p50_ms")), 2),
-                         spread(rs, "p50_ms", 2), errors_of(rs) or "0"])
+                         each(rs, "p50_ms", 2), errors_of(rs) or "0"])
         print(f"\nauth: one client, {args.messages} messages per round, each on a new "
               f"connection, {rounds}")
         print(table(rows))
@@ -419,12 +467,12 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, list[dict[str,
         m_all = medians["concurrent"]
         direct = m_all.get("direct", {}).get("rate")
         postfix = m_all.get("postfix", {}).get("rate")
-        rows = [[f"{args.concurrency} clients", "msg/s", "x direct", "x postfix", "range",
+        rows = [[f"{args.concurrency} clients", "msg/s", "x direct", "x postfix", "each round",
                  "p50 ms", "p99 ms", "sink has all", "relay CPU ms/msg", "errors"]]
         for name, rs in results["concurrent"].items():
             m = m_all[name]
             rows.append([LABELS[name], fmt(m["rate"]), fmt(ratio(m["rate"], direct), 2),
-                         fmt(ratio(m["rate"], postfix), 2), spread(rs, "rate"),
+                         fmt(ratio(m["rate"], postfix), 2), each(rs, "rate", 0),
                          fmt(m["p50_ms"]), fmt(m["p99_ms"]),
                          f"{fmt(m.get('sink_seconds'))} s", fmt(m["relay_cpu_ms"], 2),
                          errors_of(rs) or "0"])
@@ -441,9 +489,9 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, list[dict[str,
         print(f"\nidle: the bridge's RSS with {args.idle_sessions} idle implicit-TLS sessions "
               f"(handshake done, greeting read), a fresh bridge each round, {rounds}")
         rows = [["bridge", "sessions", "RSS before MiB", "RSS with sessions MiB",
-                 "KiB per session", "range MiB", "errors"]]
+                 "KiB per session", "each round", "errors"]]
         rows.append(["workers = 1", fmt(m["sessions"], 0), fmt(m["rss_before_mib"]),
-                     fmt(m["rss_mib"]), fmt(m["per_session_kib"]), spread(rs, "rss_mib"),
+                     fmt(m["rss_mib"]), fmt(m["per_session_kib"]), each(rs, "rss_mib"),
                      errors_of(rs) or "0"])
         print(table(rows))
     for note in notes:
@@ -453,7 +501,8 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, list[dict[str,
     for c in checks:
         limit = f"{c['sense']} {c['limit']:g}"
         if c["pass"] is None:
-            measured, verdict = "-", c.get("note", "not measured")
+            measured = "-" if c["value"] is None else fmt(c["value"], 2)
+            verdict = c.get("note", "not measured")
         else:
             measured = fmt(c["value"], 2)
             verdict = "PASS" if c["pass"] else "FAIL"

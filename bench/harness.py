@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -202,19 +202,37 @@ def cpu_seconds(pids: Iterable[int]) -> float:
 
 
 def machine_busy_seconds() -> float:
-    """CPU seconds every core of the machine spent busy since boot."""
+    """CPU seconds every core of the machine spent busy since boot (user, nice, system,
+    irq, softirq; not idle, iowait or steal)."""
     with open("/proc/stat") as f:
-        fields = [int(value) for value in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / CLOCK_TICKS
+        fields = [int(value) for value in f.readline().split()[1:8]]
+    return (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / CLOCK_TICKS
+
+
+def wait_for_quiet(busy_cores: float = 0.25, longest: float = 60.0,
+                   window: float = 0.5) -> tuple[float, float]:
+    """Wait (at most C{longest} seconds) until the machine is busy with less than
+    C{busy_cores} cores over C{window} seconds; (seconds waited, cores busy last seen)."""
+    started = time.monotonic()
+    while True:
+        before = machine_busy_seconds()
+        time.sleep(window)
+        cores = (machine_busy_seconds() - before) / window
+        waited = time.monotonic() - started
+        if cores < busy_cores or waited >= longest:
+            return waited, cores
 
 
 class MemoryMonitor:
-    """Polls the RSS of a process tree in a thread and keeps the peak."""
+    """Polls the RSS of a process tree in a thread and keeps the peak; calls C{on_limit}
+    once when it reaches C{limit} bytes."""
 
-    def __init__(self, pid: int, interval: float = 0.05) -> None:
+    def __init__(self, pid: int, interval: float = 0.05, limit: int | None = None,
+                 on_limit: Callable[[], None] | None = None) -> None:
         self.pid = pid
         self.interval = interval
+        self.limit = limit
+        self.on_limit = on_limit
         self.peak = 0
         self.last = 0
         self._stop = threading.Event()
@@ -225,6 +243,9 @@ class MemoryMonitor:
             with contextlib.suppress(OSError):
                 self.last = rss(self.pid)
                 self.peak = max(self.peak, self.last)
+            if self.limit is not None and self.last >= self.limit and self.on_limit:
+                on_limit, self.on_limit = self.on_limit, None
+                on_limit()
             self._stop.wait(self.interval)
 
     def __enter__(self) -> MemoryMonitor:
@@ -800,11 +821,14 @@ async def load(target: Target, context: ssl.SSLContext, body: bytes, count: int,
     return result
 
 
+Session = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
 async def open_idle(target: Target, context: ssl.SSLContext, count: int, parallel: int = 64,
                     timeout: float = 30.0, sources: Iterator[str] | None = None,
-                    ) -> tuple[list[asyncio.StreamWriter], Counter]:
+                    ) -> tuple[list[Session], Counter]:
     """C{count} sessions that finished the TLS handshake and read the greeting, left idle."""
-    sessions: list[asyncio.StreamWriter] = []
+    sessions: list[Session] = []
     errors: Counter = Counter()
     todo = iter(range(count))
 
@@ -816,7 +840,7 @@ async def open_idle(target: Target, context: ssl.SSLContext, count: int, paralle
                     reader, writer = await connect(
                         target, context, next(sources) if sources else None)
                     await _expect(reader, 220, "greeting")
-                sessions.append(writer)
+                sessions.append((reader, writer))
             except Exception as e:
                 errors[describe(e) if not isinstance(e, TimeoutError)
                        else f"no greeting within {timeout:g} s"] += 1
@@ -827,8 +851,8 @@ async def open_idle(target: Target, context: ssl.SSLContext, count: int, paralle
     return sessions, errors
 
 
-def abort_all(writers: Iterable[asyncio.StreamWriter]) -> None:
-    for writer in writers:
+def abort_all(sessions: Iterable[Session]) -> None:
+    for _, writer in sessions:
         writer.transport.abort()
 
 
