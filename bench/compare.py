@@ -288,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     say: Callable[[str], None] = (lambda text: None) if args.json else \
         (lambda text: print(text, flush=True))
     say(f"machine: {info['cpus']} CPUs ({info['cpu']}), Linux {info['kernel']}, "
-        f"Python {info['python']}, {info['openssl']}, Twisted {info['twisted']}, "
+        f"Python {info['python']}, {info['openssl']} (bridge: {info['bridge_openssl']}), "
+        f"Twisted {info['twisted']}, "
         f"Postfix {info['postfix']}, commit {info.get('commit', '?')}")
     say(f"{args.rounds} rounds, {args.size}-octet messages, one connection per message, "
         f"open files limit {limit}")
