@@ -323,7 +323,7 @@ class Attacker:
             self.process.stdin.close()
         self._done.wait(timeout)
         harness.stop_process(self.process, 5)
-        return self.event("stats")
+        return {k: v for k, v in self.event("stats").items() if k != "event"}
 
 
 # The bench.
