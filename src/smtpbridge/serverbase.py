@@ -186,6 +186,8 @@ class ServerSession(SMTPLineReceiver):
 
         A peer that does not read (or never finishes a TLS handshake) would keep a
         closing connection open forever; it is cut off after L{CLOSE_GRACE} seconds.
+        The connection is still read meanwhile, its commands ignored: TLS closes only
+        once the peer's close_notify has been read.
         """
         if self._gone or self._closing:
             return
@@ -194,7 +196,6 @@ class ServerSession(SMTPLineReceiver):
         self._closing = True
         self.idle.stop()
         self._end_transaction(abort=True)
-        self.hold("closing")
         self.unwatch_output()  # a TLS transport closes only without a producer
         self.connection.loseConnection()
         self._cut_off.start()
