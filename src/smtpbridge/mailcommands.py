@@ -11,7 +11,6 @@ import datetime
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IPushProducer
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -35,8 +34,6 @@ from smtpbridge.replies import (
 from smtpbridge.serverbase import ServerSession, SessionServices
 from smtpbridge.trace import received_header
 from smtpbridge.wire import DataDecoder, parse_mail_from, parse_rcpt_to
-
-log = Logger()
 
 
 @implementer(IPushProducer)
@@ -79,8 +76,7 @@ class MailCommands(ServerSession):
         refusal = (policy.may_submit(self.client, self.settings.auth_required)
                    or policy.may_send_as(self.client, sender))
         if refusal is not None:
-            log.info("{session} MAIL from <{sender}> refused: {text}",
-                     session=self.client.session_id, sender=sender, text=refusal.text)
+            self.note("MAIL from <{sender}> refused: {text}", sender=sender, text=refusal.text)
             return refusal
         params = self._mail_params(params)
         if not sender.isascii() and "SMTPUTF8" not in params:
@@ -207,15 +203,14 @@ class MailCommands(ServerSession):
         self._recipients, self._accepted = 0, []
         self.release("body")
         if refusal is not None:
-            log.info("{session} message refused: {text}", session=self.client.session_id,
-                     text=refusal.text)
+            self.note("message refused: {text}", text=refusal.text)
             self.reply(refusal)
         else:
-            size, session = self._size, self.client.session_id
+            size = self._size
 
             def logged(reply: Reply) -> Reply:
-                log.info("{session} message of {size} bytes: {code} {text}", session=session,
-                         size=size, code=reply.code, text=reply.text)
+                self.note("message of {size} bytes: {code} {text}", size=size,
+                          code=reply.code, text=reply.text)
                 return reply
 
             self._respond(maybeDeferred(transaction.finish).addCallback(logged))

@@ -13,7 +13,6 @@ from typing import Any
 import attr
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory, connectionDone
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -36,18 +35,19 @@ from smtpbridge.replies import (
     syntax,
 )
 from smtpbridge.serverauth import AuthCommands
-from smtpbridge.serverbase import ListenerSettings
+from smtpbridge.serverbase import ListenerSettings, SessionLogger
 from smtpbridge.throttle import AuthThrottle
 from smtpbridge.tls import ServerTLS, connection_summary, peer_fingerprint
 
 __all__ = ["ListenerSettings", "SMTPServerFactory", "SMTPServerProtocol"]
 
-log = Logger()
-
 
 class SMTPServerFactory(Factory):
     """Builds one L{SMTPServerProtocol} per connection of a listener, and counts them:
-    per listener and per client address, with the limits of the listener's settings."""
+    per listener and per client address, with the limits of the listener's settings.
+
+    Its sessions log to C{log} (by default the namespace ``smtpbridge.server``).
+    """
 
     noisy = False
 
@@ -55,7 +55,7 @@ class SMTPServerFactory(Factory):
                  checker: IPasswordChecker | None, clock: IReactorTime,
                  tls: ServerTLS | None = None, throttle: AuthThrottle | None = None,
                  keep_password: bool = False, governor: ConnectionGovernor | None = None,
-                 ) -> None:
+                 log: SessionLogger | None = None) -> None:
         self.settings = settings
         self.delivery = delivery
         self.policy = policy
@@ -65,6 +65,7 @@ class SMTPServerFactory(Factory):
         self.throttle = throttle
         self.keep_password = keep_password  # passthrough needs the login's password
         self.governor = governor
+        self.log = log or SessionLogger()
         self.open = 0
         self.per_client: dict[str, int] = {}
 
@@ -110,9 +111,9 @@ class SMTPServerProtocol(AuthCommands, MailCommands):
         peer = self.connection.getPeer()
         self.client = attr.evolve(self.client, peer_host=str(getattr(peer, "host", peer)),
                                   peer_port=int(getattr(peer, "port", 0) or 0))
-        log.info("{session} connect from [{host}]:{port} on listener {listener}",
-                 session=self.client.session_id, host=self.client.peer_host,
-                 port=self.client.peer_port, listener=self.settings.name)
+        self.note("connect from [{host}]:{port} on listener {listener}",
+                  host=self.client.peer_host, port=self.client.peer_port,
+                  listener=self.settings.name)
         self.handshake = Deadline(self.services.clock, self.settings.handshake_timeout,
                                   self._handshake_timeout)
         if self._tls_active:
@@ -121,8 +122,7 @@ class SMTPServerProtocol(AuthCommands, MailCommands):
         self._counted = normalise_address(self.client.peer_host)
         refusal = self.services.opened(self._counted)
         if refusal is not None:
-            log.info("{session} refused: {text}", session=self.client.session_id,
-                     text=refusal.text)
+            self.note("refused: {text}", text=refusal.text)
             self.close(refusal)
             return
         self.reply(Reply(220, None, f"{self.settings.hostname} ESMTP smtpbridge"))
@@ -134,9 +134,9 @@ class SMTPServerProtocol(AuthCommands, MailCommands):
         certificate = peer_fingerprint(self.transport)
         self.client = attr.evolve(self.client, tls_version=version, tls_cipher=cipher,
                                   certificate=certificate)
-        log.info("{session} TLS established: {version} {cipher}{certificate}",
-                 session=self.client.session_id, version=version, cipher=cipher,
-                 certificate=f", client certificate {certificate}" if certificate else "")
+        self.note("TLS established: {version} {cipher}{certificate}", version=version,
+                  cipher=cipher,
+                  certificate=f", client certificate {certificate}" if certificate else "")
 
     def _handshake_timeout(self) -> None:
         self.abort(f"TLS handshake not done within {self.settings.handshake_timeout:g} s")
@@ -147,8 +147,7 @@ class SMTPServerProtocol(AuthCommands, MailCommands):
         if self._counted is not None:
             self.services.closed(self._counted)
             self._counted = None
-        log.info("{session} disconnect from [{host}]", session=self.client.session_id,
-                 host=self.client.peer_host)
+        self.note("disconnect from [{host}]", host=self.client.peer_host)
 
     # Session commands.
 

@@ -7,7 +7,6 @@ from collections.abc import Callable
 
 import attr
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from smtpbridge import sasl
@@ -31,8 +30,6 @@ from smtpbridge.replies import (
 )
 from smtpbridge.secret import Secret
 from smtpbridge.serverbase import Outcome, ServerSession
-
-log = Logger()
 
 
 class AuthCommands(ServerSession):
@@ -88,7 +85,7 @@ class AuthCommands(ServerSession):
         assert checker is not None, "AUTH is refused without a checker"
         refused = throttle.begin(host) if throttle is not None else None
         if refused is not None:
-            log.info("{session} AUTH refused: {why}", session=session, why={
+            self.log.info("{session} AUTH refused: {why}", session=session, why={
                 "blocked": f"[{host}] is blocked after repeated failures",
                 "busy": f"[{host}] has too many logins under way",
                 "rate": "the bridge's ceiling of AUTH attempts per second"}[refused])
@@ -99,19 +96,20 @@ class AuthCommands(ServerSession):
             if throttle is not None:
                 throttle.end(host, ok=None)  # no verdict on the password
             if isinstance(e, SMTPReplyError):
-                log.warn("{session} password check failed: {text}", session=session,
-                         text=e.reply.text)
+                self.log.warn("{session} password check failed: {text}", session=session,
+                              text=e.reply.text)
             else:
-                log.failure("{session} password check failed", Failure(), session=session)
+                self.log.failure("{session} password check failed", Failure(),
+                                 session=session)
             return AUTH_TEMP_FAILURE
         delay = throttle.end(host, ok) if throttle is not None else 0.0
         if not ok:
-            log.info("{session} AUTH failed for user {user!r} from [{host}]",
-                     session=session, user=username, host=host)
+            self.log.info("{session} AUTH failed for user {user!r} from [{host}]",
+                          session=session, user=username, host=host)
             if throttle is not None:
                 await throttle.delay(delay)
             return AUTH_FAILED
         kept = Secret(password) if self.services.keep_password else None
         self.client = attr.evolve(self.client, login=username, password=kept)
-        log.info("{session} AUTH ok: user {user!r}", session=session, user=username)
+        self.log.info("{session} AUTH ok: user {user!r}", session=session, user=username)
         return AUTH_OK

@@ -7,7 +7,8 @@ replies stops being read (its unsent replies stay within the transport's buffer)
 command line must be complete within C{idle_timeout}, and a session ends after
 C{max_session_time} whatever it does.  The commands themselves are in
 L{smtpbridge.server} (session), L{smtpbridge.serverauth} (AUTH) and
-L{smtpbridge.mailcommands} (MAIL, RCPT, DATA).
+L{smtpbridge.mailcommands} (MAIL, RCPT, DATA).  Every line a session logs goes through
+its factory's L{SessionLogger} and begins with the session id.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Protocol
 import attr
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -32,8 +33,6 @@ from smtpbridge.replies import INTERNAL_ERROR, LINE_TOO_LONG, NOT_RECOGNIZED
 from smtpbridge.throttle import AuthThrottle
 from smtpbridge.tls import ServerTLS
 from smtpbridge.wire import format_reply, parse_command
-
-log = Logger()
 
 #: What a handler gives: a reply now, a Deferred reply, or None (it answered itself).
 Outcome = Reply | Deferred[Reply] | None
@@ -69,6 +68,21 @@ class ListenerSettings:
     data_progress: int = 64 * 1024  # DATA bytes that must arrive within idle_timeout
 
 
+class SessionLogger(Logger):
+    """The log of a listener's sessions: one namespace for all their lines, and a label
+    in front of each when set (the demo upstream's sessions say "demo upstream", so
+    that they cannot be taken for the bridge's own)."""
+
+    def __init__(self, namespace: str = "smtpbridge.server", label: str = "") -> None:
+        super().__init__(namespace=namespace)
+        self.label = label
+
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
+        if self.label and format is not None:
+            format = f"{self.label} {format}"
+        super().emit(level, format, **kwargs)
+
+
 class SessionServices(Protocol):
     """What a session uses of its listener's factory (read at each use, so a test may
     swap one)."""
@@ -81,6 +95,7 @@ class SessionServices(Protocol):
     tls: ServerTLS | None
     throttle: AuthThrottle | None
     keep_password: bool  # passthrough needs the login's password
+    log: SessionLogger
 
     def opened(self, client: str) -> Reply | None:
         """Count a new connection from C{client}; the 421 if it is one too many."""
@@ -115,6 +130,7 @@ class ServerSession(SMTPLineReceiver):
     def __init__(self, factory: SessionServices) -> None:
         super().__init__()
         self.services = factory
+        self.log = factory.log
         self.settings = settings = factory.settings
         clock = factory.clock
         self.client = ClientInfo("", 0, settings.name, secrets.token_hex(6))
@@ -172,13 +188,17 @@ class ServerSession(SMTPLineReceiver):
         if not self._gone and not self._closing and not (self.holds & WAITING_ON_US):
             self.idle.ensure()
 
+    def note(self, format: str, **fields: object) -> None:
+        """Log one line about this session at info level, its id in front."""
+        self.log.info("{session} " + format, session=self.client.session_id, **fields)
+
     def _idle_timeout(self) -> None:
-        log.info("{session} idle timeout", session=self.client.session_id)
+        self.note("idle timeout")
         self.close(Reply(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded"))
 
     def _session_timeout(self) -> None:
-        log.info("{session} session time limit of {seconds:g} s reached",
-                 session=self.client.session_id, seconds=self.settings.max_session_time)
+        self.note("session time limit of {seconds:g} s reached",
+                  seconds=self.settings.max_session_time)
         self.close(Reply(421, "4.4.2", f"{self.settings.hostname} Error: session too long"))
 
     def close(self, reply: Reply | None = None) -> None:
@@ -203,8 +223,7 @@ class ServerSession(SMTPLineReceiver):
     def abort(self, why: str) -> None:
         """Drop the connection at once (it could not close cleanly); C{why} is logged."""
         if not self._gone:
-            log.info("{session} {why}: connection aborted", session=self.client.session_id,
-                     why=why)
+            self.note("{why}: connection aborted", why=why)
             self._closing = True
             self._end_transaction(abort=True)
             self.connection.abortConnection()
@@ -247,7 +266,7 @@ class ServerSession(SMTPLineReceiver):
     def _failure_reply(self, failure: Failure) -> Reply:
         if isinstance(failure.value, SMTPReplyError):
             return failure.value.reply
-        log.failure("{session} internal error", failure, session=self.client.session_id)
+        self.log.failure("{session} internal error", failure, session=self.client.session_id)
         return INTERNAL_ERROR
 
     # Command dispatch.
