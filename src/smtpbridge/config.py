@@ -74,6 +74,7 @@ class ListenerConfig:
     min_tls_version: str = "1.2"
     allow_plaintext_auth: bool = False
     accept_bare_lf_end: bool = False
+    require_helo: bool = False  # refuse MAIL and AUTH before HELO/EHLO (503)
     client_certificates: str = "none"
     client_ca: str | None = None
     certificate: str | None = None  # this listener's own certificate instead of [tls]'s
@@ -181,6 +182,7 @@ def _listener(t: Table) -> ListenerConfig:
         min_tls_version=t.string("min_tls_version", "1.2", choices=TLS_VERSIONS),
         allow_plaintext_auth=t.boolean("allow_plaintext_auth", False),
         accept_bare_lf_end=t.boolean("accept_bare_lf_end", False),
+        require_helo=t.boolean("require_helo", False),
         client_certificates=t.string("client_certificates", "none",
                                      choices=CLIENT_CERTIFICATE_MODES),
         client_ca=t.path("client_ca", None),

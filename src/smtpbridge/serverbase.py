@@ -29,7 +29,7 @@ from smtpbridge.errors import SMTPReplyError
 from smtpbridge.interfaces import IAccessPolicy, IDelivery, IPasswordChecker, ITransaction
 from smtpbridge.lines import SMTPLineReceiver
 from smtpbridge.model import ClientInfo, Reply
-from smtpbridge.replies import INTERNAL_ERROR, LINE_TOO_LONG, NOT_RECOGNIZED
+from smtpbridge.replies import INTERNAL_ERROR, LINE_TOO_LONG, NEED_HELO, NOT_RECOGNIZED
 from smtpbridge.throttle import AuthThrottle
 from smtpbridge.tls import ServerTLS
 from smtpbridge.wire import format_reply, parse_command
@@ -55,6 +55,7 @@ class ListenerSettings:
     auth_required: bool = True
     allow_plaintext_auth: bool = False
     accept_bare_lf_end: bool = False
+    require_helo: bool = False  # refuse MAIL and AUTH before HELO/EHLO, as Postfix can
     max_message_size: int = 36_700_160
     idle_timeout: float = 300
     max_recipients: int = 1000
@@ -136,6 +137,8 @@ class ServerSession(SMTPLineReceiver):
         self.client = ClientInfo("", 0, settings.name, secrets.token_hex(6))
         self._tls_active = settings.tls == "implicit"
         self._continuation: Callable[[str], Outcome] | None = None
+        self._last_command = "greeting"  # what the session did last, for its timeout line
+        self._helo_skipped = False  # MAIL or AUTH came before HELO/EHLO (noted once)
         self._transaction: ITransaction | None = None
         self._errors = 0
         self._gone = False
@@ -192,8 +195,28 @@ class ServerSession(SMTPLineReceiver):
         """Log one line about this session at info level, its id in front."""
         self.log.info("{session} " + format, session=self.client.session_id, **fields)
 
+    def before_helo(self, verb: str) -> Reply | None:
+        """MAIL or AUTH (C{verb}) before HELO/EHLO: the 503 where the listener has
+        C{require_helo}; otherwise None, as Postfix accepts it by default
+        (``smtpd_helo_required = no``), and noted once a session."""
+        if self.client.helo is not None:
+            return None
+        if self.settings.require_helo:
+            self.note("{verb} refused: no HELO/EHLO yet (require_helo on listener "
+                      "{listener})", verb=verb, listener=self.settings.name)
+            return NEED_HELO
+        if not self._helo_skipped:
+            self._helo_skipped = True
+            self.note("{verb} without HELO/EHLO: accepted", verb=verb)
+        return None
+
+    def phase(self) -> str:
+        """What the session was doing: "greeting" before any command, then the last
+        command's verb (an AUTH exchange stays "AUTH")."""
+        return self._last_command
+
     def _idle_timeout(self) -> None:
-        self.note("idle timeout")
+        self.note("idle timeout after {phase}", phase=self.phase())
         self.close(Reply(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded"))
 
     def _session_timeout(self) -> None:
@@ -288,6 +311,7 @@ class ServerSession(SMTPLineReceiver):
         if handler is None:
             self.reply(NOT_RECOGNIZED)
             return
+        self._last_command = command.verb
         self._respond(self._guarded(handler, command.argument))
 
     def _guarded(self, handler: Callable[[str], Outcome], argument: str) -> Outcome:

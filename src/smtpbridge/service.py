@@ -224,6 +224,7 @@ def make_service(config: Config, reactor: Any) -> MultiService:
             auth_required=listener.auth == "required",
             allow_plaintext_auth=listener.allow_plaintext_auth,
             accept_bare_lf_end=listener.accept_bare_lf_end,
+            require_helo=listener.require_helo,
             max_message_size=config.server.max_message_size,
             idle_timeout=config.server.idle_timeout,
             received_header=config.server.received_header,

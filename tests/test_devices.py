@@ -1,0 +1,347 @@
+"""Devices, round two: real client programs against the running bridge, for what its log
+says about refusals, and for clients that skip HELO.
+
+One bridge serves the module, relaying to an aiosmtpd upstream (L{tests.upstream}),
+with these listeners on loopback:
+
+- "legacy465": implicit TLS from TLS 1.0, AUTH required;
+- "legacy2525": STARTTLS from TLS 1.0, AUTH optional for 127.0.0.0/8;
+- "strict": implicit TLS from TLS 1.0 with require_helo.
+
+A client may idle 4 s, so that timeouts come quickly; messages may be 100 kB.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import attr
+import pytest
+from twisted.logger import formatEvent, globalLogPublisher
+
+from tests.conftest import PASSWORD, USER, RunningBridge, start_bridge, stop_bridge
+from tests.test_compat import (
+    CLIENT_TIMEOUT,
+    PLAIN,
+    RECIPIENT,
+    SENDER,
+    SClient,
+    body,
+    curl,
+    openssl,
+    run_client,
+    s_client,
+    stuffed,
+    swaks,
+    swaks_command,
+    trace_header,
+    write_message,
+)
+from tests.test_loopback import RawClient
+from tests.upstream import StoredMessage, Upstream, start_upstream
+
+MAX_MESSAGE_SIZE = 102_400
+IDLE_TIMEOUT = 4
+
+
+@attr.define
+class BridgeLog:
+    """Every log event of the module's bridge (and anything else that logs meanwhile)."""
+
+    events: list[dict[str, Any]] = attr.Factory(list)
+
+    def observe(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def mark(self) -> int:
+        return len(self.events)
+
+    def lines(self, since: int = 0) -> list[str]:
+        return [formatEvent(event) for event in self.events[since:]]
+
+    def wait_for(self, pattern: str, since: int, timeout: float = 15) -> re.Match[str]:
+        """The first line logged after C{since} that matches C{pattern}."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.lines(since):
+                found = re.search(pattern, line)
+                if found:
+                    return found
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {pattern!r} in:\n" + "\n".join(self.lines(since)))
+            time.sleep(0.05)
+
+    def session_lines(self, session: str, since: int = 0) -> list[str]:
+        return [line for line in self.lines(since) if line.startswith(session + " ")]
+
+
+@attr.define
+class Devices:
+    bridge: RunningBridge
+    upstream: Upstream
+    certificate: tuple[str, str]
+    log: BridgeLog
+
+    def port(self, listener: str) -> int:
+        return self.bridge.ports[listener]
+
+    @property
+    def ca_file(self) -> str:
+        return self.certificate[0]
+
+    def count(self) -> int:
+        return len(self.upstream.stored())
+
+    def delivered(self, before: int) -> StoredMessage:
+        stored = self.upstream.stored()
+        assert len(stored) == before + 1, [m.sent[:80] for m in stored[before:]]
+        return stored[-1]
+
+
+def devices_toml(certificate: tuple[str, str], users_file: str, upstream: Upstream,
+                 password_file: str) -> str:
+    cert, key = certificate
+    listeners = [("legacy465", "implicit", "1.0", "required", ""),
+                 ("legacy2525", "starttls", "1.0", "optional", ""),
+                 ("strict", "implicit", "1.0", "required", "require_helo = true\n")]
+    text = f"""
+[server]
+hostname = "localhost"
+max_message_size = {MAX_MESSAGE_SIZE}
+idle_timeout = {IDLE_TIMEOUT}
+
+[tls]
+certificate = "{cert}"
+key = "{key}"
+"""
+    for name, tls, version, auth, extra in listeners:
+        text += f"""
+[[listener]]
+name = "{name}"
+endpoint = "tcp:0:interface=127.0.0.1"
+tls = "{tls}"
+min_tls_version = "{version}"
+auth = "{auth}"
+{extra}"""
+    return text + f"""
+[access]
+trusted_networks = ["127.0.0.0/8"]
+users_file = "{users_file}"
+
+[upstream]
+host = "{upstream.host}"
+port = {upstream.port}
+tls = "{upstream.tls}"
+ca_certificates = "{upstream.ca_file}"
+timeout = 60
+
+[credentials]
+username = "{upstream.username}"
+password_file = "{password_file}"
+"""
+
+
+@pytest.fixture(scope="module")
+def devices(reactor: Any, certificate: tuple[str, str], users_file: str,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devices]:
+    directory = tmp_path_factory.mktemp("devices")
+    upstream = start_upstream(str(directory / "upstream"))
+    password_file = directory / "upstream-password"
+    password_file.write_text(upstream.password + "\n", encoding="utf-8")
+    log = BridgeLog()
+    globalLogPublisher.addObserver(log.observe)
+    try:
+        bridge = start_bridge(reactor, devices_toml(certificate, users_file, upstream,
+                                                    str(password_file)), str(directory))
+        try:
+            yield Devices(bridge, upstream, certificate, log)
+        finally:
+            stop_bridge(reactor, bridge)
+    finally:
+        globalLogPublisher.removeObserver(log.observe)
+        upstream.stop()
+
+
+# Sending through s_client.
+
+def pipelined(devices: Devices, listener: str, options: list[str], tag: str,
+              greeting: bytes = b"EHLO legacy-device.example\r\n",
+              ) -> tuple[subprocess.CompletedProcess[bytes], bytes, int]:
+    """A message sent through openssl s_client in one write, as a pipelining device does:
+    the result (which must succeed), the message and the upstream's count before."""
+    before = devices.count()
+    message = body(tag)
+    script = (greeting + f"AUTH PLAIN {PLAIN}\r\nMAIL FROM:<{SENDER}>\r\n"
+              f"RCPT TO:<{RECIPIENT}>\r\nDATA\r\n".encode() + stuffed(message) + b".\r\nQUIT\r\n")
+    result = subprocess.run(s_client(devices.port(listener), devices.ca_file, *options),
+                            input=script, capture_output=True, timeout=CLIENT_TIMEOUT)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    codes = [line[:3] for line in result.stdout.decode().split("\r\n") if line[3:4] == " "]
+    assert codes[-5:] == ["250", "250", "354", "250", "221"], result.stdout
+    return result, message, before
+
+
+# 2. MAIL and AUTH without HELO: accepted, recorded; refused with require_helo.
+
+@openssl
+def test_a_device_that_never_says_helo(devices: Devices) -> None:
+    """AUTH first, then the transaction, all in one write: no HELO or EHLO at all."""
+    since = devices.log.mark()
+    _, message, before = pipelined(devices, "legacy465", ["-tls1_2"], "no-helo", greeting=b"")
+    stored = devices.delivered(before)
+    assert stored.sent == message
+    header = trace_header(stored)
+    assert header.startswith(b"Received: from [127.0.0.1] (no HELO) by localhost"), header
+    assert b"with SMTPSA (TLSv1.2 " in header
+    devices.log.wait_for(r"^\w{12} AUTH without HELO/EHLO: accepted$", since)
+
+
+@openssl
+def test_require_helo_refuses_mail_and_auth_before_helo(devices: Devices) -> None:
+    since, before = devices.log.mark(), devices.count()
+    client = SClient(s_client(devices.port("strict"), devices.ca_file))
+    assert client.code() == "220"
+    client.send(f"MAIL FROM:<{SENDER}>\r\n".encode())
+    assert client.reply() == ["503 5.5.1 Error: send HELO/EHLO first"]
+    client.send(f"AUTH PLAIN {PLAIN}\r\n".encode())
+    assert client.reply() == ["503 5.5.1 Error: send HELO/EHLO first"]
+    client.send(b"EHLO strict-device.example\r\n")
+    assert client.code() == "250"
+    client.send(f"AUTH PLAIN {PLAIN}\r\n".encode())
+    assert client.code() == "235"
+    client.send(b"QUIT\r\n")
+    assert client.code() == "221"
+    assert client.finish()[0] == 0
+    devices.log.wait_for(r"^\w{12} MAIL refused: no HELO/EHLO yet \(require_helo on listener "
+                         r"strict\)$", since)
+    devices.log.wait_for(r"^\w{12} AUTH refused: no HELO/EHLO yet", since)
+    assert devices.count() == before
+
+
+# 5. Refusals in the log, each with its session id.
+
+@openssl
+def test_a_cram_md5_device_is_refused_and_the_log_names_the_mechanism(devices: Devices) -> None:
+    since = devices.log.mark()
+    client = SClient(s_client(devices.port("legacy465"), devices.ca_file))
+    assert client.code() == "220"
+    client.send(b"EHLO cram-device.example\r\n")
+    assert "250-AUTH PLAIN LOGIN" in client.reply()
+    client.send(b"AUTH CRAM-MD5\r\n")
+    assert client.reply() == ["504 5.5.4 Unrecognized authentication type"]
+    client.send(b"QUIT\r\n")
+    assert client.code() == "221"
+    assert client.finish()[0] == 0
+    devices.log.wait_for(r"^\w{12} AUTH refused: unknown mechanism CRAM-MD5; the bridge offers "
+                         r"PLAIN LOGIN$", since)
+
+
+@openssl
+def test_auth_answered_with_the_next_command_is_logged(devices: Devices) -> None:
+    """AUTH LOGIN and MAIL in one write: the MAIL line is taken as the user name."""
+    since = devices.log.mark()
+    client = SClient(s_client(devices.port("legacy465"), devices.ca_file))
+    assert client.code() == "220"
+    client.send(b"EHLO hasty-device.example\r\n")
+    assert client.code() == "250"
+    client.send(f"AUTH LOGIN\r\nMAIL FROM:<{SENDER}>\r\n".encode())
+    assert client.reply() == ["334 VXNlcm5hbWU6"]
+    assert client.reply() == ["501 5.5.2 Cannot decode AUTH response"]
+    client.send(b"QUIT\r\n")
+    assert client.code() == "221"
+    assert client.finish()[0] == 0
+    devices.log.wait_for(r"^\w{12} AUTH LOGIN: the answer to the challenge looks like a MAIL "
+                         r"command; the client did not wait for the 334 reply$", since)
+
+
+def test_auth_before_tls_is_logged(devices: Devices) -> None:
+    """A device that logs in over plain text on a STARTTLS listener, never starting TLS."""
+    since = devices.log.mark()
+    client = RawClient(devices.port("legacy2525"))
+    assert client.code() == "220"
+    client.send(b"EHLO careless-device.example\r\n")
+    assert "250 STARTTLS" in client.reply()
+    client.send(f"AUTH PLAIN {PLAIN}\r\n".encode())
+    assert client.code() == "538"
+    client.send(b"QUIT\r\n")
+    assert client.code() == "221"
+    client.close()
+    line = devices.log.wait_for(r"^\w{12} AUTH PLAIN refused: before TLS on listener "
+                                r"legacy2525 \(the client must use STARTTLS first\)$", since)[0]
+    assert PASSWORD not in "\n".join(devices.log.lines(since)) and PLAIN not in line
+
+
+@swaks
+def test_a_failed_login_names_the_mechanism(devices: Devices) -> None:
+    since = devices.log.mark()
+    result = run_client(swaks_command(
+        devices.port("legacy465"), "--tls-on-connect", "--tls-verify",
+        "--tls-ca-path", devices.ca_file, "--auth", "LOGIN", "--auth-user", USER,
+        "--auth-password", "not-the-password"))
+    assert result.returncode != 0 and "535 5.7.8" in result.stdout, result.stdout
+    devices.log.wait_for(rf"^\w{{12}} AUTH failed for user '{USER}' from \[127\.0\.0\.1\] "
+                         r"\(LOGIN\)$", since)
+    assert "not-the-password" not in "\n".join(devices.log.lines(since))
+
+
+@curl
+def test_a_size_over_the_limit_is_logged(devices: Devices, tmp_path: Any) -> None:
+    """curl declares the file's size with MAIL FROM's SIZE=."""
+    since, before = devices.log.mark(), devices.count()
+    message = b"Subject: a large scan\r\n\r\n" + b"x" * 76 * 2000 + b"\r\n"
+    path = write_message(tmp_path, "large.eml", message)
+    result = run_client(["curl", "--silent", "--show-error", "--url",
+                         f"smtp://127.0.0.1:{devices.port('legacy2525')}/curl.example",
+                         "--mail-from", SENDER, "--mail-rcpt", RECIPIENT, "--upload-file", path])
+    assert result.returncode != 0 and "552" in result.stderr, result.stderr
+    devices.log.wait_for(rf"^\w{{12}} MAIL refused: SIZE={len(message)} is over the limit of "
+                         rf"{MAX_MESSAGE_SIZE} bytes$", since)
+    assert devices.count() == before
+
+
+@curl
+def test_the_logged_size_is_what_the_client_sent(devices: Devices, tmp_path: Any) -> None:
+    """A line of 3000 octets is folded on the way upstream; the log gives the size the
+    client sent (curl's SIZE=), and what was relayed."""
+    since, before = devices.log.mark(), devices.count()
+    message = (b"Subject: one long line\r\n\r\n" + b"y" * 3000 + b"\r\n.leading dot\r\n"
+               b"last line\r\n")
+    path = write_message(tmp_path, "long.eml", message)
+    result = run_client(["curl", "--silent", "--show-error", "--url",
+                         f"smtp://127.0.0.1:{devices.port('legacy2525')}/curl.example",
+                         "--mail-from", SENDER, "--mail-rcpt", RECIPIENT, "--upload-file", path])
+    assert result.returncode == 0, result.stderr
+    stored = devices.delivered(before)
+    assert stored.mail_options == [f"SIZE={len(message)}"]
+    assert len(stored.sent) > len(message)  # folded
+    devices.log.wait_for(rf"^\w{{12}} message of {len(message)} bytes \(relayed as "
+                         rf"{len(stored.sent)}\): 250 ", since)
+
+
+@openssl
+@pytest.mark.parametrize("phase", ["AUTH", "DATA"])
+def test_the_idle_timeout_says_what_the_session_was_doing(devices: Devices, phase: str) -> None:
+    since = devices.log.mark()
+    client = SClient(s_client(devices.port("legacy465"), devices.ca_file))
+    assert client.code() == "220"
+    client.send(b"EHLO sleepy-device.example\r\n")
+    assert client.code() == "250"
+    if phase == "AUTH":
+        client.send(b"AUTH LOGIN\r\n")
+        assert client.code() == "334"
+        expected = r"after AUTH"
+    else:
+        for command, code in ((f"AUTH PLAIN {PLAIN}", "235"), (f"MAIL FROM:<{SENDER}>", "250"),
+                              (f"RCPT TO:<{RECIPIENT}>", "250"), ("DATA", "354")):
+            client.send(command.encode() + b"\r\n")
+            assert client.code() == code
+        client.send(b"Subject: half a scan\r\n\r\nthe first")
+        expected = r"after DATA \(33 bytes received\)"
+    assert client.reply() == ["421 4.4.2 localhost Error: timeout exceeded"]
+    client.finish()
+    devices.log.wait_for(rf"^\w{{12}} idle timeout {expected}$", since)
+
