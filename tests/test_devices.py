@@ -1,9 +1,10 @@
 """Devices, round two: real client programs against the running bridge, for what its log
-says about refusals, and for clients that skip HELO.
+says about refusals, and for clients that skip HELO or know only DHE.
 
 One bridge serves the module, relaying to an aiosmtpd upstream (L{tests.upstream}),
 with these listeners on loopback:
 
+- "smtps": implicit TLS from TLS 1.2 (the default floor), AUTH required;
 - "legacy465": implicit TLS from TLS 1.0, AUTH required;
 - "legacy2525": STARTTLS from TLS 1.0, AUTH optional for 127.0.0.0/8;
 - "strict": implicit TLS from TLS 1.0 with require_helo.
@@ -105,7 +106,8 @@ class Devices:
 def devices_toml(certificate: tuple[str, str], users_file: str, upstream: Upstream,
                  password_file: str) -> str:
     cert, key = certificate
-    listeners = [("legacy465", "implicit", "1.0", "required", ""),
+    listeners = [("smtps", "implicit", "1.2", "required", ""),
+                 ("legacy465", "implicit", "1.0", "required", ""),
                  ("legacy2525", "starttls", "1.0", "optional", ""),
                  ("strict", "implicit", "1.0", "required", "require_helo = true\n")]
     text = f"""
@@ -220,6 +222,23 @@ def test_require_helo_refuses_mail_and_auth_before_helo(devices: Devices) -> Non
                          r"strict\)$", since)
     devices.log.wait_for(r"^\w{12} AUTH refused: no HELO/EHLO yet", since)
     assert devices.count() == before
+
+
+# 3. DHE-only clients.
+
+@openssl
+@pytest.mark.parametrize(("listener", "version", "flag"), [
+    ("legacy465", "TLSv1", "-tls1"), ("smtps", "TLSv1.2", "-tls1_2")])
+def test_dhe_only_client(devices: Devices, listener: str, version: str, flag: str) -> None:
+    since = devices.log.mark()
+    result, message, before = pipelined(
+        devices, listener, [flag, "-cipher", "DHE-RSA-AES128-SHA:@SECLEVEL=0"], f"dhe-{version}")
+    said = result.stderr.decode()
+    assert f"Protocol version: {version}\n" in said and "Ciphersuite: DHE-RSA-AES128-SHA\n" \
+        in said, said
+    assert "Server Temp Key: DH, 2048 bits" in said  # the ffdhe2048 group
+    assert devices.delivered(before).sent == message
+    devices.log.wait_for(rf"TLS established: {re.escape(version)} DHE-RSA-AES128-SHA$", since)
 
 
 # 5. Refusals in the log, each with its session id.

@@ -3,13 +3,15 @@ upstream, the demo's self-signed certificate.
 
 Server contexts are built with pyOpenSSL directly, because Twisted's
 ``CertificateOptions`` cannot allow TLS 1.0/1.1 with the security level old
-devices need.
+devices need.  They carry the RFC 7919 ffdhe2048 group, so that clients that know
+only DHE key exchange are served.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
+import importlib.resources
 import ipaddress
 import os
 
@@ -58,6 +60,7 @@ def server_context(certificate: str, key: str, min_version: str = "1.2",
         # Old devices offer only SHA-1 signatures and CBC suites; OpenSSL 3
         # refuses those above security level 0.
         context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+    _load_dh_group(context)
     context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE
                         | SSL.OP_NO_RENEGOTIATION)
     for name, path in (("certificate", certificate), ("key", key)):
@@ -87,6 +90,18 @@ def server_context(certificate: str, key: str, min_version: str = "1.2",
         context.set_verify(mode, None)
         context.set_session_id(b"smtpbridge")
     return context
+
+
+def _load_dh_group(context: SSL.Context) -> None:
+    """Give C{context} the RFC 7919 ffdhe2048 group for DHE key exchange.
+
+    Without DH parameters OpenSSL offers no DHE suite, and a device that knows no
+    other key exchange fails with "no shared cipher".  A published group, not
+    generated parameters: nothing to make at start, nothing weak to audit.
+    """
+    group = importlib.resources.files(__package__).joinpath("ffdhe2048.pem")
+    with importlib.resources.as_file(group) as path:
+        context.load_tmp_dh(str(path))
 
 
 @implementer(IOpenSSLServerConnectionCreator)
