@@ -1,20 +1,25 @@
 """Devices, round two: real client programs against the running bridge, for what its log
-says about refusals, and for clients that skip HELO or know only DHE.
+says about failed handshakes and refusals, and for clients that skip HELO or know only
+DHE.
 
 One bridge serves the module, relaying to an aiosmtpd upstream (L{tests.upstream}),
 with these listeners on loopback:
 
 - "smtps": implicit TLS from TLS 1.2 (the default floor), AUTH required;
+- "modern2525": STARTTLS from TLS 1.2, AUTH optional for 127.0.0.0/8;
 - "legacy465": implicit TLS from TLS 1.0, AUTH required;
 - "legacy2525": STARTTLS from TLS 1.0, AUTH optional for 127.0.0.0/8;
 - "strict": implicit TLS from TLS 1.0 with require_helo.
 
-A client may idle 4 s, so that timeouts come quickly; messages may be 100 kB.
+Handshakes must end within 3 s and a client may idle 4 s, so that timeouts come quickly;
+messages may be 100 kB.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,9 +29,12 @@ import attr
 import pytest
 from twisted.logger import formatEvent, globalLogPublisher
 
+from smtpbridge.handshake import PLAIN_TEXT, TIMEOUT
+from tests.client_hellos import TLS1_AES128
 from tests.conftest import PASSWORD, USER, RunningBridge, start_bridge, stop_bridge
 from tests.test_compat import (
     CLIENT_TIMEOUT,
+    LEGACY_CIPHERS,
     PLAIN,
     RECIPIENT,
     SENDER,
@@ -47,6 +55,9 @@ from tests.upstream import StoredMessage, Upstream, start_upstream
 
 MAX_MESSAGE_SIZE = 102_400
 IDLE_TIMEOUT = 4
+HANDSHAKE_TIMEOUT = 3
+
+bash = pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
 
 
 @attr.define
@@ -102,11 +113,21 @@ class Devices:
         assert len(stored) == before + 1, [m.sent[:80] for m in stored[before:]]
         return stored[-1]
 
+    def handshake_failures(self) -> dict[tuple[str, str], int]:
+        """The bridge's count of failed handshakes by listener and reason."""
+        for child in self.bridge.service:  # type: ignore[attr-defined]
+            factory = getattr(child, "factory", None)
+            factory = getattr(factory, "wrappedFactory", factory)
+            if hasattr(factory, "handshake_failures"):
+                return dict(factory.handshake_failures.counts)
+        raise AssertionError("no listener counts handshake failures")
+
 
 def devices_toml(certificate: tuple[str, str], users_file: str, upstream: Upstream,
                  password_file: str) -> str:
     cert, key = certificate
     listeners = [("smtps", "implicit", "1.2", "required", ""),
+                 ("modern2525", "starttls", "1.2", "optional", ""),
                  ("legacy465", "implicit", "1.0", "required", ""),
                  ("legacy2525", "starttls", "1.0", "optional", ""),
                  ("strict", "implicit", "1.0", "required", "require_helo = true\n")]
@@ -115,6 +136,7 @@ def devices_toml(certificate: tuple[str, str], users_file: str, upstream: Upstre
 hostname = "localhost"
 max_message_size = {MAX_MESSAGE_SIZE}
 idle_timeout = {IDLE_TIMEOUT}
+handshake_timeout = {HANDSHAKE_TIMEOUT}
 
 [tls]
 certificate = "{cert}"
@@ -166,6 +188,139 @@ def devices(reactor: Any, certificate: tuple[str, str], users_file: str,
     finally:
         globalLogPublisher.removeObserver(log.observe)
         upstream.stop()
+
+
+def failure_line(devices: Devices, listener: str, since: int) -> str:
+    """The "TLS handshake failed" line of a session on C{listener} after C{since}."""
+    return devices.log.wait_for(rf"^\w{{12}} TLS handshake failed from \[127\.0\.0\.1\] on "
+                                rf"listener {listener}: .*", since)[0]
+
+
+def session_of(line: str) -> str:
+    return line.split(" ", 1)[0]
+
+
+# 1. A failed handshake says why, what the client offered, and what would serve it.
+
+@openssl
+def test_tls_1_0_against_the_1_2_floor_is_explained(devices: Devices) -> None:
+    since, before = devices.log.mark(), devices.handshake_failures()
+    result = subprocess.run(
+        s_client(devices.port("smtps"), devices.ca_file, "-tls1", "-cipher", LEGACY_CIPHERS),
+        input=b"EHLO printer.example\r\n", capture_output=True, timeout=CLIENT_TIMEOUT)
+    assert result.returncode != 0
+    line = failure_line(devices, "smtps", since)
+    assert ": unsupported protocol; client offered TLS 1.0 at most, 8 cipher suites " in line
+    assert line.endswith('; hint: client offered at most TLS 1.0: set min_tls_version = "1.0" '
+                         'on listener "smtps"'), line
+    session = session_of(line)
+    assert any("connect from [127.0.0.1]" in text
+               for text in devices.log.session_lines(session, since))
+    after = devices.handshake_failures()
+    key = ("smtps", "unsupported protocol")
+    assert after.get(key, 0) == before.get(key, 0) + 1
+
+
+@openssl
+def test_tls_1_0_after_starttls_against_the_1_2_floor_is_explained(devices: Devices) -> None:
+    """The same client on a STARTTLS listener: what it sent after the switch is read."""
+    since = devices.log.mark()
+    result = subprocess.run(
+        s_client(devices.port("modern2525"), devices.ca_file, "-starttls", "smtp", "-tls1",
+                 "-cipher", LEGACY_CIPHERS),
+        input=b"", capture_output=True, timeout=CLIENT_TIMEOUT)
+    assert result.returncode != 0
+    line = failure_line(devices, "modern2525", since)
+    assert "client offered TLS 1.0 at most" in line
+    assert 'set min_tls_version = "1.0" on listener "modern2525"' in line
+
+
+@bash
+def test_plain_text_on_the_implicit_tls_port_is_explained(devices: Devices) -> None:
+    """A script that talks SMTP without waiting for the greeting, as `printf | nc` does,
+    on the implicit-TLS port."""
+    since, before = devices.log.mark(), devices.handshake_failures()
+    script = (f"exec 3<>/dev/tcp/127.0.0.1/{devices.port('smtps')}; "
+              "printf 'EHLO printer.example\\r\\n' >&3; cat <&3 >/dev/null")
+    subprocess.run(["bash", "-c", script], capture_output=True, timeout=CLIENT_TIMEOUT)
+    line = failure_line(devices, "smtps", since)
+    assert line.endswith('; client sent "EHLO" in clear text; hint: client sent "EHLO" in '
+                         "clear text on an implicit-TLS listener: use the STARTTLS listener")
+    key = ("smtps", PLAIN_TEXT)
+    assert devices.handshake_failures().get(key, 0) == before.get(key, 0) + 1
+
+
+@swaks
+def test_a_plain_client_waiting_for_the_greeting_is_explained(devices: Devices) -> None:
+    """swaks without TLS on the implicit-TLS port waits for a greeting that never comes."""
+    since = devices.log.mark()
+    began = time.monotonic()
+    result = run_client(swaks_command(devices.port("smtps"), "--timeout", "20"))
+    assert result.returncode != 0
+    assert time.monotonic() - began < 15
+    line = failure_line(devices, "smtps", since)
+    assert f": {TIMEOUT} ({HANDSHAKE_TIMEOUT} s); client sent nothing; hint: a plain-text " \
+           "SMTP client waits for a greeting, which an implicit-TLS listener never sends: " \
+           "use the STARTTLS listener" in line, line
+
+
+def test_a_3des_only_client_is_told_what_cannot_be_served(devices: Devices) -> None:
+    """A TLS 1.0 ClientHello offering only DES-CBC3-SHA: the hello of
+    ``openssl s_client -tls1 -cipher AES128-SHA`` with its one suite changed, since no
+    OpenSSL at hand can offer 3DES any more."""
+    hello = TLS1_AES128.replace(b"\x00\x04\x00\x2f\x00\xff", b"\x00\x04\x00\x0a\x00\xff", 1)
+    assert hello != TLS1_AES128
+    since = devices.log.mark()
+    with socket.create_connection(("127.0.0.1", devices.port("legacy465")), timeout=10) as sock:
+        sock.sendall(hello)
+        assert sock.recv(100)[:1] == b"\x15"  # a TLS alert
+    line = failure_line(devices, "legacy465", since)
+    assert ": no shared cipher; client offered TLS 1.0 at most, 1 cipher suite: " \
+           "DES-CBC3-SHA; hint: none of the client's cipher suites is in the bridge's " \
+           "OpenSSL: see the README on 3DES-only devices" in line, line
+
+
+@openssl
+def test_a_client_that_refuses_the_certificate_is_explained(devices: Devices) -> None:
+    """s_client without the bridge's CA, verifying: it ends the handshake with an alert."""
+    since = devices.log.mark()
+    result = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{devices.port('smtps')}", "-brief",
+         "-verify_return_error", "-no-CAfile", "-no-CApath", "-no-CAstore"],
+        input=b"", capture_output=True, timeout=CLIENT_TIMEOUT)
+    assert result.returncode != 0
+    line = failure_line(devices, "smtps", since)
+    assert "alert unknown ca; client offered TLS 1.3 at most" in line, line
+    assert line.endswith("hint: the client refused the bridge's certificate: the device must "
+                         "trust its issuer and find in it the name or address it connects to "
+                         "(it sent no server name, so it may connect by IP address)"), line
+
+
+def test_a_port_check_is_not_a_failed_handshake(devices: Devices) -> None:
+    """A monitor that connects and closes sends nothing: no failure is logged or counted."""
+    since, before = devices.log.mark(), devices.handshake_failures()
+    with socket.create_connection(("127.0.0.1", devices.port("smtps")), timeout=10):
+        pass
+    devices.log.wait_for(r"disconnect from \[127\.0\.0\.1\]", since)
+    assert not any("TLS handshake failed" in line for line in devices.log.lines(since))
+    assert devices.handshake_failures() == before
+
+
+@openssl
+def test_sha1_signatures_only_are_explained_then_served_from_1_1(devices: Devices) -> None:
+    """A TLS 1.2 stack that signs only with SHA-1 (Java 7 and embedded stacks of its time)."""
+    options = ["-tls1_2", "-sigalgs", "RSA+SHA1", "-cipher", LEGACY_CIPHERS]
+    since = devices.log.mark()
+    refused = subprocess.run(s_client(devices.port("smtps"), devices.ca_file, *options),
+                             input=b"", capture_output=True, timeout=CLIENT_TIMEOUT)
+    assert refused.returncode != 0
+    line = failure_line(devices, "smtps", since)
+    assert ": no shared signature algorithms; client offered TLS 1.2 at most" in line, line
+    assert ", SHA-1 signatures only; hint: client accepts only SHA-1 signatures: set " \
+           'min_tls_version = "1.1" on listener "smtps", which allows them' in line, line
+    result, message, before = pipelined(devices, "legacy465", options, "sha1-signatures")
+    assert "Protocol version: TLSv1.2\n" in result.stderr.decode(), result.stderr
+    assert devices.delivered(before).sent == message
 
 
 # Sending through s_client.

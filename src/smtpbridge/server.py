@@ -4,6 +4,9 @@ This module holds the session's life (connect, TLS, timeouts, disconnect) and it
 session commands; the shared reply machinery is L{smtpbridge.serverbase}, AUTH is
 L{smtpbridge.serverauth} and the mail transaction L{smtpbridge.mailcommands}.  After
 STARTTLS everything the client sent ahead is thrown away (RFC 3207, CVE-2011-0411).
+A TLS handshake that fails (implicit or after STARTTLS) is logged with OpenSSL's reason,
+what the client offered and the setting that would serve it (L{smtpbridge.handshake}),
+and counted per listener and reason.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import attr
+from OpenSSL import SSL
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.python.failure import Failure
@@ -19,6 +23,7 @@ from zope.interface import implementer
 from smtpbridge import sasl
 from smtpbridge.deadline import Deadline
 from smtpbridge.errors import SMTPReplyError
+from smtpbridge.handshake import CLOSED, TIMEOUT, HandshakeFailures, ListenerTLS, diagnose
 from smtpbridge.interfaces import IAccessPolicy, IDelivery, IPasswordChecker
 from smtpbridge.limits import ConnectionGovernor
 from smtpbridge.mailcommands import MailCommands
@@ -37,7 +42,15 @@ from smtpbridge.replies import (
 from smtpbridge.serverauth import AuthCommands
 from smtpbridge.serverbase import ListenerSettings, SessionLogger
 from smtpbridge.throttle import AuthThrottle
-from smtpbridge.tls import ServerTLS, connection_summary, peer_fingerprint
+from smtpbridge.tls import (
+    ServerTLS,
+    client_first_bytes,
+    connection_summary,
+    forget_first_bytes,
+    legacy_cipher_names,
+    peer_fingerprint,
+    tls_failure_reason,
+)
 
 __all__ = ["ListenerSettings", "SMTPServerFactory", "SMTPServerProtocol"]
 
@@ -46,7 +59,9 @@ class SMTPServerFactory(Factory):
     """Builds one L{SMTPServerProtocol} per connection of a listener, and counts them:
     per listener and per client address, with the limits of the listener's settings.
 
-    Its sessions log to C{log} (by default the namespace ``smtpbridge.server``).
+    Its sessions log to C{log} (by default the namespace ``smtpbridge.server``) and
+    count their failed TLS handshakes in C{handshake_failures}, which the bridge's
+    listeners share.
     """
 
     noisy = False
@@ -55,7 +70,8 @@ class SMTPServerFactory(Factory):
                  checker: IPasswordChecker | None, clock: IReactorTime,
                  tls: ServerTLS | None = None, throttle: AuthThrottle | None = None,
                  keep_password: bool = False, governor: ConnectionGovernor | None = None,
-                 log: SessionLogger | None = None) -> None:
+                 log: SessionLogger | None = None,
+                 handshake_failures: HandshakeFailures | None = None) -> None:
         self.settings = settings
         self.delivery = delivery
         self.policy = policy
@@ -66,6 +82,7 @@ class SMTPServerFactory(Factory):
         self.keep_password = keep_password  # passthrough needs the login's password
         self.governor = governor
         self.log = log or SessionLogger()
+        self.handshake_failures = handshake_failures or HandshakeFailures()
         self.open = 0
         self.per_client: dict[str, int] = {}
 
@@ -104,6 +121,7 @@ class SMTPServerProtocol(AuthCommands, MailCommands):
     """One client session."""
 
     _counted: str | None = None  # the client address counted by the factory
+    _handshake_done = False
 
     # Connection events.
 
@@ -129,6 +147,8 @@ class SMTPServerProtocol(AuthCommands, MailCommands):
 
     def handshakeCompleted(self) -> None:  # noqa: N802
         self.handshake.stop()
+        self._handshake_done = True
+        forget_first_bytes(self.transport)
         self.watch_output()
         version, cipher = connection_summary(self.transport)
         certificate = peer_fingerprint(self.transport)
@@ -139,9 +159,30 @@ class SMTPServerProtocol(AuthCommands, MailCommands):
                   certificate=f", client certificate {certificate}" if certificate else "")
 
     def _handshake_timeout(self) -> None:
-        self.abort(f"TLS handshake not done within {self.settings.handshake_timeout:g} s")
+        seconds = self.settings.handshake_timeout
+        self._handshake_failed(f"{TIMEOUT} ({seconds:g} s)", TIMEOUT)
+        self.abort(f"TLS handshake not done within {seconds:g} s")
+
+    def _handshake_failed(self, reason: str, key: str | None = None) -> None:
+        """Log why the handshake failed, with what the client offered and a hint when
+        another setting would serve it; count it by reason."""
+        settings = self.settings
+        diagnosis = diagnose(client_first_bytes(self.transport), key or reason,
+                             ListenerTLS(settings.name, settings.tls, settings.min_tls_version),
+                             legacy_cipher_names())
+        self.services.handshake_failures.add(settings.name, diagnosis.key)
+        self.note("TLS handshake failed from [{host}] on listener {listener}: {reason}; "
+                  "{offer}{hint}", host=self.client.peer_host, listener=settings.name,
+                  reason=reason, offer=diagnosis.offer,
+                  hint=f"; hint: {diagnosis.hint}" if diagnosis.hint else "",
+                  failure_key=diagnosis.key)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        if self._tls_active and not self._handshake_done and not self._closing:
+            if reason.check(SSL.Error):
+                self._handshake_failed(tls_failure_reason(reason, self.client.peer_host))
+            elif client_first_bytes(self.transport):  # not a bare connect-and-close
+                self._handshake_failed(CLOSED)
         self.handshake.stop()
         self.end_session()
         if self._counted is not None:

@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from smtpbridge.deadline import Deadline
 from smtpbridge.errors import SMTPReplyError
+from smtpbridge.handshake import HandshakeFailures
 from smtpbridge.interfaces import IAccessPolicy, IDelivery, IPasswordChecker, ITransaction
 from smtpbridge.lines import SMTPLineReceiver
 from smtpbridge.model import ClientInfo, Reply
@@ -52,6 +53,7 @@ class ListenerSettings:
     name: str
     hostname: str
     tls: str = "none"  # implicit | starttls | none
+    min_tls_version: str = "1.2"  # what the handshake diagnosis compares clients with
     auth_required: bool = True
     allow_plaintext_auth: bool = False
     accept_bare_lf_end: bool = False
@@ -97,6 +99,7 @@ class SessionServices(Protocol):
     throttle: AuthThrottle | None
     keep_password: bool  # passthrough needs the login's password
     log: SessionLogger
+    handshake_failures: HandshakeFailures
 
     def opened(self, client: str) -> Reply | None:
         """Count a new connection from C{client}; the 421 if it is one too many."""

@@ -22,6 +22,7 @@ from smtpbridge.config import DEFAULT, Config, ListenerConfig
 from smtpbridge.connector import UpstreamConnector
 from smtpbridge.demo import MailFolderDelivery, demo_upstream_factory
 from smtpbridge.errors import ConfigError, OptionError
+from smtpbridge.handshake import HandshakeFailures
 from smtpbridge.interfaces import (
     IClientLoginMapper,
     ICredentialMapper,
@@ -209,6 +210,8 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     throttle = _throttle(config, reactor)
     soft, _ = raise_file_limit()
     governor = ConnectionGovernor(soft)
+    # Failed client handshakes by listener and reason, for the metrics to read.
+    handshake_failures = HandshakeFailures()
     contexts: list[tuple[ServerTLS, Callable[[], SSL.Context]]] = []
 
     def server_tls(build: Callable[[], SSL.Context]) -> ServerTLS:
@@ -221,6 +224,7 @@ def make_service(config: Config, reactor: Any) -> MultiService:
             name=listener.name,
             hostname=config.server.hostname,
             tls=listener.tls,
+            min_tls_version=listener.min_tls_version,
             auth_required=listener.auth == "required",
             allow_plaintext_auth=listener.allow_plaintext_auth,
             accept_bare_lf_end=listener.accept_bare_lf_end,
@@ -237,7 +241,8 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         listener_tls = (server_tls(_context_builder(config, listener, index))
                         if listener.tls != "none" else None)
         factory: Any = SMTPServerFactory(settings, delivery, policy, checker, reactor,
-                                         listener_tls, throttle, keep_password, governor)
+                                         listener_tls, throttle, keep_password, governor,
+                                         handshake_failures=handshake_failures)
         if listener_tls is not None and listener.tls == "implicit":
             factory = TLSMemoryBIOFactory(listener_tls, False, factory)
         _endpoint_service(reactor, config, f"listener[{index}].endpoint",
