@@ -144,3 +144,19 @@ def test_the_listeners_dh_group_is_rfc_7919_ffdhe2048(certificate):
     for version in ("1.0", "1.2"):
         context = server_context(*certificate, min_version=version)
         assert "DHE-RSA-AES128-SHA" in SSL.Connection(context, None).get_cipher_list()
+
+
+def test_a_self_signed_certificate_names_the_given_hosts_and_addresses(tmp_path):
+    """[tls] self_signed_names: devices that connect by address find it in the certificate."""
+    from cryptography import x509
+
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    create_self_signed(cert, key, "bridge.example",
+                       ["192.0.2.10", "printer-gateway.example", "2001:db8::25", "localhost"])
+    with open(cert, "rb") as f:
+        names = x509.load_pem_x509_certificate(f.read()).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == [
+        "bridge.example", "localhost", "printer-gateway.example"]
+    assert [str(address) for address in names.get_values_for_type(x509.IPAddress)] == [
+        "127.0.0.1", "::1", "192.0.2.10", "2001:db8::25"]

@@ -1,6 +1,6 @@
 """Devices, round two: real client programs against the running bridge, for what its log
-says about failed handshakes and refusals, and for clients that skip HELO or know only
-DHE.
+says about failed handshakes and refusals, for clients that skip HELO or know only DHE,
+and for stunnel in front of a plain listener where the bridge cannot serve a device.
 
 One bridge serves the module, relaying to an aiosmtpd upstream (L{tests.upstream}),
 with these listeners on loopback:
@@ -9,7 +9,9 @@ with these listeners on loopback:
 - "modern2525": STARTTLS from TLS 1.2, AUTH optional for 127.0.0.0/8;
 - "legacy465": implicit TLS from TLS 1.0, AUTH required;
 - "legacy2525": STARTTLS from TLS 1.0, AUTH optional for 127.0.0.0/8;
-- "strict": implicit TLS from TLS 1.0 with require_helo.
+- "strict": implicit TLS from TLS 1.0 with require_helo;
+- "stunnel": no TLS, PROXY protocol, AUTH required in clear text: the plain listener the
+  README puts behind stunnel.
 
 Handshakes must end within 3 s and a client may idle 4 s, so that timeouts come quickly;
 messages may be 100 kB.
@@ -17,6 +19,7 @@ messages may be 100 kB.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
@@ -152,6 +155,13 @@ min_tls_version = "{version}"
 auth = "{auth}"
 {extra}"""
     return text + f"""
+[[listener]]
+name = "stunnel"
+endpoint = "haproxy:tcp:0:interface=127.0.0.1"
+tls = "none"
+auth = "required"
+allow_plaintext_auth = true
+
 [access]
 trusted_networks = ["127.0.0.0/8"]
 users_file = "{users_file}"
@@ -394,6 +404,151 @@ def test_dhe_only_client(devices: Devices, listener: str, version: str, flag: st
     assert "Server Temp Key: DH, 2048 bits" in said  # the ffdhe2048 group
     assert devices.delivered(before).sent == message
     devices.log.wait_for(rf"TLS established: {re.escape(version)} DHE-RSA-AES128-SHA$", since)
+
+
+# 4. What the bridge cannot serve: stunnel in front for 3DES; devices that connect by address.
+
+STUNNEL = shutil.which("stunnel4") or shutil.which("stunnel")
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def system_openssl_has(cipher: str) -> bool:
+    """Whether the system's OpenSSL (the one stunnel uses) knows C{cipher}."""
+    if shutil.which("openssl") is None:
+        return False
+    return subprocess.run(["openssl", "ciphers", f"{cipher}:@SECLEVEL=0"],
+                          capture_output=True, timeout=30).returncode == 0
+
+
+def readme_stunnel_config() -> str:
+    """The stunnel configuration the README gives for 3DES-only devices."""
+    with open(README, encoding="utf-8") as f:
+        text = f.read()
+    return text.split("<!-- stunnel-config -->\n```ini\n", 1)[1].split("```", 1)[0]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def replaced(text: str, old: str, new: str) -> str:
+    assert old in text, f"the README's stunnel configuration has no {old!r}"
+    return text.replace(old, new)
+
+
+@pytest.fixture(scope="module")
+def stunnel_port(devices: Devices, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """stunnel running the README's configuration, with the test's ports and certificate."""
+    if STUNNEL is None:
+        pytest.skip("stunnel is not installed (apt-get install stunnel4)")
+    port = free_port()
+    config = readme_stunnel_config()
+    config = replaced(config, "accept = 465\n", f"accept = 127.0.0.1:{port}\n")
+    config = replaced(config, "connect = 127.0.0.1:2465\n",
+                      f"connect = 127.0.0.1:{devices.port('stunnel')}\n")
+    config = replaced(config, "/etc/smtpbridge/fullchain.pem", devices.certificate[0])
+    config = replaced(config, "/etc/smtpbridge/privkey.pem", devices.certificate[1])
+    path = tmp_path_factory.mktemp("stunnel") / "smtpbridge.conf"
+    path.write_text("foreground = yes\npid =\n" + config, encoding="utf-8")
+    process = subprocess.Popen([STUNNEL, str(path)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    output = process.stdout.read() if process.stdout else b""
+                    raise AssertionError(f"stunnel did not start: {output.decode()}")
+                time.sleep(0.1)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@openssl
+@pytest.mark.parametrize("cipher", [
+    "AES128-SHA",
+    pytest.param("DES-CBC3-SHA", marks=pytest.mark.skipif(
+        not system_openssl_has("DES-CBC3-SHA"),
+        reason="the system's OpenSSL has no 3DES suites (built without "
+               "enable-weak-ssl-ciphers), so neither stunnel nor s_client can use them")),
+])
+def test_stunnel_in_front_of_a_plain_listener(devices: Devices, stunnel_port: int,
+                                              cipher: str) -> None:
+    """A TLS 1.0 device through stunnel, which passes its address on (PROXY protocol) to
+    a plain listener that takes AUTH in clear text on loopback only."""
+    since, before = devices.log.mark(), devices.count()
+    message = body(f"stunnel-{cipher}")
+    script = (f"EHLO stunnel-device.example\r\nAUTH PLAIN {PLAIN}\r\nMAIL FROM:<{SENDER}>\r\n"
+              f"RCPT TO:<{RECIPIENT}>\r\nDATA\r\n").encode() + stuffed(message) + b".\r\nQUIT\r\n"
+    result = subprocess.run(
+        s_client(stunnel_port, devices.ca_file, "-tls1", "-cipher", f"{cipher}:@SECLEVEL=0"),
+        input=script, capture_output=True, timeout=CLIENT_TIMEOUT)
+    said = result.stderr.decode(errors="replace")
+    assert result.returncode == 0, said
+    assert "Protocol version: TLSv1\n" in said and f"Ciphersuite: {cipher}\n" in said, said
+    stored = devices.delivered(before)
+    assert stored.sent == message
+    assert b"(smtpbridge, listener stunnel) with ESMTPA id" in trace_header(stored)
+    devices.log.wait_for(r"connect from \[127\.0\.0\.1\]:\d+ on listener stunnel$", since)
+
+
+@curl
+@openssl
+def test_a_device_connecting_by_address_verifies_the_self_signed_certificate(
+        reactor: Any, users_file: str, tmp_path: Any) -> None:
+    """[tls] self_signed_names puts an address into the certificate the bridge makes; curl
+    connecting by that address verifies it, s_client checking another address does not."""
+    cert, key = str(tmp_path / "tls" / "cert.pem"), str(tmp_path / "tls" / "key.pem")
+    (tmp_path / "upstream-password").write_text("unused\n")
+    toml = f"""
+[server]
+hostname = "bridge.example"
+
+[tls]
+certificate = "{cert}"
+key = "{key}"
+create_self_signed = true
+self_signed_names = ["127.0.0.2", "printer-gateway.example"]
+
+[[listener]]
+name = "byaddress"
+endpoint = "tcp:0:interface=127.0.0.2"
+tls = "implicit"
+auth = "optional"
+
+[access]
+users_file = "{users_file}"
+
+[upstream]
+host = "localhost"
+port = 9
+
+[credentials]
+username = "relay@example.com"
+password_file = "{tmp_path}/upstream-password"
+"""
+    bridge = start_bridge(reactor, toml, str(tmp_path))
+    try:
+        port = bridge.ports["byaddress"]
+        result = run_client(["curl", "--silent", "--show-error", "--cacert", cert,
+                             "--url", f"smtps://127.0.0.2:{port}", "--request", "HELP"])
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("214 "), result.stdout
+        other = subprocess.run(
+            ["openssl", "s_client", "-connect", f"127.0.0.2:{port}", "-brief", "-CAfile", cert,
+             "-verify_ip", "192.0.2.10", "-verify_return_error"],
+            input=b"", capture_output=True, timeout=CLIENT_TIMEOUT)
+        assert other.returncode != 0
+        assert "IP address mismatch" in other.stderr.decode(errors="replace")
+    finally:
+        stop_bridge(reactor, bridge)
 
 
 # 5. Refusals in the log, each with its session id.

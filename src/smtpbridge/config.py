@@ -63,6 +63,7 @@ class TLSConfig:
     certificate: str | None = None
     key: str | None = None
     create_self_signed: bool = False
+    self_signed_names: tuple[str, ...] = ()  # more names and addresses for that certificate
 
 
 @attr.frozen
@@ -170,6 +171,7 @@ def _tls(t: Table) -> TLSConfig:
         certificate=t.path("certificate", None),
         key=t.secret_path("key", None),
         create_self_signed=t.boolean("create_self_signed", False),
+        self_signed_names=t.strings("self_signed_names", ()),
     )
 
 

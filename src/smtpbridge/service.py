@@ -198,7 +198,8 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     tls = config.tls
     if tls.create_self_signed and tls.certificate and tls.key and not (
             os.path.exists(tls.certificate) or os.path.exists(tls.key)):
-        create_self_signed(tls.certificate, tls.key, config.server.hostname)
+        create_self_signed(tls.certificate, tls.key, config.server.hostname,
+                           tls.self_signed_names)
     upstream = upstreams(config, reactor)
     delivery = InlineDelivery(upstream.mapper, upstream.connector)
     policy = _policy(config)

@@ -16,6 +16,7 @@ import functools
 import importlib.resources
 import ipaddress
 import os
+from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -186,18 +187,21 @@ def peer_fingerprint(transport: object) -> str | None:
     return fingerprint.hex()
 
 
-def create_self_signed(certificate: str, key: str, hostname: str) -> None:
-    """Write an RSA 2048 self-signed certificate for C{hostname} (and localhost).
+def create_self_signed(certificate: str, key: str, hostname: str,
+                       names: Sequence[str] = ()) -> None:
+    """Write an RSA 2048 self-signed certificate for C{hostname}, localhost, 127.0.0.1, ::1
+    and each of C{names}: host names or IP addresses (for devices that connect by address).
 
     RSA, because many old devices cannot do ECDSA.
     """
     private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    names: list[x509.GeneralName] = [x509.DNSName(hostname)]
-    if hostname != "localhost":
-        names.append(x509.DNSName("localhost"))
-    names += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-              x509.IPAddress(ipaddress.ip_address("::1"))]
+    subject_names: list[x509.GeneralName] = []
+    for entry in dict.fromkeys([hostname, "localhost", "127.0.0.1", "::1", *names]):
+        try:
+            subject_names.append(x509.IPAddress(ipaddress.ip_address(entry)))
+        except ValueError:
+            subject_names.append(x509.DNSName(entry))
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -207,7 +211,7 @@ def create_self_signed(certificate: str, key: str, hostname: str) -> None:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=825))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.SubjectAlternativeName(subject_names), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(private_key, hashes.SHA256())
     )
