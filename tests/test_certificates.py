@@ -1,10 +1,13 @@
-"""Listener certificates: reloaded on SIGHUP without dropping connections; one per listener."""
+"""Listener certificates: reloaded on SIGHUP without dropping connections; one per listener;
+the DH group every listener offers."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import os
 import re
+import shutil
 import signal
 import smtplib
 import ssl
@@ -12,7 +15,10 @@ import subprocess
 import threading
 import time
 
-from smtpbridge.tls import create_self_signed
+import pytest
+from OpenSSL import SSL
+
+from smtpbridge.tls import create_self_signed, server_context
 from tests.conftest import start_bridge, stop_bridge, stored_messages
 from tests.test_twistd import TWISTD, demo_copy
 
@@ -125,3 +131,32 @@ def test_a_listener_can_have_its_own_certificate(reactor, bridge_config, tmp_pat
         assert served["smtps"] != served["legacy"]
     finally:
         stop_bridge(reactor, running)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="the openssl command is missing")
+def test_the_listeners_dh_group_is_rfc_7919_ffdhe2048(certificate):
+    """Every listener offers DHE, with the published group that openssl itself knows."""
+    shipped = importlib.resources.files("smtpbridge").joinpath("ffdhe2048.pem").read_text()
+    made = subprocess.run(["openssl", "genpkey", "-genparam", "-algorithm", "DH", "-pkeyopt",
+                           "group:ffdhe2048"], capture_output=True, text=True, check=True,
+                          timeout=60).stdout
+    assert shipped == made
+    for version in ("1.0", "1.2"):
+        context = server_context(*certificate, min_version=version)
+        assert "DHE-RSA-AES128-SHA" in SSL.Connection(context, None).get_cipher_list()
+
+
+def test_a_self_signed_certificate_names_the_given_hosts_and_addresses(tmp_path):
+    """[tls] self_signed_names: devices that connect by address find it in the certificate."""
+    from cryptography import x509
+
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    create_self_signed(cert, key, "bridge.example",
+                       ["192.0.2.10", "printer-gateway.example", "2001:db8::25", "localhost"])
+    with open(cert, "rb") as f:
+        names = x509.load_pem_x509_certificate(f.read()).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == [
+        "bridge.example", "localhost", "printer-gateway.example"]
+    assert [str(address) for address in names.get_values_for_type(x509.IPAddress)] == [
+        "127.0.0.1", "::1", "192.0.2.10", "2001:db8::25"]

@@ -124,6 +124,26 @@ def test_a_silent_connection_on_the_implicit_tls_port_is_cut_off(hostile_bridge,
     assert normal_message(bridge, certificate) < 2
 
 
+@pytest.mark.parametrize("listener", ["smtps", "legacy"])
+def test_a_tls_session_ends_at_once_after_quit(hostile_bridge, certificate, logged, listener):
+    """A closing session reads on: TLS ends only once the client's close_notify (or its
+    FIN) is read, so a session that said QUIT is not left to the 10 s cut-off."""
+    bridge = hostile_bridge()
+    if listener == "smtps":
+        client = smtplib.SMTP_SSL("127.0.0.1", bridge.ports[listener], timeout=10,
+                                  context=client_context(certificate))
+    else:
+        client = smtplib.SMTP("127.0.0.1", bridge.ports[listener], timeout=10)
+        client.starttls(context=client_context(certificate))
+    with client:
+        assert client.noop()[0] == 250
+    began = time.monotonic()
+    while not any(" disconnect from " in line for line in logged):
+        assert time.monotonic() - began < 5, logged[0::3]
+        time.sleep(0.05)
+    assert not any("did not close in time" in line for line in logged)
+
+
 def test_starttls_then_nothing_is_cut_off(hostile_bridge):
     bridge = hostile_bridge(handshake_timeout=1, idle_timeout=60)
     with connect(bridge) as sock:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import shutil
 import smtplib
 import socket
 import ssl
 import struct
 import subprocess
+import time
 
 import pytest
 
@@ -149,6 +151,32 @@ def test_swaks_starttls(bridge, demo_upstream):
     assert "STARTTLS" in result.stdout
     [stored] = demo_upstream.messages()
     assert b"from swaks" in stored
+
+
+@swaks
+def test_the_demo_upstream_logs_apart_from_the_bridge(bridge, demo_upstream, logged):
+    """One message through the bridge into the demo upstream: one session in each
+    namespace, and every line of the demo upstream's says "demo upstream"."""
+    result = run_swaks("--port", str(bridge.ports["legacy"]), "-tls")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(demo_upstream.messages()) == 1
+    deadline = time.monotonic() + 10
+    while sum(" disconnect from " in line for line in logged[0::3]) < 2:
+        assert time.monotonic() < deadline, logged[0::3]
+        time.sleep(0.05)
+    sessions: dict[str, set[str]] = {}
+    for text, event in zip(logged[0::3], logged[2::3], strict=True):
+        namespace = re.search(r"'log_namespace': '([^']*)'", event)
+        session = re.search(r"'session': '(\w+)'", event)
+        if namespace is None or session is None:
+            continue
+        namespace, session = namespace[1], session[1]
+        sessions.setdefault(namespace, set()).add(session)
+        assert text.startswith("demo upstream ") == (namespace == "smtpbridge.demo"), text
+    assert {name: len(ids) for name, ids in sessions.items()} == {
+        "smtpbridge.server": 1, "smtpbridge.demo": 1}, sessions
+    assert any(line.startswith("demo upstream ") and " AUTH ok: user 'bridge'" in line
+               for line in logged[0::3])
 
 
 # Behaviour on the wire.

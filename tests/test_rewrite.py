@@ -101,7 +101,10 @@ def test_received_protocol_keyword(tls: bool, login: bool, esmtp: bool, keyword:
 
 
 def test_received_without_helo() -> None:
-    assert received(attr.evolve(PLAIN, helo=None))[0] == "Received: from [192.0.2.10]"
+    """A client that never said HELO/EHLO: recorded as such, and no ESMTP keyword."""
+    header = received(attr.evolve(PLAIN, helo=None))
+    assert header[0] == "Received: from [192.0.2.10] (no HELO)"
+    assert "\twith SMTP" in header
 
 
 @pytest.mark.parametrize(
@@ -195,7 +198,7 @@ def test_received_any_client_values(helo: str | None, login: str | None, rcpt: s
     header = unfolded(lines)
     assert _balanced(header)
     assert header.count(";") == 1 and header.endswith(f"; {DATE}")
-    assert f" with ESMTPS{'A' if login else ''} " in header
+    assert f" with {'E' if helo else ''}SMTPS{'A' if login else ''} " in header
 
 
 # SenderRewriter

@@ -126,10 +126,24 @@ def test_no_auth_offered_without_users():
     assert s.command("AUTH PLAIN AGFAYg==")[0].startswith("503")
 
 
-def test_helo_then_mail_works_and_mail_needs_helo():
+def test_mail_and_auth_without_helo_are_accepted_by_default():
+    """As Postfix (smtpd_helo_required = no): some embedded stacks never say HELO."""
     s = Session()
-    assert s.command("MAIL FROM:<a@example.com>")[0].startswith("503 5.5.1")
+    assert s.command("MAIL FROM:<a@example.com>")[0].startswith("250")
+    assert s.command("RSET")[0].startswith("250")
     assert s.command("HELO printer")[0] == "250 bridge.test"
+    assert s.command("MAIL FROM:<a@example.com>")[0].startswith("250")
+    implicit = Session(tls="implicit")
+    implicit.login()
+    assert implicit.protocol.client.login == "alice"
+
+
+def test_require_helo_refuses_mail_and_auth_before_helo():
+    s = Session(tls="implicit", require_helo=True)
+    assert s.command("MAIL FROM:<a@example.com>")[0].startswith("503 5.5.1")
+    assert s.command("AUTH PLAIN AGFsaWNlAHMzY3JldA==")[0].startswith("503 5.5.1")
+    assert s.command("HELO printer")[0] == "250 bridge.test"
+    s.login()
     assert s.command("MAIL FROM:<a@example.com>")[0].startswith("250")
 
 
@@ -248,7 +262,7 @@ def test_pipelining_without_waiting_for_ehlo():
 # STARTTLS.
 
 def test_starttls_discards_commands_sent_with_it():
-    s = Session()
+    s = Session(require_helo=True)
     s.command("EHLO c")
     s.send("STARTTLS\r\nRSET\r\nMAIL FROM:<evil@example.com>\r\n")
     assert s.read() == ["220 2.0.0 Ready to start TLS"]

@@ -78,6 +78,7 @@ class TLSConfig:
     certificate: str | None = None
     key: str | None = None
     create_self_signed: bool = False
+    self_signed_names: tuple[str, ...] = ()  # more names and addresses for that certificate
 
 
 @attr.frozen
@@ -89,6 +90,7 @@ class ListenerConfig:
     min_tls_version: str = "1.2"
     allow_plaintext_auth: bool = False
     accept_bare_lf_end: bool = False
+    require_helo: bool = False  # refuse MAIL and AUTH before HELO/EHLO (503)
     client_certificates: str = "none"
     client_ca: str | None = None
     certificate: str | None = None  # this listener's own certificate instead of [tls]'s
@@ -202,6 +204,7 @@ def _tls(t: Table) -> TLSConfig:
         certificate=t.path("certificate", None),
         key=t.secret_path("key", None),
         create_self_signed=t.boolean("create_self_signed", False),
+        self_signed_names=t.strings("self_signed_names", ()),
     )
 
 
@@ -214,6 +217,7 @@ def _listener(t: Table) -> ListenerConfig:
         min_tls_version=t.string("min_tls_version", "1.2", choices=TLS_VERSIONS),
         allow_plaintext_auth=t.boolean("allow_plaintext_auth", False),
         accept_bare_lf_end=t.boolean("accept_bare_lf_end", False),
+        require_helo=t.boolean("require_helo", False),
         client_certificates=t.string("client_certificates", "none",
                                      choices=CLIENT_CERTIFICATE_MODES),
         client_ca=t.path("client_ca", None),

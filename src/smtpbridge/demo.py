@@ -28,7 +28,7 @@ from smtpbridge.interfaces import (
 )
 from smtpbridge.model import ClientInfo, Reply
 from smtpbridge.server import SMTPServerFactory
-from smtpbridge.serverbase import ListenerSettings
+from smtpbridge.serverbase import ListenerSettings, SessionLogger
 from smtpbridge.tls import ServerTLS
 
 SENDER_OK = Reply(250, "2.1.0", "Ok")
@@ -127,9 +127,15 @@ class AuthenticatedOnly:
 def demo_upstream_factory(delivery: IDelivery, username: str, password: str,
                           tls: ServerTLS, clock: IReactorTime,
                           hostname: str = "localhost") -> SMTPServerFactory:
-    """The demo upstream: STARTTLS offered, AUTH required after it, messages to files."""
+    """The demo upstream: STARTTLS offered, AUTH required after it, messages to files.
+
+    Its sessions log as ``smtpbridge.demo``, each line beginning "demo upstream", so that
+    the bridge's sessions and the upstream's, which see the same messages, are not
+    mistaken for each other.
+    """
     # No Received: header of its own, so the stored file shows what the bridge sent.
     settings = ListenerSettings(name="demo-upstream", hostname=hostname, tls="starttls",
                                 auth_required=True, received_header=False)
     return SMTPServerFactory(settings, delivery, AuthenticatedOnly(),
-                             SingleUserChecker({username: password}), clock, tls)
+                             SingleUserChecker({username: password}), clock, tls,
+                             log=SessionLogger("smtpbridge.demo", label="demo upstream"))

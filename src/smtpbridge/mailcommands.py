@@ -11,7 +11,6 @@ import datetime
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IPushProducer
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -21,7 +20,6 @@ from smtpbridge.model import Reply
 from smtpbridge.replies import (
     BAD_BODY,
     BAD_SIZE,
-    NEED_HELO,
     NEED_MAIL,
     NEED_RCPT,
     NEEDS_SMTPUTF8,
@@ -35,8 +33,6 @@ from smtpbridge.replies import (
 from smtpbridge.serverbase import ServerSession, SessionServices
 from smtpbridge.trace import received_header
 from smtpbridge.wire import DataDecoder, parse_mail_from, parse_rcpt_to
-
-log = Logger()
 
 
 @implementer(IPushProducer)
@@ -70,8 +66,9 @@ class MailCommands(ServerSession):
         self._body_refusal: Reply | None = None
 
     def smtp_MAIL(self, argument: str) -> Reply | Deferred[Reply]:  # noqa: N802
-        if self.client.helo is None:
-            return NEED_HELO
+        refusal = self.before_helo("MAIL")
+        if refusal is not None:
+            return refusal
         if self._transaction is not None:
             return NESTED_MAIL
         sender, params = parse_mail_from(argument)
@@ -79,8 +76,7 @@ class MailCommands(ServerSession):
         refusal = (policy.may_submit(self.client, self.settings.auth_required)
                    or policy.may_send_as(self.client, sender))
         if refusal is not None:
-            log.info("{session} MAIL from <{sender}> refused: {text}",
-                     session=self.client.session_id, sender=sender, text=refusal.text)
+            self.note("MAIL from <{sender}> refused: {text}", sender=sender, text=refusal.text)
             return refusal
         params = self._mail_params(params)
         if not sender.isascii() and "SMTPUTF8" not in params:
@@ -108,6 +104,8 @@ class MailCommands(ServerSession):
                 if value is None or not value.isdigit() or len(value) > 20:
                     raise SMTPReplyError(BAD_SIZE)
                 if int(value) > self.settings.max_message_size:
+                    self.note("MAIL refused: SIZE={size} is over the limit of {limit} bytes",
+                              size=int(value), limit=self.settings.max_message_size)
                     raise SMTPReplyError(TOO_BIG)
             elif name == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
@@ -199,27 +197,33 @@ class MailCommands(ServerSession):
             else:
                 transaction.write(lines)
         if rest is not None:
-            self._end_of_data(transaction, rest)
+            self._end_of_data(transaction, decoder.size, rest)
 
-    def _end_of_data(self, transaction: ITransaction, rest: bytes) -> None:
+    def _end_of_data(self, transaction: ITransaction, size: int, rest: bytes) -> None:
+        """The message is complete: C{size} bytes as the client sent them (its SIZE), which
+        folding and bare LFs may have changed on the way upstream."""
         refusal = self._body_refusal
         self._transaction = self._decoder = None
         self._recipients, self._accepted = 0, []
         self.release("body")
+        self._last_command = "end of message"
+        relayed = f" (relayed as {self._size})" if size != self._size else ""
         if refusal is not None:
-            log.info("{session} message refused: {text}", session=self.client.session_id,
-                     text=refusal.text)
+            self.note("message of {size} bytes refused: {text}", size=size, text=refusal.text)
             self.reply(refusal)
         else:
-            size, session = self._size, self.client.session_id
-
             def logged(reply: Reply) -> Reply:
-                log.info("{session} message of {size} bytes: {code} {text}", session=session,
-                         size=size, code=reply.code, text=reply.text)
+                self.note("message of {size} bytes{relayed}: {code} {text}", size=size,
+                          relayed=relayed, code=reply.code, text=reply.text)
                 return reply
 
             self._respond(maybeDeferred(transaction.finish).addCallback(logged))
         self.setLineMode(rest)
+
+    def phase(self) -> str:
+        if self._decoder is not None:
+            return f"DATA ({self._decoder.size} bytes received)"
+        return super().phase()
 
     def _end_transaction(self, abort: bool, only: ITransaction | None = None) -> None:
         transaction = self._transaction

@@ -4,6 +4,9 @@ This module holds the session's life (connect, TLS, timeouts, disconnect) and it
 session commands; the shared reply machinery is L{smtpbridge.serverbase}, AUTH is
 L{smtpbridge.serverauth} and the mail transaction L{smtpbridge.mailcommands}.  After
 STARTTLS everything the client sent ahead is thrown away (RFC 3207, CVE-2011-0411).
+A TLS handshake that fails (implicit or after STARTTLS) is logged with OpenSSL's reason,
+what the client offered and the setting that would serve it (L{smtpbridge.handshake}),
+and counted per listener and reason.
 """
 
 from __future__ import annotations
@@ -11,15 +14,16 @@ from __future__ import annotations
 from typing import Any
 
 import attr
+from OpenSSL import SSL
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Factory, connectionDone
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpbridge import sasl
 from smtpbridge.deadline import Deadline
 from smtpbridge.errors import SMTPReplyError
+from smtpbridge.handshake import CLOSED, TIMEOUT, HandshakeFailures, ListenerTLS, diagnose
 from smtpbridge.interfaces import IAccessPolicy, IDelivery, IPasswordChecker
 from smtpbridge.limits import ConnectionGovernor
 from smtpbridge.mailcommands import MailCommands
@@ -36,18 +40,29 @@ from smtpbridge.replies import (
     syntax,
 )
 from smtpbridge.serverauth import AuthCommands
-from smtpbridge.serverbase import ListenerSettings, ServerSession
+from smtpbridge.serverbase import ListenerSettings, ServerSession, SessionLogger
 from smtpbridge.throttle import AuthThrottle
-from smtpbridge.tls import ServerTLS, connection_summary, peer_fingerprint
+from smtpbridge.tls import (
+    ServerTLS,
+    client_first_bytes,
+    connection_summary,
+    forget_first_bytes,
+    legacy_cipher_names,
+    peer_fingerprint,
+    tls_failure_reason,
+)
 
 __all__ = ["ListenerSettings", "SMTPServerFactory", "SMTPServerProtocol"]
-
-log = Logger()
 
 
 class SMTPServerFactory(Factory):
     """Builds one L{SMTPServerProtocol} per connection of a listener, and counts them:
-    per listener and per client address, with the limits of the listener's settings."""
+    per listener and per client address, with the limits of the listener's settings.
+
+    Its sessions log to C{log} (by default the namespace ``smtpbridge.server``) and
+    count their failed TLS handshakes in C{handshake_failures}, which the bridge's
+    listeners share.
+    """
 
     noisy = False
 
@@ -55,7 +70,8 @@ class SMTPServerFactory(Factory):
                  checker: IPasswordChecker | None, clock: IReactorTime,
                  tls: ServerTLS | None = None, throttle: AuthThrottle | None = None,
                  keep_password: bool = False, governor: ConnectionGovernor | None = None,
-                 ) -> None:
+                 log: SessionLogger | None = None,
+                 handshake_failures: HandshakeFailures | None = None) -> None:
         self.settings = settings
         self.delivery = delivery
         self.policy = policy
@@ -65,6 +81,8 @@ class SMTPServerFactory(Factory):
         self.throttle = throttle
         self.keep_password = keep_password  # passthrough needs the login's password
         self.governor = governor
+        self.log = log or SessionLogger()
+        self.handshake_failures = handshake_failures or HandshakeFailures()
         self.open = 0
         self.per_client: dict[str, int] = {}
         self.sessions: set[ServerSession] = set()
@@ -106,6 +124,7 @@ class SMTPServerProtocol(AuthCommands, MailCommands):
     """One client session."""
 
     _counted: str | None = None  # the client address counted by the factory
+    _handshake_done = False
 
     # Connection events.
 
@@ -113,9 +132,9 @@ class SMTPServerProtocol(AuthCommands, MailCommands):
         peer = self.connection.getPeer()
         self.client = attr.evolve(self.client, peer_host=str(getattr(peer, "host", peer)),
                                   peer_port=int(getattr(peer, "port", 0) or 0))
-        log.info("{session} connect from [{host}]:{port} on listener {listener}",
-                 session=self.client.session_id, host=self.client.peer_host,
-                 port=self.client.peer_port, listener=self.settings.name)
+        self.note("connect from [{host}]:{port} on listener {listener}",
+                  host=self.client.peer_host, port=self.client.peer_port,
+                  listener=self.settings.name)
         self.handshake = Deadline(self.services.clock, self.settings.handshake_timeout,
                                   self._handshake_timeout)
         if self._tls_active:
@@ -124,34 +143,55 @@ class SMTPServerProtocol(AuthCommands, MailCommands):
         self._counted = normalise_address(self.client.peer_host)
         refusal = self.services.opened(self._counted, self)
         if refusal is not None:
-            log.info("{session} refused: {text}", session=self.client.session_id,
-                     text=refusal.text)
+            self.note("refused: {text}", text=refusal.text)
             self.close(refusal)
             return
         self.reply(Reply(220, None, f"{self.settings.hostname} ESMTP smtpbridge"))
 
     def handshakeCompleted(self) -> None:  # noqa: N802
         self.handshake.stop()
+        self._handshake_done = True
+        forget_first_bytes(self.transport)
         self.watch_output()
         version, cipher = connection_summary(self.transport)
         certificate = peer_fingerprint(self.transport)
         self.client = attr.evolve(self.client, tls_version=version, tls_cipher=cipher,
                                   certificate=certificate)
-        log.info("{session} TLS established: {version} {cipher}{certificate}",
-                 session=self.client.session_id, version=version, cipher=cipher,
-                 certificate=f", client certificate {certificate}" if certificate else "")
+        self.note("TLS established: {version} {cipher}{certificate}", version=version,
+                  cipher=cipher,
+                  certificate=f", client certificate {certificate}" if certificate else "")
 
     def _handshake_timeout(self) -> None:
-        self.abort(f"TLS handshake not done within {self.settings.handshake_timeout:g} s")
+        seconds = self.settings.handshake_timeout
+        self._handshake_failed(f"{TIMEOUT} ({seconds:g} s)", TIMEOUT)
+        self.abort(f"TLS handshake not done within {seconds:g} s")
+
+    def _handshake_failed(self, reason: str, key: str | None = None) -> None:
+        """Log why the handshake failed, with what the client offered and a hint when
+        another setting would serve it; count it by reason."""
+        settings = self.settings
+        diagnosis = diagnose(client_first_bytes(self.transport), key or reason,
+                             ListenerTLS(settings.name, settings.tls, settings.min_tls_version),
+                             legacy_cipher_names())
+        self.services.handshake_failures.add(settings.name, diagnosis.key)
+        self.note("TLS handshake failed from [{host}] on listener {listener}: {reason}; "
+                  "{offer}{hint}", host=self.client.peer_host, listener=settings.name,
+                  reason=reason, offer=diagnosis.offer,
+                  hint=f"; hint: {diagnosis.hint}" if diagnosis.hint else "",
+                  failure_key=diagnosis.key)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        if self._tls_active and not self._handshake_done and not self._closing:
+            if reason.check(SSL.Error):
+                self._handshake_failed(tls_failure_reason(reason, self.client.peer_host))
+            elif client_first_bytes(self.transport):  # not a bare connect-and-close
+                self._handshake_failed(CLOSED)
         self.handshake.stop()
         self.end_session()
         if self._counted is not None:
             self.services.closed(self._counted, self)
             self._counted = None
-        log.info("{session} disconnect from [{host}]", session=self.client.session_id,
-                 host=self.client.peer_host)
+        self.note("disconnect from [{host}]", host=self.client.peer_host)
 
     # Session commands.
 

@@ -7,7 +7,8 @@ replies stops being read (its unsent replies stay within the transport's buffer)
 command line must be complete within C{idle_timeout}, and a session ends after
 C{max_session_time} whatever it does.  The commands themselves are in
 L{smtpbridge.server} (session), L{smtpbridge.serverauth} (AUTH) and
-L{smtpbridge.mailcommands} (MAIL, RCPT, DATA).
+L{smtpbridge.mailcommands} (MAIL, RCPT, DATA).  Every line a session logs goes through
+its factory's L{SessionLogger} and begins with the session id.
 """
 
 from __future__ import annotations
@@ -19,21 +20,20 @@ from typing import Protocol
 import attr
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpbridge.deadline import Deadline
 from smtpbridge.errors import SMTPReplyError
+from smtpbridge.handshake import HandshakeFailures
 from smtpbridge.interfaces import IAccessPolicy, IDelivery, IPasswordChecker, ITransaction
 from smtpbridge.lines import SMTPLineReceiver
 from smtpbridge.model import ClientInfo, Reply
-from smtpbridge.replies import INTERNAL_ERROR, LINE_TOO_LONG, NOT_RECOGNIZED
+from smtpbridge.replies import INTERNAL_ERROR, LINE_TOO_LONG, NEED_HELO, NOT_RECOGNIZED
 from smtpbridge.throttle import AuthThrottle
 from smtpbridge.tls import ServerTLS
 from smtpbridge.wire import format_reply, parse_command
-
-log = Logger()
 
 #: What a handler gives: a reply now, a Deferred reply, or None (it answered itself).
 Outcome = Reply | Deferred[Reply] | None
@@ -53,9 +53,11 @@ class ListenerSettings:
     name: str
     hostname: str
     tls: str = "none"  # implicit | starttls | none
+    min_tls_version: str = "1.2"  # what the handshake diagnosis compares clients with
     auth_required: bool = True
     allow_plaintext_auth: bool = False
     accept_bare_lf_end: bool = False
+    require_helo: bool = False  # refuse MAIL and AUTH before HELO/EHLO, as Postfix can
     max_message_size: int = 36_700_160
     idle_timeout: float = 300
     max_recipients: int = 1000
@@ -67,6 +69,21 @@ class ListenerSettings:
     max_connections: int = 1000
     max_connections_per_client: int = 50
     data_progress: int = 64 * 1024  # DATA bytes that must arrive within idle_timeout
+
+
+class SessionLogger(Logger):
+    """The log of a listener's sessions: one namespace for all their lines, and a label
+    in front of each when set (the demo upstream's sessions say "demo upstream", so
+    that they cannot be taken for the bridge's own)."""
+
+    def __init__(self, namespace: str = "smtpbridge.server", label: str = "") -> None:
+        super().__init__(namespace=namespace)
+        self.label = label
+
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
+        if self.label and format is not None:
+            format = f"{self.label} {format}"
+        super().emit(level, format, **kwargs)
 
 
 class SessionServices(Protocol):
@@ -81,6 +98,8 @@ class SessionServices(Protocol):
     tls: ServerTLS | None
     throttle: AuthThrottle | None
     keep_password: bool  # passthrough needs the login's password
+    log: SessionLogger
+    handshake_failures: HandshakeFailures
 
     def opened(self, client: str, session: ServerSession) -> Reply | None:
         """Count a new connection from C{client}; the 421 if it is one too many."""
@@ -115,11 +134,14 @@ class ServerSession(SMTPLineReceiver):
     def __init__(self, factory: SessionServices) -> None:
         super().__init__()
         self.services = factory
+        self.log = factory.log
         self.settings = settings = factory.settings
         clock = factory.clock
         self.client = ClientInfo("", 0, settings.name, secrets.token_hex(6))
         self._tls_active = settings.tls == "implicit"
         self._continuation: Callable[[str], Outcome] | None = None
+        self._last_command = "greeting"  # what the session did last, for its timeout line
+        self._helo_skipped = False  # MAIL or AUTH came before HELO/EHLO (noted once)
         self._transaction: ITransaction | None = None
         self._errors = 0
         self._gone = False
@@ -173,13 +195,37 @@ class ServerSession(SMTPLineReceiver):
         if not self._gone and not self._closing and not (self.holds & WAITING_ON_US):
             self.idle.ensure()
 
+    def note(self, format: str, **fields: object) -> None:
+        """Log one line about this session at info level, its id in front."""
+        self.log.info("{session} " + format, session=self.client.session_id, **fields)
+
+    def before_helo(self, verb: str) -> Reply | None:
+        """MAIL or AUTH (C{verb}) before HELO/EHLO: the 503 where the listener has
+        C{require_helo}; otherwise None, as Postfix accepts it by default
+        (``smtpd_helo_required = no``), and noted once a session."""
+        if self.client.helo is not None:
+            return None
+        if self.settings.require_helo:
+            self.note("{verb} refused: no HELO/EHLO yet (require_helo on listener "
+                      "{listener})", verb=verb, listener=self.settings.name)
+            return NEED_HELO
+        if not self._helo_skipped:
+            self._helo_skipped = True
+            self.note("{verb} without HELO/EHLO: accepted", verb=verb)
+        return None
+
+    def phase(self) -> str:
+        """What the session was doing: "greeting" before any command, then the last
+        command's verb (an AUTH exchange stays "AUTH")."""
+        return self._last_command
+
     def _idle_timeout(self) -> None:
-        log.info("{session} idle timeout", session=self.client.session_id)
+        self.note("idle timeout after {phase}", phase=self.phase())
         self.close(Reply(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded"))
 
     def _session_timeout(self) -> None:
-        log.info("{session} session time limit of {seconds:g} s reached",
-                 session=self.client.session_id, seconds=self.settings.max_session_time)
+        self.note("session time limit of {seconds:g} s reached",
+                  seconds=self.settings.max_session_time)
         self.close(Reply(421, "4.4.2", f"{self.settings.hostname} Error: session too long"))
 
     def close(self, reply: Reply | None = None) -> None:
@@ -187,6 +233,8 @@ class ServerSession(SMTPLineReceiver):
 
         A peer that does not read (or never finishes a TLS handshake) would keep a
         closing connection open forever; it is cut off after L{CLOSE_GRACE} seconds.
+        The connection is still read meanwhile, its commands ignored: TLS closes only
+        once the peer's close_notify has been read.
         """
         if self._gone or self._closing:
             return
@@ -195,7 +243,6 @@ class ServerSession(SMTPLineReceiver):
         self._closing = True
         self.idle.stop()
         self._end_transaction(abort=True)
-        self.hold("closing")
         self.unwatch_output()  # a TLS transport closes only without a producer
         self.connection.loseConnection()
         self._cut_off.start()
@@ -203,8 +250,7 @@ class ServerSession(SMTPLineReceiver):
     def abort(self, why: str) -> None:
         """Drop the connection at once (it could not close cleanly); C{why} is logged."""
         if not self._gone:
-            log.info("{session} {why}: connection aborted", session=self.client.session_id,
-                     why=why)
+            self.note("{why}: connection aborted", why=why)
             self._closing = True
             self._end_transaction(abort=True)
             self.connection.abortConnection()
@@ -260,7 +306,7 @@ class ServerSession(SMTPLineReceiver):
     def _failure_reply(self, failure: Failure) -> Reply:
         if isinstance(failure.value, SMTPReplyError):
             return failure.value.reply
-        log.failure("{session} internal error", failure, session=self.client.session_id)
+        self.log.failure("{session} internal error", failure, session=self.client.session_id)
         return INTERNAL_ERROR
 
     # Command dispatch.
@@ -282,6 +328,7 @@ class ServerSession(SMTPLineReceiver):
         if handler is None:
             self.reply(NOT_RECOGNIZED)
             return
+        self._last_command = command.verb
         self._respond(self._guarded(handler, command.argument))
 
     def _guarded(self, handler: Callable[[str], Outcome], argument: str) -> Outcome:

@@ -23,6 +23,7 @@ from smtpbridge.config import DEFAULT, Config, ListenerConfig
 from smtpbridge.connector import UpstreamConnector, try_login
 from smtpbridge.demo import MailFolderDelivery, demo_upstream_factory
 from smtpbridge.errors import ConfigError, OptionError
+from smtpbridge.handshake import HandshakeFailures
 from smtpbridge.interfaces import (
     IClientLoginMapper,
     ICredentialMapper,
@@ -220,7 +221,8 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     tls = config.tls
     if tls.create_self_signed and tls.certificate and tls.key and not (
             os.path.exists(tls.certificate) or os.path.exists(tls.key)):
-        create_self_signed(tls.certificate, tls.key, config.server.hostname)
+        create_self_signed(tls.certificate, tls.key, config.server.hostname,
+                           tls.self_signed_names)
     upstream = upstreams(config, reactor)
     token_keepalive({name: account.oauth for name, account in config.accounts.items()
                      if account.oauth is not None},
@@ -238,6 +240,8 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     throttle = _throttle(config, reactor)
     soft, _ = raise_file_limit()
     governor = ConnectionGovernor(soft)
+    # Failed client handshakes by listener and reason, for the metrics to read.
+    handshake_failures = HandshakeFailures()
     contexts: list[tuple[ServerTLS, Callable[[], SSL.Context]]] = []
 
     def server_tls(build: Callable[[], SSL.Context]) -> ServerTLS:
@@ -250,9 +254,11 @@ def make_service(config: Config, reactor: Any) -> MultiService:
             name=listener.name,
             hostname=config.server.hostname,
             tls=listener.tls,
+            min_tls_version=listener.min_tls_version,
             auth_required=listener.auth == "required",
             allow_plaintext_auth=listener.allow_plaintext_auth,
             accept_bare_lf_end=listener.accept_bare_lf_end,
+            require_helo=listener.require_helo,
             max_message_size=config.server.max_message_size,
             idle_timeout=config.server.idle_timeout,
             received_header=config.server.received_header,
@@ -266,7 +272,8 @@ def make_service(config: Config, reactor: Any) -> MultiService:
                         if listener.tls != "none" else None)
         delivery = deliveries[listener.spool or config.spool.mode]
         factory: Any = SMTPServerFactory(settings, delivery, policy, checker, reactor,
-                                         listener_tls, throttle, keep_password, governor)
+                                         listener_tls, throttle, keep_password, governor,
+                                         handshake_failures=handshake_failures)
         top.listeners.append(factory)
         if listener_tls is not None and listener.tls == "implicit":
             factory = TLSMemoryBIOFactory(listener_tls, False, factory)

@@ -3,15 +3,20 @@ upstream, the demo's self-signed certificate.
 
 Server contexts are built with pyOpenSSL directly, because Twisted's
 ``CertificateOptions`` cannot allow TLS 1.0/1.1 with the security level old
-devices need.
+devices need.  They carry the RFC 7919 ffdhe2048 group, so that clients that know
+only DHE key exchange are served, and their connections keep the first bytes a
+client sends until the handshake is over, so that a failed one can be explained.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
+import functools
+import importlib.resources
 import ipaddress
 import os
+from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -41,6 +46,14 @@ _OPENSSL_VERSIONS = dict(zip(TLS_VERSIONS, (SSL.TLS1_VERSION, SSL.TLS1_1_VERSION
 _TWISTED_VERSIONS = {version: TLSVersion.lookupByName("TLSv" + version.replace(".", "_"))
                      for version in UPSTREAM_TLS_VERSIONS}
 
+#: The suites of listeners that allow TLS 1.0 or 1.1: old devices offer only SHA-1
+#: signatures and CBC suites, which OpenSSL 3 refuses above security level 0.
+LEGACY_CIPHERS = b"DEFAULT:@SECLEVEL=0"
+
+#: Bytes of a client's first flight kept for explaining a failed handshake: a
+#: ClientHello fits one record (16 KiB and its header) in practice.
+KEEP_FIRST_BYTES = 16 * 1024 + 5
+
 
 def server_context(certificate: str, key: str, min_version: str = "1.2",
                    config_file: str = "", key_name: str = "tls",
@@ -55,9 +68,8 @@ def server_context(certificate: str, key: str, min_version: str = "1.2",
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_min_proto_version(_OPENSSL_VERSIONS[min_version])
     if min_version in ("1.0", "1.1"):
-        # Old devices offer only SHA-1 signatures and CBC suites; OpenSSL 3
-        # refuses those above security level 0.
-        context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
+        context.set_cipher_list(LEGACY_CIPHERS)
+    _load_dh_group(context)
     context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE
                         | SSL.OP_NO_RENEGOTIATION)
     for name, path in (("certificate", certificate), ("key", key)):
@@ -89,6 +101,44 @@ def server_context(certificate: str, key: str, min_version: str = "1.2",
     return context
 
 
+def _load_dh_group(context: SSL.Context) -> None:
+    """Give C{context} the RFC 7919 ffdhe2048 group for DHE key exchange.
+
+    Without DH parameters OpenSSL offers no DHE suite, and a device that knows no
+    other key exchange fails with "no shared cipher".  A published group, not
+    generated parameters: nothing to make at start, nothing weak to audit.
+    """
+    group = importlib.resources.files(__package__).joinpath("ffdhe2048.pem")
+    with importlib.resources.as_file(group) as path:
+        context.load_tmp_dh(str(path))
+
+
+@functools.cache
+def legacy_cipher_names() -> frozenset[str]:
+    """OpenSSL's names of every suite a listener can serve at its lowest setting
+    (C{min_tls_version = "1.0"}): what a device may ask for and still be served."""
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(SSL.TLS1_VERSION)
+    context.set_cipher_list(LEGACY_CIPHERS)
+    _load_dh_group(context)
+    return frozenset(SSL.Connection(context, None).get_cipher_list())
+
+
+class _ServerConnection(SSL.Connection):
+    """A server connection that keeps the first bytes its client sends, until the
+    handshake is over: what a failed handshake's client offered."""
+
+    def __init__(self, context: SSL.Context) -> None:
+        super().__init__(context, None)
+        self.first_bytes: bytearray | None = bytearray()
+
+    def bio_write(self, buf: bytes | bytearray | memoryview) -> int:
+        kept = self.first_bytes
+        if kept is not None and len(kept) < KEEP_FIRST_BYTES:
+            kept += bytes(buf[:KEEP_FIRST_BYTES - len(kept)])
+        return super().bio_write(buf)
+
+
 @implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
     """Makes server-side TLS connections from a context that can be replaced at run time."""
@@ -97,7 +147,25 @@ class ServerTLS:
         self.context = context
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:  # noqa: N802
-        return SSL.Connection(self.context, None)
+        return _ServerConnection(self.context)
+
+
+def client_first_bytes(transport: object) -> bytes:
+    """The first bytes the client of a server TLS transport sent (empty once the handshake
+    is over, or without TLS)."""
+    get_handle = getattr(transport, "getHandle", None)
+    handle = get_handle() if get_handle else None
+    if not isinstance(handle, _ServerConnection) or handle.first_bytes is None:
+        return b""
+    return bytes(handle.first_bytes)
+
+
+def forget_first_bytes(transport: object) -> None:
+    """The handshake is over: the connection need not keep the client's first bytes."""
+    get_handle = getattr(transport, "getHandle", None)
+    handle = get_handle() if get_handle else None
+    if isinstance(handle, _ServerConnection):
+        handle.first_bytes = None
 
 
 def connection_summary(transport: object) -> tuple[str | None, str | None]:
@@ -119,18 +187,21 @@ def peer_fingerprint(transport: object) -> str | None:
     return fingerprint.hex()
 
 
-def create_self_signed(certificate: str, key: str, hostname: str) -> None:
-    """Write an RSA 2048 self-signed certificate for C{hostname} (and localhost).
+def create_self_signed(certificate: str, key: str, hostname: str,
+                       names: Sequence[str] = ()) -> None:
+    """Write an RSA 2048 self-signed certificate for C{hostname}, localhost, 127.0.0.1, ::1
+    and each of C{names}: host names or IP addresses (for devices that connect by address).
 
     RSA, because many old devices cannot do ECDSA.
     """
     private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    names: list[x509.GeneralName] = [x509.DNSName(hostname)]
-    if hostname != "localhost":
-        names.append(x509.DNSName("localhost"))
-    names += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-              x509.IPAddress(ipaddress.ip_address("::1"))]
+    subject_names: list[x509.GeneralName] = []
+    for entry in dict.fromkeys([hostname, "localhost", "127.0.0.1", "::1", *names]):
+        try:
+            subject_names.append(x509.IPAddress(ipaddress.ip_address(entry)))
+        except ValueError:
+            subject_names.append(x509.DNSName(entry))
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -140,7 +211,7 @@ def create_self_signed(certificate: str, key: str, hostname: str) -> None:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=825))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.SubjectAlternativeName(subject_names), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(private_key, hashes.SHA256())
     )

@@ -34,7 +34,8 @@ def received_header(
     """The bridge's RFC 5321 section 4.4 trace header for one message, as folded body lines.
 
     The protocol keyword follows RFC 3848 (``ESMTPSA`` and friends, ``SMTP...``
-    when the client said HELO, ``esmtp=False``); "for" names the recipient only
+    when the client said HELO, ``esmtp=False``, or nothing).  A client that sent
+    no HELO/EHLO at all is written ``from [192.0.2.7] (no HELO)``.  "for" names the recipient only
     when there is exactly one, so that a message does not reveal its other
     recipients.  The AUTH login is named only with C{show_login} (like Postfix's
     ``smtpd_sasl_authenticated_header``, off by default: recipients need not learn the
@@ -45,11 +46,12 @@ def received_header(
     """
     literal = _address_literal(client.peer_host)
     helo = _clean(client.helo or "", _WORD_UNSAFE)
-    clauses = [f"from {helo} ({literal})" if helo else f"from {literal}"]
+    clauses = [f"from {helo} ({literal})" if helo else f"from {literal} (no HELO)"]
     if client.login and show_login:
         clauses.append(f"(authenticated as {_comment(client.login)})")
     by = _clean(hostname, _WORD_UNSAFE) or "localhost"
     clauses.append(f"by {by} (smtpbridge, listener {_comment(client.listener) or '?'})")
+    esmtp = esmtp and bool(client.helo)  # ESMTP is what EHLO starts
     protocol = ("ESMTP" if esmtp else "SMTP") + ("S" if client.tls_version else "")
     protocol += "A" if client.login else ""
     if client.tls_version:

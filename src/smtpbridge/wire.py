@@ -275,7 +275,7 @@ class DataDecoder:
     ``accept_bare_lf_end``), a bare CR becomes a space, and over-long lines are
     broken with a leading space as Postfix does.  The result does not depend on
     how the input is chunked, and a partial line held between calls stays near
-    ``max_line_length`` octets.
+    ``max_line_length`` octets.  ``size`` counts the message as the client sent it.
     """
 
     def __init__(self, accept_bare_lf_end: bool = False, max_line_length: int = 998) -> None:
@@ -288,11 +288,13 @@ class DataDecoder:
         self._partial = b""
         self._after_crlf = True
         self._done = False
+        self.size = 0  # RFC 1870's size: the end-of-data line and stuffing dots left out
 
     def feed(self, data: bytes) -> tuple[list[bytes], bytes | None]:
         """Body lines completed by ``data``, and what followed the end of data (or None)."""
         if self._done:
             raise RuntimeError("DataDecoder fed after the end of data")
+        self.size += len(data)
         cut = data.rfind(b"\n") + 1
         if cut:
             plain = _plain_lines(self._partial + data[:cut], self._limit)
@@ -319,9 +321,12 @@ class DataDecoder:
                     if accept_bare_lf_end or (crlf and after_crlf):
                         self._done = True
                         self._partial = b""
-                        return lines, b"\n".join(parts[index + 1 :])
+                        rest = b"\n".join(parts[index + 1 :])
+                        self.size -= len(rest) + len(parts[index]) + 1
+                        return lines, rest
                 else:
                     line = line[1:]
+                    self.size -= 1
             if b"\r" in line:
                 line = line.replace(b"\r", b" ")
             if len(line) > limit:
@@ -343,6 +348,7 @@ class DataDecoder:
             body = partial[: len(partial) - len(held)]
             if body.startswith(b"."):
                 body = body[1:]
+                self.size -= 1
             pieces = _break_line(body.replace(b"\r", b" "), self._limit)
             lines.extend(pieces[:-1])
             partial = pieces[-1] + held
