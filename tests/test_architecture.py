@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("values", {"model", "secret", "errors", "replies", "networks", "wire", "interfaces"}),
     ("config", {"tomlreader", "oauthconfig", "upstreamconfig", "config"}),
     ("tools", {"lines", "sasl", "tls", "users", "throttle", "trace", "rewrite", "deadline",
-               "limits"}),
+               "limits", "summary", "ratelimit"}),
     ("upstream", {"client", "upstreamsession", "clientauth", "connector", "oauthwire", "oauth",
                   "pool"}),
     ("delivery", {"relay", "spool"}),
@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("session", {"serverbase", "serverauth", "mailcommands", "server"}),
     ("listener", {"listener", "demo"}),
     ("roots", {"service", "tap", "cli", "oauthflows", "oauthlogin", "fakeupstream", "testing",
-               "metrics", "admin"}),
+               "metrics", "admin", "logs", "sdnotify"}),
 ]
 RANK = {module: rank for rank, (_, modules) in enumerate(LAYERS) for module in modules}
 LIMIT = 400  # lines: a module over this is two modules

@@ -257,13 +257,19 @@ def test_the_limits_have_their_documented_defaults():
 def test_every_setting_is_in_the_annotated_example():
     import attr
 
-    from smtpbridge.config import AccessConfig, ListenerConfig, ServerConfig, TLSConfig
+    from smtpbridge.config import (
+        AccessConfig,
+        ListenerConfig,
+        LogConfig,
+        ServerConfig,
+        TLSConfig,
+    )
     from smtpbridge.upstreamconfig import RouteConfig
 
     with open(os.path.join(ROOT, "etc", "smtpbridge.toml"), encoding="utf-8") as f:
         text = f.read()
     missing = [f"{cls.__name__}.{field.name}" for cls in (
-        ServerConfig, TLSConfig, ListenerConfig, AccessConfig, RouteConfig)
+        ServerConfig, TLSConfig, ListenerConfig, AccessConfig, RouteConfig, LogConfig)
         for field in attr.fields(cls)
         if field.name not in ("name", "hosts", "pin_sha256")
         and not re.search(rf"^#? ?{field.name} = ", text, re.MULTILINE)]

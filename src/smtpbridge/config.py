@@ -40,6 +40,7 @@ T = TypeVar("T")
 TLS_MODES = ("implicit", "starttls", "none")
 AUTH_MODES = ("required", "optional")
 CLIENT_CERTIFICATE_MODES = ("none", "request", "require")
+LOG_FORMATS = ("text", "json")
 DEFAULT_MAX_MESSAGE_SIZE = 36_700_160  # 35 MiB, like Microsoft 365's limit
 DEFAULT_TRUSTED_NETWORKS = (parse_network("127.0.0.0/8"), parse_network("::1/128"))
 
@@ -114,6 +115,13 @@ class DemoConfig:
 
 
 @attr.frozen
+class LogConfig:
+    """How the log is written under twistd: text lines or JSON lines."""
+
+    format: str = "text"
+
+
+@attr.frozen
 class Config:
     path: str
     server: ServerConfig
@@ -125,6 +133,7 @@ class Config:
     credentials: CredentialsConfig
     senders: SendersConfig
     demo: DemoConfig | None
+    log: LogConfig = LogConfig()
     warnings: tuple[str, ...] = ()  # what the administrator should hear about at start
 
     @property
@@ -250,6 +259,10 @@ def _networks(t: Table, key: str, default: tuple[Network, ...]) -> tuple[Network
         raise t.error(key, str(e))
 
 
+def _log(t: Table) -> LogConfig:
+    return LogConfig(format=t.string("format", "text", choices=LOG_FORMATS))
+
+
 def _demo(t: Table) -> DemoConfig:
     password = t.secret("password")
     if password is None:
@@ -302,6 +315,7 @@ def parse_config(text: str, path: str) -> Config:
         credentials=_required(root, "credentials", lambda t: credentials_table(t, accounts)),
         senders=_section(root, "senders", _senders) or SendersConfig(),
         demo=_section(root, "demo", _demo),
+        log=_section(root, "log", _log) or LogConfig(),
     )
     root.done()
     _check_whole(config)

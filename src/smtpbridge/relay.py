@@ -17,18 +17,27 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from smtpbridge.client import where
 from smtpbridge.errors import LoginRejected, SMTPReplyError
 from smtpbridge.interfaces import (
     ICredentialMapper,
     IDelivery,
-    ITransaction,
+    IReportingTransaction,
     IUpstreamConnector,
     IUpstreamSession,
     Params,
 )
-from smtpbridge.model import ClientInfo, Reply, Route, UpstreamAccount
+from smtpbridge.model import (
+    ClientInfo,
+    MessageOutcome,
+    Reply,
+    Route,
+    UpstreamAccount,
+    status_for,
+)
 from smtpbridge.replies import UPSTREAM_NO_SMTPUTF8
 from smtpbridge.rewrite import HeaderTooLarge, SenderRewriter
+from smtpbridge.summary import queue_id
 
 log = Logger()
 
@@ -37,13 +46,15 @@ GONE = Reply(451, "4.3.0", "Upstream session is no longer available")
 
 async def connect_first(connector: IUpstreamConnector, routes: tuple[Route, ...],
                         account: UpstreamAccount | None,
-                        stop_on_rejection: bool = False) -> IUpstreamSession:
+                        stop_on_rejection: bool = False, session: str = "-",
+                        ) -> IUpstreamSession:
     """A session on the first route that connects, verifies and accepts the login.
 
     Only setup failures move on to the next host, and they all happen before
     MAIL FROM, so failing over can never send a message twice.  When every host
     fails, a refused login (a verdict on the credentials) wins over the others;
-    C{stop_on_rejection} makes it final at once.
+    C{stop_on_rejection} makes it final at once.  C{session} is the downstream session
+    id the log lines name.
     """
     error: SMTPReplyError | None = None
     refused: LoginRejected | None = None
@@ -57,9 +68,9 @@ async def connect_first(connector: IUpstreamConnector, routes: tuple[Route, ...]
                 if stop_on_rejection:
                     break
             if index + 1 < len(routes):
-                log.warn("upstream {host}:{port} failed ({text}); trying {next}",
-                         host=route.host, port=route.port, text=e.reply.text,
-                         next=routes[index + 1].host)
+                log.warn("{session} upstream {host}:{port} failed ({text}); trying {next}",
+                         session=session, host=route.host, port=route.port,
+                         text=e.reply.text, next=routes[index + 1].host)
     assert error is not None, "a route list is never empty"
     raise refused or error
 
@@ -80,9 +91,10 @@ def try_login(connector: IUpstreamConnector,
     return lambda routes, account: Deferred.fromCoroutine(check(routes, account))
 
 
-@implementer(ITransaction)
+@implementer(IReportingTransaction)
 class InlineTransaction:
-    """One transaction relayed to one upstream session."""
+    """One transaction relayed to one upstream session; its C{outcome} says how the
+    message ended: sent, refused or deferred, by which account, route and upstream."""
 
     def __init__(self, mapper: ICredentialMapper, connector: IUpstreamConnector,
                  client: ClientInfo) -> None:
@@ -97,15 +109,41 @@ class InlineTransaction:
         self._in_header = True
         self._in_data = False
         self._over = False
+        self._account: str | None = None  # names, for the outcome
+        self._route: str | None = None
+        self.outcome: MessageOutcome | None = None
+
+    def _note(self, reply: Reply, upstream: bool) -> None:
+        """Note the outcome of a step that ended the message (or its transaction);
+        C{upstream}: the reply is the upstream's own."""
+        session = self._session
+        relay = where(session.route) if session is not None and upstream else None
+        self.outcome = MessageOutcome(status_for(reply), self._account, self._route, relay,
+                                      reply, queue_id(reply) if reply.positive else None)
+
+    def _verdict(self, result: Reply | Failure) -> Reply | Failure:
+        if isinstance(result, Reply):
+            self._note(result, upstream=True)
+        elif isinstance(result.value, SMTPReplyError):
+            self._note(result.value.reply, upstream=False)
+        return result
 
     def mail(self, sender: str, params: Params) -> Deferred[Reply]:
-        return Deferred.fromCoroutine(self._mail(sender, params))
+        def answered(result: Reply | Failure) -> Reply | Failure:
+            if isinstance(result, Failure) or not result.positive:
+                self._verdict(result)
+            return result
+
+        return Deferred.fromCoroutine(self._mail(sender, params)).addBoth(answered)
 
     async def _mail(self, sender: str, params: Params) -> Reply:
         mapped = self._mapper.map(self._client, sender)
         assignment = await mapped if isinstance(mapped, Deferred) else mapped
         account = assignment.account
-        session = await connect_first(self._connector, assignment.routes, account)
+        self._account = account.name if account is not None else None
+        self._route = assignment.routes[0].name
+        session = await connect_first(self._connector, assignment.routes, account,
+                                      session=self._client.session_id)
         if self._over:  # the client left while we were connecting
             session.quit()
             raise SMTPReplyError(GONE)
@@ -138,6 +176,7 @@ class InlineTransaction:
                 self._in_data = True
             elif reply.code != 354:
                 self._data_sent = False  # refused: the session can still quit politely
+                self._verdict(reply)
             return reply
 
         self._data_sent = True
@@ -174,10 +213,12 @@ class InlineTransaction:
 
     def finish(self) -> Deferred[Reply]:
         if self._refusal is not None:
+            self._note(self._refusal.reply, upstream=False)
             return fail(self._refusal)
         try:
             session = self._current()
         except SMTPReplyError as e:
+            self._note(e.reply, upstream=False)
             return fail(e)
         if self._rewriter is not None and self._in_data:
             rest = self._rewriter.close()
@@ -190,7 +231,7 @@ class InlineTransaction:
             session.quit()
             return result
 
-        return session.end_data().addBoth(done)
+        return session.end_data().addBoth(self._verdict).addBoth(done)
 
     def abort(self) -> None:
         if self._over:

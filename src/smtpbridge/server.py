@@ -20,7 +20,7 @@ from zope.interface import implementer
 from smtpbridge import sasl
 from smtpbridge.deadline import Deadline
 from smtpbridge.errors import SMTPReplyError
-from smtpbridge.interfaces import IAccessPolicy, IDelivery, IPasswordChecker
+from smtpbridge.interfaces import IAccessPolicy, IDelivery, IPasswordChecker, IStatistics
 from smtpbridge.limits import ConnectionGovernor
 from smtpbridge.mailcommands import MailCommands
 from smtpbridge.model import Reply
@@ -55,7 +55,7 @@ class SMTPServerFactory(Factory):
                  checker: IPasswordChecker | None, clock: IReactorTime,
                  tls: ServerTLS | None = None, throttle: AuthThrottle | None = None,
                  keep_password: bool = False, governor: ConnectionGovernor | None = None,
-                 ) -> None:
+                 statistics: IStatistics | None = None) -> None:
         self.settings = settings
         self.delivery = delivery
         self.policy = policy
@@ -65,6 +65,7 @@ class SMTPServerFactory(Factory):
         self.throttle = throttle
         self.keep_password = keep_password  # passthrough needs the login's password
         self.governor = governor
+        self.statistics = statistics
         self.open = 0
         self.per_client: dict[str, int] = {}
 
@@ -137,6 +138,9 @@ class SMTPServerProtocol(AuthCommands, MailCommands):
         log.info("{session} TLS established: {version} {cipher}{certificate}",
                  session=self.client.session_id, version=version, cipher=cipher,
                  certificate=f", client certificate {certificate}" if certificate else "")
+        if self.services.statistics is not None:
+            self.services.statistics.tls(self.settings.name, version or "unknown",
+                                         cipher or "unknown")
 
     def _handshake_timeout(self) -> None:
         self.abort(f"TLS handshake not done within {self.settings.handshake_timeout:g} s")

@@ -92,6 +92,7 @@ class AuthCommands(ServerSession):
                 "blocked": f"[{host}] is blocked after repeated failures",
                 "busy": f"[{host}] has too many logins under way",
                 "rate": "the bridge's ceiling of AUTH attempts per second"}[refused])
+            self._auth_counted(refused)
             return AUTH_BLOCKED if refused == "blocked" else AUTH_BUSY
         try:
             ok = await maybeDeferred(checker.check, username, password)
@@ -103,15 +104,22 @@ class AuthCommands(ServerSession):
                          text=e.reply.text)
             else:
                 log.failure("{session} password check failed", Failure(), session=session)
+            self._auth_counted("error")
             return AUTH_TEMP_FAILURE
         delay = throttle.end(host, ok) if throttle is not None else 0.0
         if not ok:
             log.info("{session} AUTH failed for user {user!r} from [{host}]",
                      session=session, user=username, host=host)
+            self._auth_counted("failed")
             if throttle is not None:
                 await throttle.delay(delay)
             return AUTH_FAILED
         kept = Secret(password) if self.services.keep_password else None
         self.client = attr.evolve(self.client, login=username, password=kept)
         log.info("{session} AUTH ok: user {user!r}", session=session, user=username)
+        self._auth_counted("ok")
         return AUTH_OK
+
+    def _auth_counted(self, result: str) -> None:
+        if self.services.statistics is not None:
+            self.services.statistics.auth(self.settings.name, result)

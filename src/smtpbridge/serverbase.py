@@ -25,7 +25,13 @@ from zope.interface import implementer
 
 from smtpbridge.deadline import Deadline
 from smtpbridge.errors import SMTPReplyError
-from smtpbridge.interfaces import IAccessPolicy, IDelivery, IPasswordChecker, ITransaction
+from smtpbridge.interfaces import (
+    IAccessPolicy,
+    IDelivery,
+    IPasswordChecker,
+    IStatistics,
+    ITransaction,
+)
 from smtpbridge.lines import SMTPLineReceiver
 from smtpbridge.model import ClientInfo, Reply
 from smtpbridge.replies import INTERNAL_ERROR, LINE_TOO_LONG, NOT_RECOGNIZED
@@ -81,6 +87,7 @@ class SessionServices(Protocol):
     tls: ServerTLS | None
     throttle: AuthThrottle | None
     keep_password: bool  # passthrough needs the login's password
+    statistics: IStatistics | None  # hears of messages, TLS and AUTH for the metrics
 
     def opened(self, client: str) -> Reply | None:
         """Count a new connection from C{client}; the 421 if it is one too many."""

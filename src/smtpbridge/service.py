@@ -95,7 +95,7 @@ def _routes(config: Config, name: str) -> tuple[Route, ...]:
         raise ConfigError(config.path, f"{key}.ca_certificates", f"{ca} {reason}")
     return tuple(Route(host, route.port, route.tls, ca, float(route.timeout),
                        route.min_tls_version, route.pin_sha256, route.max_sessions,
-                       float(route.session_wait), float(route.data_timeout))
+                       float(route.session_wait), float(route.data_timeout), name)
                  for host in route.hosts)
 
 
