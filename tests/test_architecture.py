@@ -19,7 +19,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 #: configuration and the value types sit below all of them.
 LAYERS: list[tuple[str, set[str]]] = [
     ("values", {"model", "secret", "errors", "replies", "networks", "wire", "interfaces"}),
-    ("config", {"tomlreader", "oauthconfig", "upstreamconfig", "config"}),
+    ("config", {"tomlreader", "oauthconfig", "upstreamconfig", "opsconfig", "config"}),
     ("tools", {"lines", "sasl", "tls", "users", "throttle", "trace", "rewrite", "deadline",
                "limits", "summary", "ratelimit"}),
     ("upstream", {"client", "upstreamsession", "clientauth", "connector", "oauthwire", "oauth",
@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("mapper", {"mapping"}),
     ("policy", {"policy"}),
     ("session", {"serverbase", "serverauth", "mailcommands", "server"}),
-    ("listener", {"listener", "demo"}),
+    ("listener", {"listener", "demo", "proxyheader"}),
     ("roots", {"service", "tap", "cli", "oauthflows", "oauthlogin", "fakeupstream", "testing",
                "metrics", "admin", "logs", "sdnotify"}),
 ]

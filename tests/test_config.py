@@ -261,6 +261,7 @@ def test_every_setting_is_in_the_annotated_example():
         AccessConfig,
         ListenerConfig,
         LogConfig,
+        RateLimitConfig,
         ServerConfig,
         TLSConfig,
     )
@@ -269,7 +270,8 @@ def test_every_setting_is_in_the_annotated_example():
     with open(os.path.join(ROOT, "etc", "smtpbridge.toml"), encoding="utf-8") as f:
         text = f.read()
     missing = [f"{cls.__name__}.{field.name}" for cls in (
-        ServerConfig, TLSConfig, ListenerConfig, AccessConfig, RouteConfig, LogConfig)
+        ServerConfig, TLSConfig, ListenerConfig, AccessConfig, RouteConfig, LogConfig,
+        RateLimitConfig)
         for field in attr.fields(cls)
         if field.name not in ("name", "hosts", "pin_sha256")
         and not re.search(rf"^#? ?{field.name} = ", text, re.MULTILINE)]

@@ -273,6 +273,7 @@ def start_upstream(
     data_reply: str | None = None,
     smtputf8: bool = True,
     max_tls_version: ssl.TLSVersion | None = None,
+    port: int = 0,
 ) -> Upstream:
     """Start an upstream on 127.0.0.1 (a free port); stop it with C{Upstream.stop()}.
 
@@ -283,7 +284,8 @@ def start_upstream(
     C{reject_recipients}: address -> reply such as "550 5.1.1 No such user".
     C{data_reply}: the reply to the final dot instead of storing the message.
     C{max_tls_version}: the newest TLS version it speaks.  The server names clients
-    ask for (SNI) are recorded in C{Upstream.sni}.
+    ask for (SNI) are recorded in C{Upstream.sni}.  C{port}: a given port instead of
+    one the OS picks (to bring a stopped upstream back).
     """
     directory = directory or tempfile.mkdtemp(prefix="upstream-")
     os.makedirs(directory, exist_ok=True)
@@ -314,7 +316,7 @@ def start_upstream(
 
     offered = {name.upper() for name in auth_mechanisms}
     controller = _Controller(
-        handler, hostname="127.0.0.1", port=0, server_hostname="upstream.test",
+        handler, hostname="127.0.0.1", port=port, server_hostname="upstream.test",
         ssl_context=context if implicit_tls else None,
         tls_context=None if implicit_tls else context,
         require_starttls=starttls and not implicit_tls,

@@ -18,6 +18,14 @@ import attr
 from smtpbridge.errors import ConfigError
 from smtpbridge.model import TLS_VERSIONS
 from smtpbridge.networks import Network, parse_network
+from smtpbridge.opsconfig import (
+    AdminConfig,
+    LogConfig,
+    RateLimitConfig,
+    admin_table,
+    log_table,
+    rate_limits_table,
+)
 from smtpbridge.secret import Secret
 from smtpbridge.tomlreader import REQUIRED, Table
 from smtpbridge.upstreamconfig import (
@@ -32,15 +40,15 @@ from smtpbridge.upstreamconfig import (
     sender_pattern,
 )
 
-__all__ = ["DEFAULT", "AccountConfig", "Config", "ConfigError", "CredentialsConfig",
-           "RouteConfig", "Secret", "load_config", "parse_config"]
+__all__ = ["DEFAULT", "AccountConfig", "AdminConfig", "Config", "ConfigError",
+           "CredentialsConfig", "LogConfig", "RateLimitConfig", "RouteConfig", "Secret",
+           "load_config", "parse_config"]
 
 T = TypeVar("T")
 
 TLS_MODES = ("implicit", "starttls", "none")
 AUTH_MODES = ("required", "optional")
 CLIENT_CERTIFICATE_MODES = ("none", "request", "require")
-LOG_FORMATS = ("text", "json")
 DEFAULT_MAX_MESSAGE_SIZE = 36_700_160  # 35 MiB, like Microsoft 365's limit
 DEFAULT_TRUSTED_NETWORKS = (parse_network("127.0.0.0/8"), parse_network("::1/128"))
 
@@ -115,13 +123,6 @@ class DemoConfig:
 
 
 @attr.frozen
-class LogConfig:
-    """How the log is written under twistd: text lines or JSON lines."""
-
-    format: str = "text"
-
-
-@attr.frozen
 class Config:
     path: str
     server: ServerConfig
@@ -134,6 +135,8 @@ class Config:
     senders: SendersConfig
     demo: DemoConfig | None
     log: LogConfig = LogConfig()
+    rate_limits: RateLimitConfig = RateLimitConfig()
+    admin: AdminConfig | None = None
     warnings: tuple[str, ...] = ()  # what the administrator should hear about at start
 
     @property
@@ -259,10 +262,6 @@ def _networks(t: Table, key: str, default: tuple[Network, ...]) -> tuple[Network
         raise t.error(key, str(e))
 
 
-def _log(t: Table) -> LogConfig:
-    return LogConfig(format=t.string("format", "text", choices=LOG_FORMATS))
-
-
 def _demo(t: Table) -> DemoConfig:
     password = t.secret("password")
     if password is None:
@@ -315,7 +314,9 @@ def parse_config(text: str, path: str) -> Config:
         credentials=_required(root, "credentials", lambda t: credentials_table(t, accounts)),
         senders=_section(root, "senders", _senders) or SendersConfig(),
         demo=_section(root, "demo", _demo),
-        log=_section(root, "log", _log) or LogConfig(),
+        log=_section(root, "log", log_table) or LogConfig(),
+        rate_limits=_section(root, "rate_limits", rate_limits_table) or RateLimitConfig(),
+        admin=_section(root, "admin", admin_table),
     )
     root.done()
     _check_whole(config)

@@ -87,10 +87,10 @@ class LoggingRoot(MultiService):
     """The bridge's top service under twistd: gives the application its log observer."""
 
     def __init__(self, observer: ILogObserver) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__()
         self.observer = observer
 
     def setServiceParent(self, parent: Any) -> None:  # noqa: N802
         if isinstance(parent, Componentized):
             parent.setComponent(ILogObserver, self.observer)
-        super().setServiceParent(parent)  # type: ignore[no-untyped-call]
+        super().setServiceParent(parent)

@@ -74,6 +74,7 @@ class CachedTokenSource:
         self._token: Token | None = None
         self._refresh_at = 0.0
         self._waiters: list[Deferred[str]] | None = None
+        self.observe: Callable[[bool], object] | None = None  # hears of each fetch's result
 
     def token(self) -> Deferred[str]:
         if self._token is not None and self._clock.seconds() < self._refresh_at:
@@ -91,6 +92,8 @@ class CachedTokenSource:
             self._token = None
 
     def _fetched(self, token: Token) -> None:
+        if self.observe is not None:
+            self.observe(True)
         lifetime = max(token.expires_at - self._clock.seconds(), 0.0)
         self._token = token
         self._refresh_at = token.expires_at - min(self._margin, lifetime / 10)
@@ -105,6 +108,8 @@ class CachedTokenSource:
                                f"({type(error).__name__})")
             failure = Failure(error)
         log.warn("{text}", text=error.reply.text)
+        if self.observe is not None:
+            self.observe(False)
         waiters, self._waiters = self._waiters or [], None
         for waiter in waiters:
             waiter.errback(failure)

@@ -35,6 +35,7 @@ from smtpbridge.model import (
     UpstreamAccount,
     status_for,
 )
+from smtpbridge.ratelimit import Quota, RateLimits
 from smtpbridge.replies import UPSTREAM_NO_SMTPUTF8
 from smtpbridge.rewrite import HeaderTooLarge, SenderRewriter
 from smtpbridge.summary import queue_id
@@ -97,8 +98,10 @@ class InlineTransaction:
     message ended: sent, refused or deferred, by which account, route and upstream."""
 
     def __init__(self, mapper: ICredentialMapper, connector: IUpstreamConnector,
-                 client: ClientInfo) -> None:
+                 client: ClientInfo, limits: RateLimits | None = None) -> None:
         self._mapper = mapper
+        self._limits = limits
+        self._quota: Quota | None = None  # what the rate limits reserved for it
         self._connector = connector
         self._client = client
         self._session: IUpstreamSession | None = None
@@ -120,6 +123,8 @@ class InlineTransaction:
         relay = where(session.route) if session is not None and upstream else None
         self.outcome = MessageOutcome(status_for(reply), self._account, self._route, relay,
                                       reply, queue_id(reply) if reply.positive else None)
+        if self._quota is not None:
+            self._quota.settle(sent=reply.positive)
 
     def _verdict(self, result: Reply | Failure) -> Reply | Failure:
         if isinstance(result, Reply):
@@ -142,6 +147,11 @@ class InlineTransaction:
         account = assignment.account
         self._account = account.name if account is not None else None
         self._route = assignment.routes[0].name
+        if self._limits is not None:
+            self._quota = self._limits.quota(self._client, self._account)
+            refusal = self._quota.message()
+            if refusal is not None:
+                raise SMTPReplyError(refusal)
         session = await connect_first(self._connector, assignment.routes, account,
                                       session=self._client.session_id)
         if self._over:  # the client left while we were connecting
@@ -168,7 +178,18 @@ class InlineTransaction:
     def rcpt(self, recipient: str, params: Params) -> Deferred[Reply]:
         if self._ascii_only and not recipient.isascii():
             return succeed(UPSTREAM_NO_SMTPUTF8)
-        return maybeDeferred(lambda: self._current().rcpt(recipient, params))
+        quota = self._quota
+        refusal = quota.recipient() if quota is not None else None
+        if refusal is not None:
+            return succeed(refusal)
+
+        def answered(reply: Reply) -> Reply:
+            if quota is not None and not reply.positive:
+                quota.recipient_refused()
+            return reply
+
+        return maybeDeferred(lambda: self._current().rcpt(recipient, params)).addCallback(
+            answered)
 
     def data(self, producer: IPushProducer) -> Deferred[Reply]:
         def answered(reply: Reply) -> Reply:
@@ -234,6 +255,8 @@ class InlineTransaction:
         return session.end_data().addBoth(self._verdict).addBoth(done)
 
     def abort(self) -> None:
+        if self._quota is not None:
+            self._quota.settle(sent=False)  # (a message sent is settled already)
         if self._over:
             return
         self._over = True
@@ -250,9 +273,11 @@ class InlineTransaction:
 class InlineDelivery:
     """Relays every transaction upstream as it happens."""
 
-    def __init__(self, mapper: ICredentialMapper, connector: IUpstreamConnector) -> None:
+    def __init__(self, mapper: ICredentialMapper, connector: IUpstreamConnector,
+                 limits: RateLimits | None = None) -> None:
         self._mapper = mapper
         self._connector = connector
+        self._limits = limits
 
     def transaction(self, client: ClientInfo) -> InlineTransaction:
-        return InlineTransaction(self._mapper, self._connector, client)
+        return InlineTransaction(self._mapper, self._connector, client, self._limits)

@@ -8,6 +8,7 @@ options) is a L{ConfigError}.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +27,7 @@ from smtpbridge.interfaces import (
     IClientLoginMapper,
     ICredentialMapper,
     IPasswordChecker,
+    IStatistics,
     ITokenSource,
 )
 from smtpbridge.limits import BoundedThreadPool, ConnectionGovernor, raise_file_limit
@@ -36,9 +38,11 @@ from smtpbridge.mapping import (
     find_mapper_factory,
     plugin_mapper_names,
 )
+from smtpbridge.metrics import Metrics
 from smtpbridge.model import Assignment, Route, UpstreamAccount
 from smtpbridge.networks import NetworkSet
 from smtpbridge.policy import AccessPolicy, SenderRules
+from smtpbridge.ratelimit import RateLimits, RateLimitSettings
 from smtpbridge.relay import InlineDelivery, try_login
 from smtpbridge.server import SMTPServerFactory
 from smtpbridge.serverbase import ListenerSettings
@@ -109,7 +113,8 @@ def accounts(config: Config) -> dict[str, Assignment]:
             for name, account in config.accounts.items()}
 
 
-def token_sources(config: Config, reactor: Any) -> dict[str, ITokenSource]:
+def token_sources(config: Config, reactor: Any,
+                  statistics: IStatistics | None = None) -> dict[str, ITokenSource]:
     """The OAuth2 token source of every account that logs in with a token, by name."""
     from smtpbridge.oauth import token_source
 
@@ -117,9 +122,12 @@ def token_sources(config: Config, reactor: Any) -> dict[str, ITokenSource]:
     for name, account in config.accounts.items():
         if account.oauth is not None:
             try:
-                sources[name] = token_source(account.oauth, reactor)
+                source = token_source(account.oauth, reactor)
             except ValueError as e:
                 raise ConfigError(config.path, f"{account.origin}.oauth", str(e))
+            if statistics is not None:
+                source.observe = functools.partial(statistics.token, name)
+            sources[name] = source
     return sources
 
 
@@ -139,11 +147,12 @@ class Upstreams:
         return list(self.accounts.values())
 
 
-def upstreams(config: Config, reactor: Any) -> Upstreams:
+def upstreams(config: Config, reactor: Any,
+              statistics: IStatistics | None = None) -> Upstreams:
     """The connector and the mapper the configuration describes."""
     known = accounts(config)
     connector = UpstreamConnector(reactor, config.server.hostname,
-                                  token_sources(config, reactor))
+                                  token_sources(config, reactor, statistics))
     credentials = config.credentials
     builtins = builtin_mapper_factories(
         (listener.name for listener in config.listeners),
@@ -191,6 +200,33 @@ def _throttle(config: Config, reactor: Any) -> AuthThrottle:
         rate=access.auth_rate))
 
 
+def _rate_limits(config: Config, reactor: Any,
+                 statistics: IStatistics | None) -> RateLimits | None:
+    settings = RateLimitSettings(**attr.asdict(config.rate_limits))
+    if settings == RateLimitSettings():
+        return None
+    return RateLimits(reactor, settings,
+                      observe=statistics.rate_limited if statistics is not None else None)
+
+
+def _admin(config: Config, reactor: Any, upstream: Upstreams, metrics: Metrics,
+           throttle: AuthThrottle, top: MultiService) -> None:
+    """The admin listener and the readiness probe behind it."""
+    from smtpbridge.admin import ReadinessProbe, admin_site, probe_targets
+
+    assert config.admin is not None
+    metrics.watch(lambda: metrics.blocked_addresses.set(throttle.blocking()))
+    probe = ReadinessProbe(config.admin.probe_interval, upstream.connector,
+                           probe_targets(upstream.checked()), reactor, metrics)
+    probe.setServiceParent(top)
+    _endpoint_service(reactor, config, "admin.endpoint", "admin", config.admin.endpoint,
+                      admin_site(metrics, probe, config.admin.token)).setServiceParent(top)
+
+
+def _count_sessions(metrics: Metrics, server: SMTPServerFactory) -> None:
+    metrics.sessions.labels(server.settings.name).set(server.open)
+
+
 def make_service(config: Config, reactor: Any) -> MultiService:
     """The whole bridge as one service: every listener, and the demo upstream if configured."""
     top = MultiService()
@@ -198,8 +234,10 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     if tls.create_self_signed and tls.certificate and tls.key and not (
             os.path.exists(tls.certificate) or os.path.exists(tls.key)):
         create_self_signed(tls.certificate, tls.key, config.server.hostname)
-    upstream = upstreams(config, reactor)
-    delivery = InlineDelivery(upstream.mapper, upstream.connector)
+    metrics = Metrics() if config.admin is not None else None
+    upstream = upstreams(config, reactor, metrics)
+    delivery = InlineDelivery(upstream.mapper, upstream.connector,
+                              _rate_limits(config, reactor, metrics))
     policy = _policy(config)
     threads = BoundedThreadPool(reactor, config.access.auth_threads, config.access.auth_queue,
                                 "smtpbridge-password-checks")
@@ -235,8 +273,11 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         )
         listener_tls = (server_tls(_context_builder(config, listener, index))
                         if listener.tls != "none" else None)
-        factory: Any = SMTPServerFactory(settings, delivery, policy, checker, reactor,
-                                         listener_tls, throttle, keep_password, governor)
+        server = SMTPServerFactory(settings, delivery, policy, checker, reactor, listener_tls,
+                                   throttle, keep_password, governor, metrics)
+        if metrics is not None:
+            metrics.watch(functools.partial(_count_sessions, metrics, server))
+        factory: Any = server
         if listener_tls is not None and listener.tls == "implicit":
             factory = TLSMemoryBIOFactory(listener_tls, False, factory)
         _endpoint_service(reactor, config, f"listener[{index}].endpoint",
@@ -249,6 +290,8 @@ def make_service(config: Config, reactor: Any) -> MultiService:
                                         server_tls(_context_builder(config, None)), reactor)
         _endpoint_service(reactor, config, "demo.endpoint", "demo upstream", demo.endpoint,
                           factory).setServiceParent(top)
+    if metrics is not None:
+        _admin(config, reactor, upstream, metrics, throttle, top)
     reloader = CertificateReloader(reactor, contexts)
     reloader.setName("certificates")
     reloader.setServiceParent(top)
