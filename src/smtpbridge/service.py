@@ -42,6 +42,7 @@ from smtpbridge.metrics import Metrics
 from smtpbridge.model import Assignment, Route, UpstreamAccount
 from smtpbridge.networks import NetworkSet
 from smtpbridge.policy import AccessPolicy, SenderRules
+from smtpbridge.proxyheader import ProxyHeaderFactory
 from smtpbridge.ratelimit import RateLimits, RateLimitSettings
 from smtpbridge.relay import InlineDelivery, try_login
 from smtpbridge.server import SMTPServerFactory
@@ -280,8 +281,12 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         factory: Any = server
         if listener_tls is not None and listener.tls == "implicit":
             factory = TLSMemoryBIOFactory(listener_tls, False, factory)
+        endpoint = listener.endpoint
+        if endpoint.startswith("haproxy:"):  # the session starts once the header is read
+            endpoint = endpoint.removeprefix("haproxy:")
+            factory = ProxyHeaderFactory(factory, reactor, config.server.handshake_timeout)
         _endpoint_service(reactor, config, f"listener[{index}].endpoint",
-                          f"listener {listener.name}", listener.endpoint,
+                          f"listener {listener.name}", endpoint,
                           factory, listener.backlog, governor).setServiceParent(top)
     if config.demo is not None:
         demo = config.demo
