@@ -79,8 +79,9 @@ def test_metrics_after_real_traffic(admin_bridge: RunningBridge, upstream: Upstr
         with smtplib.SMTP_SSL("127.0.0.1", admin_bridge.ports["smtps"],
                               context=client_context(certificate), timeout=30) as client:
             client.login("device", "not-the-password")
+    # (A closing TLS session may take up to CLOSE_GRACE, 10 s, to be gone.)
     wait_for(lambda: samples(get(admin_bridge, "/metrics")[1]).get(
-        ("smtpbridge_sessions_open", (("listener", "smtps"),))) == 0)
+        ("smtpbridge_sessions_open", (("listener", "smtps"),))) == 0, seconds=25)
     text = get(admin_bridge, "/metrics")[1]
     found = samples(text)
     sent = (("account", "default"), ("listener", "smtps"), ("status", "sent"))

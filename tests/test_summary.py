@@ -196,9 +196,8 @@ def test_deferred_when_the_upstream_is_down(relay: Relay, upstream: Upstream,
     assert f"127.0.0.1:{port}" in event["reply"] and "unreachable" in event["reply"]
     assert (event["account"], event["route"], event["recipients"]) == ("default", "default", [])
     # The failure carries the device's session id, so it can be matched to the device.
-    connect = next(text for text in logged if " connect from [127.0.0.1]" in text)
-    session = connect.split()[0]
-    assert event["session"] == session
+    session = event["session"]
+    assert f"{session} connect from [127.0.0.1]" in "\n".join(logged)
     assert formatEvent(event).startswith(f"{session} status=deferred ")
 
 
