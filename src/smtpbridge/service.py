@@ -45,6 +45,7 @@ from smtpbridge.policy import AccessPolicy, SenderRules
 from smtpbridge.proxyheader import ProxyHeaderFactory
 from smtpbridge.ratelimit import RateLimits, RateLimitSettings
 from smtpbridge.relay import InlineDelivery, try_login
+from smtpbridge.sdnotify import SystemdNotifier
 from smtpbridge.server import SMTPServerFactory
 from smtpbridge.serverbase import ListenerSettings
 from smtpbridge.throttle import AuthThrottle, ThrottleSettings
@@ -300,4 +301,6 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     reloader = CertificateReloader(reactor, contexts)
     reloader.setName("certificates")
     reloader.setServiceParent(top)
+    # Last: when it starts, every listener before it listens.
+    SystemdNotifier(reactor, os.environ).setServiceParent(top)
     return top
