@@ -19,18 +19,18 @@ SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 #: configuration and the value types sit below all of them.
 LAYERS: list[tuple[str, set[str]]] = [
     ("values", {"model", "secret", "errors", "replies", "networks", "wire", "interfaces"}),
-    ("config", {"tomlreader", "oauthconfig", "upstreamconfig", "config"}),
+    ("config", {"tomlreader", "oauthconfig", "upstreamconfig", "opsconfig", "config"}),
     ("tools", {"lines", "sasl", "tls", "users", "throttle", "trace", "rewrite", "deadline",
-               "limits", "clienthello", "handshake"}),
+               "limits", "clienthello", "handshake", "summary", "ratelimit"}),
     ("upstream", {"client", "upstreamsession", "clientauth", "connector", "oauthwire", "oauth",
                   "pool"}),
     ("delivery", {"spool", "dsn", "bodyfilter", "bodypump", "relay", "queuerunner"}),
     ("mapper", {"mapping"}),
     ("policy", {"policy"}),
     ("session", {"serverbase", "serverauth", "mailcommands", "server"}),
-    ("listener", {"listener", "demo"}),
+    ("listener", {"listener", "demo", "proxyheader"}),
     ("roots", {"service", "tap", "cli", "oauthflows", "oauthlogin", "queuecli", "fakeupstream",
-               "testing", "metrics", "admin"}),
+               "testing", "metrics", "admin", "logs", "sdnotify"}),
 ]
 RANK = {module: rank for rank, (_, modules) in enumerate(LAYERS) for module in modules}
 LIMIT = 400  # lines: a module over this is two modules

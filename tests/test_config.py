@@ -261,6 +261,8 @@ def test_every_setting_is_in_the_annotated_example():
     from smtpbridge.config import (
         AccessConfig,
         ListenerConfig,
+        LogConfig,
+        RateLimitConfig,
         ServerConfig,
         SpoolConfig,
         TLSConfig,
@@ -270,7 +272,8 @@ def test_every_setting_is_in_the_annotated_example():
     with open(os.path.join(ROOT, "etc", "smtpbridge.toml"), encoding="utf-8") as f:
         text = f.read()
     missing = [f"{cls.__name__}.{field.name}" for cls in (
-        ServerConfig, TLSConfig, ListenerConfig, AccessConfig, RouteConfig, SpoolConfig)
+        ServerConfig, TLSConfig, ListenerConfig, AccessConfig, RouteConfig, SpoolConfig,
+        LogConfig, RateLimitConfig)
         for field in attr.fields(cls)
         if field.name not in ("name", "hosts", "pin_sha256")
         and not re.search(rf"^#? ?{field.name} = ", text, re.MULTILINE)]

@@ -647,8 +647,8 @@ def test_the_logged_size_is_what_the_client_sent(devices: Devices, tmp_path: Any
     stored = devices.delivered(before)
     assert stored.mail_options == [f"SIZE={len(message)}"]
     assert len(stored.sent) > len(message)  # folded
-    devices.log.wait_for(rf"^\w{{12}} message of {len(message)} bytes \(relayed as "
-                         rf"{len(stored.sent)}\): 250 ", since)
+    devices.log.wait_for(rf"^\w{{12}} status=sent .* size={len(message)} "
+                         rf"relayed={len(stored.sent)} .*\(250 ", since)
 
 
 @openssl

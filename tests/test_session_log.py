@@ -120,8 +120,9 @@ def test_size_refusals_and_the_size_the_client_sent(lines):
     assert s.read()[0].startswith("250")
     relayed = len(s.delivery.messages[0].data)
     assert relayed != len(message) - 1
-    assert lines(s)[-1].endswith(f"message of {len(message) - 1} bytes (relayed as {relayed}): "
-                                 "250 Ok: queued")
+    summary = next(line for line in lines(s) if " status=sent " in line)
+    assert f" size={len(message) - 1} relayed={relayed} " in summary
+    assert summary.endswith("(250 2.0.0 Ok: queued)")
 
 
 def test_the_demo_upstreams_lines_are_labelled(logged):

@@ -18,6 +18,17 @@ import attr
 from smtpbridge.errors import ConfigError
 from smtpbridge.model import TLS_VERSIONS
 from smtpbridge.networks import Network, parse_network
+from smtpbridge.opsconfig import (
+    SPOOL_MODES,
+    AdminConfig,
+    LogConfig,
+    RateLimitConfig,
+    SpoolConfig,
+    admin_table,
+    log_table,
+    rate_limits_table,
+    spool_table,
+)
 from smtpbridge.secret import Secret
 from smtpbridge.tomlreader import REQUIRED, Table
 from smtpbridge.upstreamconfig import (
@@ -32,15 +43,15 @@ from smtpbridge.upstreamconfig import (
     sender_pattern,
 )
 
-__all__ = ["DEFAULT", "AccountConfig", "Config", "ConfigError", "CredentialsConfig",
-           "RouteConfig", "Secret", "load_config", "parse_config"]
+__all__ = ["DEFAULT", "AccountConfig", "AdminConfig", "Config", "ConfigError",
+           "CredentialsConfig", "LogConfig", "RateLimitConfig", "RouteConfig", "Secret",
+           "load_config", "parse_config"]
 
 T = TypeVar("T")
 
 TLS_MODES = ("implicit", "starttls", "none")
 AUTH_MODES = ("required", "optional")
 CLIENT_CERTIFICATE_MODES = ("none", "request", "require")
-SPOOL_MODES = ("fallback", "never", "always")
 DEFAULT_MAX_MESSAGE_SIZE = 36_700_160  # 35 MiB, like Microsoft 365's limit
 DEFAULT_TRUSTED_NETWORKS = (parse_network("127.0.0.0/8"), parse_network("::1/128"))
 
@@ -57,20 +68,6 @@ class ServerConfig:
     max_connections: int = 1000  # per listener, unless the listener says otherwise
     max_connections_per_client: int = 50  # per client address (Postfix's default)
     allow_readable_secrets: bool = False  # group/world-readable secret files: warn only
-
-
-@attr.frozen
-class SpoolConfig:
-    """The durable spool: where, when it is used, how long and how often it retries."""
-
-    directory: str = "/var/lib/smtpbridge/spool"
-    mode: str = "fallback"  # fallback | never | always
-    max_age: int = 5 * 86400  # seconds before an undeliverable message bounces
-    first_retry: int = 300
-    max_retry: int = 3600
-    max_size: int = 1024 * 1024 * 1024  # bytes the spool may hold
-    concurrency: int = 5  # deliveries at once per route
-    drain_timeout: int = 30  # seconds open transactions get to finish at a stop
 
 
 @attr.frozen
@@ -144,6 +141,9 @@ class Config:
     senders: SendersConfig
     demo: DemoConfig | None
     spool: SpoolConfig = SpoolConfig()
+    log: LogConfig = LogConfig()
+    rate_limits: RateLimitConfig = RateLimitConfig()
+    admin: AdminConfig | None = None
     warnings: tuple[str, ...] = ()  # what the administrator should hear about at start
 
     @property
@@ -181,22 +181,6 @@ def _server(t: Table) -> ServerConfig:
         max_connections_per_client=t.integer("max_connections_per_client", 50, minimum=1),
         allow_readable_secrets=t.boolean("allow_readable_secrets", False),
     )
-
-
-def _spool(t: Table) -> SpoolConfig:
-    spool = SpoolConfig(
-        directory=t.path("directory", SpoolConfig.directory),
-        mode=t.string("mode", "fallback", choices=SPOOL_MODES),
-        max_age=t.integer("max_age", 5 * 86400, minimum=60),
-        first_retry=t.integer("first_retry", 300, minimum=1),
-        max_retry=t.integer("max_retry", 3600, minimum=1),
-        max_size=t.integer("max_size", 1024 * 1024 * 1024, minimum=1024 * 1024),
-        concurrency=t.integer("concurrency", 5, minimum=1),
-        drain_timeout=t.integer("drain_timeout", 30, minimum=0),
-    )
-    if spool.max_retry < spool.first_retry:
-        raise t.error("max_retry", f"must be at least first_retry ({spool.first_retry})")
-    return spool
 
 
 def _tls(t: Table) -> TLSConfig:
@@ -340,7 +324,10 @@ def parse_config(text: str, path: str) -> Config:
         credentials=_required(root, "credentials", lambda t: credentials_table(t, accounts)),
         senders=_section(root, "senders", _senders) or SendersConfig(),
         demo=_section(root, "demo", _demo),
-        spool=_section(root, "spool", _spool) or SpoolConfig(),
+        spool=_section(root, "spool", spool_table) or SpoolConfig(),
+        log=_section(root, "log", log_table) or LogConfig(),
+        rate_limits=_section(root, "rate_limits", rate_limits_table) or RateLimitConfig(),
+        admin=_section(root, "admin", admin_table),
     )
     root.done()
     _check_whole(config)

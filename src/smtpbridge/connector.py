@@ -244,13 +244,15 @@ class UpstreamConnector:
 
 async def connect_first(connector: IUpstreamConnector, routes: tuple[Route, ...],
                         account: UpstreamAccount | None,
-                        stop_on_rejection: bool = False) -> IUpstreamSession:
+                        stop_on_rejection: bool = False, session: str = "-",
+                        ) -> IUpstreamSession:
     """A session on the first route that connects, verifies and accepts the login.
 
     Only setup failures move on to the next host, and they all happen before
     MAIL FROM, so failing over can never send a message twice.  When every host
     fails, a refused login (a verdict on the credentials) wins over the others;
-    C{stop_on_rejection} makes it final at once.
+    C{stop_on_rejection} makes it final at once.  C{session} is the downstream session
+    id the log lines name.
     """
     error: SMTPReplyError | None = None
     refused: LoginRejected | None = None
@@ -264,9 +266,9 @@ async def connect_first(connector: IUpstreamConnector, routes: tuple[Route, ...]
                 if stop_on_rejection:
                     break
             if index + 1 < len(routes):
-                log.warn("upstream {host}:{port} failed ({text}); trying {next}",
-                         host=route.host, port=route.port, text=e.reply.text,
-                         next=routes[index + 1].host)
+                log.warn("{session} upstream {host}:{port} failed ({text}); trying {next}",
+                         session=session, host=route.host, port=route.port,
+                         text=e.reply.text, next=routes[index + 1].host)
     assert error is not None, "a route list is never empty"
     raise refused or error
 

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import attr
 
+from smtpbridge.model import Reply
+
 #: How much of the original message a bounce quotes: its header section, at most this.
 HEADER_LIMIT = 64 * 1024
 
@@ -25,6 +27,7 @@ class Failure:
     recipient: str
     status: str  # the enhanced status code, e.g. "5.1.1"
     diagnostic: str  # the upstream's reply on one line, or the bridge's reason
+    reply: Reply | None = None  # the upstream's reply, when it gave one
 
 
 def header_section(lines: Sequence[bytes]) -> list[bytes]:

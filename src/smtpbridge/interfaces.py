@@ -51,6 +51,37 @@ class ITransaction(Interface):
         """Give up: nothing of this transaction may be delivered."""
 
 
+class IReportingTransaction(ITransaction):
+    """A transaction that says how its message ended, for the summary line and metrics.
+
+    ``outcome`` is a L{smtpbridge.model.MessageOutcome} once a step gave the delivery's
+    verdict (the final dot, or a refusal at MAIL or DATA), None before.  The session
+    reads it when it answers that step.
+    """
+
+    outcome = Attribute("The MessageOutcome of the transaction, or None.")
+
+
+class IStatistics(Interface):
+    """Hears what the bridge does, for its metrics.  Every method returns at once and
+    never fails; none is given a secret."""
+
+    def message(summary: Any) -> None:
+        """One message ended: its L{smtpbridge.summary.MessageSummary}."""
+
+    def tls(listener: str, version: str, cipher: str) -> None:
+        """A client's TLS handshake completed on C{listener}."""
+
+    def auth(listener: str, result: str) -> None:
+        """An AUTH attempt on C{listener} ended: ok, failed, blocked, busy, rate or error."""
+
+    def token(account: str, ok: bool) -> None:
+        """An OAuth2 token was fetched for C{account}, or the fetch failed."""
+
+    def rate_limited(limit: str) -> None:
+        """A MAIL or RCPT was refused by the rate limit named C{limit}."""
+
+
 class IDelivery(Interface):
     """Where messages go: the demo folder, the upstream in-line, or the spool."""
 

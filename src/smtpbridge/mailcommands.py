@@ -15,11 +15,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpbridge.errors import SMTPReplyError
-from smtpbridge.interfaces import ITransaction
-from smtpbridge.model import Reply
+from smtpbridge.interfaces import IReportingTransaction, ITransaction
+from smtpbridge.model import MessageOutcome, Reply, status_for
 from smtpbridge.replies import (
     BAD_BODY,
     BAD_SIZE,
+    INTERNAL_ERROR,
     NEED_MAIL,
     NEED_RCPT,
     NEEDS_SMTPUTF8,
@@ -31,6 +32,7 @@ from smtpbridge.replies import (
     unsupported,
 )
 from smtpbridge.serverbase import ServerSession, SessionServices
+from smtpbridge.summary import MessageSummary, log_summary
 from smtpbridge.trace import received_header
 from smtpbridge.wire import DataDecoder, parse_mail_from, parse_rcpt_to
 
@@ -64,6 +66,9 @@ class MailCommands(ServerSession):
         self._progress = 0  # body bytes since the idle deadline last restarted
         self._smtputf8 = False  # the transaction's MAIL FROM said SMTPUTF8
         self._body_refusal: Reply | None = None
+        self._sender = ""
+        self._started = 0.0  # when MAIL came
+        self._waited = 0.0  # seconds since then spent waiting on the delivery
 
     def smtp_MAIL(self, argument: str) -> Reply | Deferred[Reply]:  # noqa: N802
         refusal = self.before_helo("MAIL")
@@ -84,17 +89,21 @@ class MailCommands(ServerSession):
         self._smtputf8 = "SMTPUTF8" in params
         transaction = self.services.delivery.transaction(self.client)
         self._transaction, self._recipients, self._accepted = transaction, 0, []
+        self._sender, self._started, self._waited = sender, self.services.clock.seconds(), 0.0
 
         def answered(reply: Reply) -> Reply:
             if not reply.positive:
+                self._summarize(transaction, reply)
                 self._end_transaction(abort=True, only=transaction)
             return reply
 
         def failed(failure: Failure) -> Failure:
+            self._summarize(transaction, failure)
             self._end_transaction(abort=True, only=transaction)
             return failure
 
-        return maybeDeferred(transaction.mail, sender, params).addCallbacks(answered, failed)
+        return self._timed(maybeDeferred(transaction.mail, sender, params)).addCallbacks(
+            answered, failed)
 
     def _mail_params(self, params: dict[str, str | None]) -> dict[str, str | None]:
         """Check MAIL parameters; AUTH= (RFC 4954) is accepted and not passed on."""
@@ -139,7 +148,8 @@ class MailCommands(ServerSession):
                 self._accepted.append(recipient)
             return reply
 
-        return maybeDeferred(transaction.rcpt, recipient, params).addCallback(answered)
+        return self._timed(maybeDeferred(transaction.rcpt, recipient, params)).addCallback(
+            answered)
 
     def smtp_DATA(self, argument: str) -> Reply | Deferred[Reply]:  # noqa: N802
         transaction = self._transaction
@@ -158,14 +168,18 @@ class MailCommands(ServerSession):
             if reply.code == 354:
                 self._start_body(transaction)
             else:
+                self._summarize(transaction, reply)
                 self._end_transaction(abort=True)
             return reply
 
         def failed(failure: Failure) -> Failure:
+            if self._transaction is transaction:
+                self._summarize(transaction, failure)
             self._end_transaction(abort=True, only=transaction)
             return failure
 
-        return maybeDeferred(transaction.data, _BodyInput(self)).addCallbacks(answered, failed)
+        return self._timed(maybeDeferred(transaction.data, _BodyInput(self))).addCallbacks(
+            answered, failed)
 
     def _start_body(self, transaction: ITransaction) -> None:
         self._decoder = DataDecoder(accept_bare_lf_end=self.settings.accept_bare_lf_end)
@@ -202,23 +216,62 @@ class MailCommands(ServerSession):
     def _end_of_data(self, transaction: ITransaction, size: int, rest: bytes) -> None:
         """The message is complete: C{size} bytes as the client sent them (its SIZE), which
         folding and bare LFs may have changed on the way upstream."""
-        refusal = self._body_refusal
+        refusal, recipients = self._body_refusal, tuple(self._accepted)
         self._transaction = self._decoder = None
         self._recipients, self._accepted = 0, []
         self.release("body")
         self._last_command = "end of message"
-        relayed = f" (relayed as {self._size})" if size != self._size else ""
+        relayed = self._size
         if refusal is not None:
-            self.note("message of {size} bytes refused: {text}", size=size, text=refusal.text)
+            self._summarize(transaction, refusal, size, recipients, relayed)
             self.reply(refusal)
         else:
-            def logged(reply: Reply) -> Reply:
-                self.note("message of {size} bytes{relayed}: {code} {text}", size=size,
-                          relayed=relayed, code=reply.code, text=reply.text)
-                return reply
+            def logged(result: Reply | Failure) -> Reply | Failure:
+                self._summarize(transaction, result, size, recipients, relayed)
+                return result
 
-            self._respond(maybeDeferred(transaction.finish).addCallback(logged))
+            self._respond(self._timed(maybeDeferred(transaction.finish)).addBoth(logged))
         self.setLineMode(rest)
+
+    def _timed(self, step: Deferred[Reply]) -> Deferred[Reply]:
+        """C{step}, its wait counted as time spent on the delivery (not on the client)."""
+        clock, started = self.services.clock, self.services.clock.seconds()
+
+        def done(result: Reply | Failure) -> Reply | Failure:
+            self._waited += clock.seconds() - started
+            return result
+
+        return step.addBoth(done)
+
+    def _summarize(self, transaction: ITransaction, result: Reply | Failure, size: int = 0,
+                   recipients: tuple[str, ...] | None = None, relayed: int | None = None,
+                   ) -> None:
+        """Log the summary line of a message the delivery gave its verdict on (and tell
+        the statistics)."""
+        if isinstance(result, Failure):
+            error = result.value
+            reply = error.reply if isinstance(error, SMTPReplyError) else INTERNAL_ERROR
+        else:
+            reply = result
+        outcome = None
+        if IReportingTransaction.providedBy(transaction):
+            outcome = transaction.outcome
+        if outcome is None:
+            outcome = MessageOutcome(status_for(reply))
+        total = max(self.services.clock.seconds() - self._started, 0.0)
+        waited = min(self._waited, total)
+        client = self.client
+        summary = MessageSummary(
+            client.session_id, client.peer_host, client.peer_port, client.listener,
+            client.login, self._sender,
+            tuple(self._accepted) if recipients is None else recipients, size, reply,
+            outcome, total - waited,
+            waited if outcome.upstream_time is None else outcome.upstream_time,
+            relayed if relayed != size else None)
+        log_summary(summary, self.services.log)
+        statistics = self.services.statistics
+        if statistics is not None:
+            statistics.message(summary)
 
     def phase(self) -> str:
         if self._decoder is not None:

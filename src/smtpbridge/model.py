@@ -69,6 +69,7 @@ class Route:
     max_sessions: int = 20  # sessions open at once to this host
     session_wait: float = 30.0  # seconds to wait for a free session
     data_timeout: float = 180.0  # seconds the body may make no progress
+    name: str = "default"  # the route's name in the configuration, for logs and metrics
 
 
 @attr.frozen
@@ -94,3 +95,33 @@ class Assignment:
 
     routes: tuple[Route, ...]
     account: UpstreamAccount | None
+
+
+#: How a message ended, as the summary line and the metrics say it: taken upstream,
+#: refused for good (5xx), to be tried again by the client (4xx), written to the spool,
+#: or returned to its sender by the spool.
+STATUSES = ("sent", "refused", "deferred", "spooled", "bounced")
+
+
+def status_for(reply: Reply) -> str:
+    """The status a reply gives a message delivered in-line: sent, deferred or refused."""
+    if reply.positive:
+        return "sent"
+    return "deferred" if reply.transient else "refused"
+
+
+@attr.frozen
+class MessageOutcome:
+    """What a delivery says about the message it handled, for the summary line.
+
+    Everything is optional but the status: a delivery reports what it knows (no
+    account before the mapper answered, no upstream before one replied).
+    """
+
+    status: str  # one of STATUSES
+    account: str | None = None  # the account's name, never its login or secret
+    route: str | None = None  # the route's name
+    relay: str | None = None  # host:port of the upstream that answered
+    reply: Reply | None = None  # the upstream's (or the delivery's) verdict
+    queue_id: str | None = None  # the upstream's id of the message, when its reply names one
+    upstream_time: float | None = None  # seconds spent upstream, when measured apart

@@ -75,6 +75,7 @@ class CachedTokenSource:
         self._refresh_at = 0.0
         self._waiters: list[Deferred[str]] | None = None
         self.fetched_at: float | None = None  # when the last fetch succeeded
+        self.observe: Callable[[bool], object] | None = None  # hears of each fetch's result
 
     def refresh(self) -> Deferred[str]:
         """A new token even if the cached one is still good (or the fetch under way)."""
@@ -99,6 +100,8 @@ class CachedTokenSource:
 
     def _fetched(self, token: Token) -> None:
         self.fetched_at = self._clock.seconds()
+        if self.observe is not None:
+            self.observe(True)
         lifetime = max(token.expires_at - self.fetched_at, 0.0)
         self._token = token
         self._refresh_at = token.expires_at - min(self._margin, lifetime / 10)
@@ -113,6 +116,8 @@ class CachedTokenSource:
                                f"({type(error).__name__})")
             failure = Failure(error)
         log.warn("{text}", text=error.reply.text)
+        if self.observe is not None:
+            self.observe(False)
         waiters, self._waiters = self._waiters or [], None
         for waiter in waiters:
             waiter.errback(failure)

@@ -26,11 +26,13 @@ from twisted.logger import Logger
 
 from smtpbridge import dsn
 from smtpbridge.bodypump import BodyPump
+from smtpbridge.client import where
 from smtpbridge.connector import connect_first
 from smtpbridge.errors import SMTPReplyError
-from smtpbridge.interfaces import IUpstreamConnector, IUpstreamSession, Params
-from smtpbridge.model import Assignment, ClientInfo, Reply, UpstreamAccount
+from smtpbridge.interfaces import IStatistics, IUpstreamConnector, IUpstreamSession, Params
+from smtpbridge.model import Assignment, ClientInfo, MessageOutcome, Reply, UpstreamAccount
 from smtpbridge.spool import Envelope, Spool, SpoolWriter
+from smtpbridge.summary import MessageSummary, log_summary
 from smtpbridge.wire import reply_line
 
 log = Logger()
@@ -57,6 +59,8 @@ class _Outcome:
     deferred: list[str] = attr.Factory(list)  # recipients to try again
     failed: list[dsn.Failure] = attr.Factory(list)  # recipients refused for good
     error: str = ""  # the last temporary failure
+    reply: Reply | None = None  # the upstream's reply to the final dot
+    relay: str | None = None  # host:port of the upstream that answered
 
 
 class QueueRunner(Service):
@@ -68,7 +72,9 @@ class QueueRunner(Service):
 
     def __init__(self, spool: Spool, connector: IUpstreamConnector,
                  accounts: Mapping[str, Assignment], reactor: Any, settings: RetrySettings,
-                 hostname: str, run_blocking: Callable[..., Deferred[Any]]) -> None:
+                 hostname: str, run_blocking: Callable[..., Deferred[Any]],
+                 statistics: IStatistics | None = None) -> None:
+        self._statistics = statistics
         self.spool = spool
         self._connector = connector
         self._accounts = dict(accounts)
@@ -229,12 +235,15 @@ class QueueRunner(Service):
         if outcome.failed:
             data.seek(0)
             await self._bounce(envelope, outcome.failed, data, reason)
-        delivered = len(envelope.recipients) - len(outcome.deferred) - len(outcome.failed)
+        failed = {failure.recipient for failure in outcome.failed}
+        delivered = [r for r in envelope.recipients
+                     if r not in failed and r not in outcome.deferred]
+        self._summarize(envelope, assignment, delivered, outcome, now)
         if not outcome.deferred:
             self.spool.remove(envelope.id)
             log.info("{session} queue {id}: done after {attempts} attempt(s): {delivered} "
                      "delivered, {failed} bounced", session=envelope.session,
-                     id=envelope.id, attempts=attempts, delivered=delivered,
+                     id=envelope.id, attempts=attempts, delivered=len(delivered),
                      failed=len(outcome.failed))
             return
         later = now + self.settings.delay(attempts)
@@ -245,6 +254,27 @@ class QueueRunner(Service):
                      session=envelope.session, id=envelope.id, error=outcome.error,
                      delay=later - now)
             self._schedule(envelope.id, later)
+
+    def _summarize(self, envelope: Envelope, assignment: Assignment | None,
+                   delivered: list[str], outcome: _Outcome, started: float) -> None:
+        """The summary lines of a spooled message: sent for those delivered now, bounced
+        for those refused for good (the session id is the device's, from long ago)."""
+        route = assignment.routes[0].name if assignment is not None else None
+        took = max(0.0, self._reactor.seconds() - started)
+        for status, recipients, reply in (
+                ("sent", delivered, outcome.reply),
+                ("bounced", [f.recipient for f in outcome.failed],
+                 outcome.failed[0].reply if outcome.failed else None)):
+            if not recipients or reply is None:
+                continue
+            summary = MessageSummary(
+                envelope.session, envelope.client, 0, "spool", None, envelope.sender,
+                tuple(recipients), envelope.size, reply,
+                MessageOutcome(status, envelope.account, route, outcome.relay, reply,
+                               envelope.id), 0.0, took)
+            log_summary(summary)
+            if self._statistics is not None:
+                self._statistics.message(summary)
 
     async def _send(self, envelope: Envelope, data: BinaryIO,
                     assignment: Assignment) -> _Outcome:
@@ -257,7 +287,9 @@ class QueueRunner(Service):
             return _Outcome(recipients, error=reply_line(e.reply))
         self._sessions.add(session)
         try:
-            return await self._transaction(session, envelope, data, recipients)
+            outcome = await self._transaction(session, envelope, data, recipients)
+            outcome.relay = where(session.route)
+            return outcome
         except SMTPReplyError as e:  # the session was lost
             return _Outcome(recipients, error=reply_line(e.reply))
         finally:
@@ -292,7 +324,8 @@ class QueueRunner(Service):
             verdict = self._verdict(reply, accepted)
         else:
             await pump.run()
-            verdict = self._verdict(await session.end_data(), accepted)
+            outcome.reply = await session.end_data()
+            verdict = self._verdict(outcome.reply, accepted)
         outcome.deferred += verdict.deferred
         outcome.failed += verdict.failed
         outcome.error = verdict.error or outcome.error
@@ -305,7 +338,8 @@ class QueueRunner(Service):
         if reply.transient:
             return _Outcome(list(recipients), error=reply_line(reply))
         status = reply.enhanced or "5.0.0"
-        return _Outcome(failed=[dsn.Failure(r, status, reply_line(reply)) for r in recipients])
+        return _Outcome(failed=[dsn.Failure(r, status, reply_line(reply), reply)
+                                for r in recipients])
 
     async def _bounce(self, envelope: Envelope, failed: list[dsn.Failure], data: BinaryIO,
                       reason: str) -> None:

@@ -16,25 +16,27 @@ connection without the final dot, and leaves nothing in the spool.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpbridge.bodyfilter import BodyFilter
+from smtpbridge.client import where
 from smtpbridge.connector import connect_first
 from smtpbridge.errors import SMTPReplyError, UpstreamError
 from smtpbridge.interfaces import (
     ICredentialMapper,
     IDelivery,
-    ITransaction,
+    IReportingTransaction,
     IUpstreamConnector,
     IUpstreamSession,
     Params,
 )
-from smtpbridge.model import ClientInfo, Reply, UpstreamAccount
+from smtpbridge.model import ClientInfo, MessageOutcome, Reply, UpstreamAccount, status_for
+from smtpbridge.ratelimit import Quota, RateLimits
 from smtpbridge.replies import (
     QUEUE_FAILED,
     RECIPIENT_QUEUED,
@@ -43,47 +45,32 @@ from smtpbridge.replies import (
     START_DATA,
     UPSTREAM_NO_SMTPUTF8,
 )
-from smtpbridge.spool import SpoolWriter
+from smtpbridge.spool import SafetyNet, SpoolWriter
+from smtpbridge.summary import queue_id as upstream_queue_id
 
 log = Logger()
 
 GONE = Reply(451, "4.3.0", "Upstream session is no longer available")
 
 
-class SafetyNet(Protocol):
-    """Where a message goes when the upstream cannot take it now: the spool, with the
-    queue runner that delivers it later."""
-
-    def accepts(self, account: UpstreamAccount | None) -> bool:
-        """True when the account can deliver later (a configured account, not a client's
-        own login, which is kept nowhere)."""
-
-    def full(self) -> bool:
-        """True when no more messages fit."""
-
-    def writer(self) -> SpoolWriter:
-        """A new message being written."""
-
-    def keep(self, writer: SpoolWriter, sender: str, recipients: Sequence[str],
-             account: UpstreamAccount, params: Params, client: ClientInfo,
-             tried: bool = True) -> Deferred[str]:
-        """Make the message durable and queue it; fires with its queue id, or fails with
-        OSError (then nothing is queued).  C{tried}: the upstream was just tried, so the
-        first delivery waits for the first retry."""
-
-
-@implementer(ITransaction)
+@implementer(IReportingTransaction)
 class InlineTransaction:
     """One transaction: relayed to one upstream session, or spooled.
 
     C{net} is the spool (None: mode "never"); C{always} spools every message that can
-    be spooled without asking the upstream first (mode "always").
+    be spooled without asking the upstream first (mode "always"); C{limits} are the rate
+    limits a message is counted against.  C{outcome} says how the message ended (sent,
+    refused, deferred or spooled), by which account, route and upstream.
     """
 
     def __init__(self, mapper: ICredentialMapper, connector: IUpstreamConnector,
                  client: ClientInfo, net: SafetyNet | None = None, always: bool = False,
-                 ) -> None:
+                 limits: RateLimits | None = None) -> None:
         self._mapper = mapper
+        self._limits = limits
+        self._quota: Quota | None = None  # what the rate limits reserved for it
+        self._route: str | None = None
+        self.outcome: MessageOutcome | None = None
         self._connector = connector
         self._client = client
         self._net = net
@@ -104,15 +91,51 @@ class InlineTransaction:
         self._in_data = False
         self._over = False
 
+    # The outcome, for the summary line and the metrics.
+
+    def _note(self, reply: Reply, upstream: bool, status: str | None = None,
+              queue_id: str | None = None) -> None:
+        """Note how the message (or its transaction) ended; C{upstream}: the reply is the
+        upstream's own."""
+        session = self._session
+        relay = where(session.route) if session is not None and upstream else None
+        account = self._account.name if self._account is not None else None
+        if queue_id is None and reply.positive and upstream:
+            queue_id = upstream_queue_id(reply)
+        self.outcome = MessageOutcome(status or status_for(reply), account, self._route,
+                                      relay, reply, queue_id)
+        if self._quota is not None:
+            self._quota.settle(sent=reply.positive)
+
+    def _verdict(self, result: Reply | Failure, upstream: bool = True) -> Reply | Failure:
+        """Note an ending step's reply (or failure), passing it on."""
+        if isinstance(result, Reply):
+            self._note(result, upstream)
+        elif isinstance(result.value, SMTPReplyError):
+            self._note(result.value.reply, upstream=False)
+        return result
+
     # MAIL.
 
     def mail(self, sender: str, params: Params) -> Deferred[Reply]:
-        return Deferred.fromCoroutine(self._mail(sender, params))
+        def answered(result: Reply | Failure) -> Reply | Failure:
+            if isinstance(result, Failure) or not result.positive:
+                self._verdict(result, upstream=self._session is not None)
+            return result
+
+        return Deferred.fromCoroutine(self._mail(sender, params)).addBoth(answered)
 
     async def _mail(self, sender: str, params: Params) -> Reply:
         mapped = self._mapper.map(self._client, sender)
         assignment = await mapped if isinstance(mapped, Deferred) else mapped
         account = self._account = assignment.account
+        self._route = assignment.routes[0].name
+        if self._limits is not None:
+            self._quota = self._limits.quota(self._client,
+                                             account.name if account is not None else None)
+            refusal = self._quota.message()
+            if refusal is not None:
+                raise SMTPReplyError(refusal)
         rewrite_to = account.rewrite_sender if account is not None else None
         if rewrite_to and sender:  # providers refuse a sender that is not the login's own
             sender = rewrite_to
@@ -124,7 +147,8 @@ class InlineTransaction:
             self._spooling = True
             return SENDER_OK
         try:
-            session = await connect_first(self._connector, assignment.routes, account)
+            session = await connect_first(self._connector, assignment.routes, account,
+                                          session=self._client.session_id)
         except SMTPReplyError as e:
             if self._over:
                 raise SMTPReplyError(GONE)
@@ -178,6 +202,16 @@ class InlineTransaction:
     async def _rcpt(self, recipient: str, params: Params) -> Reply:
         if self._filter.ascii_headers and not recipient.isascii():
             return UPSTREAM_NO_SMTPUTF8
+        quota = self._quota
+        refusal = quota.recipient() if quota is not None else None
+        if refusal is not None:
+            return refusal
+        reply = await self._relay_rcpt(recipient, params)
+        if quota is not None and not reply.positive:
+            quota.recipient_refused()
+        return reply
+
+    async def _relay_rcpt(self, recipient: str, params: Params) -> Reply:
         if self._spooling:
             self._deferred.append(recipient)
             return RECIPIENT_QUEUED
@@ -203,7 +237,12 @@ class InlineTransaction:
     # DATA and the body.
 
     def data(self, producer: IPushProducer) -> Deferred[Reply]:
-        return Deferred.fromCoroutine(self._data(producer))
+        def answered(result: Reply | Failure) -> Reply | Failure:
+            if isinstance(result, Failure) or result.code != 354:
+                self._verdict(result, upstream=isinstance(result, Reply))
+            return result
+
+        return Deferred.fromCoroutine(self._data(producer)).addBoth(answered)
 
     async def _data(self, producer: IPushProducer) -> Reply:
         if self._can_spool and self._net is not None:
@@ -257,13 +296,20 @@ class InlineTransaction:
 
     def finish(self) -> Deferred[Reply]:
         if self._refusal is not None:
+            self._note(self._refusal.reply, upstream=False)
             return fail(self._refusal)
         if self._over or not self._in_data:
-            return fail(self._lost or SMTPReplyError(GONE))
+            error = self._lost or SMTPReplyError(GONE)
+            self._note(error.reply, upstream=False)
+            return fail(error)
         self._emit(self._filter.close())
         self._in_data = False
         self._over = True
-        return Deferred.fromCoroutine(self._finish())
+        def failed(failure: Failure) -> Failure:
+            self._verdict(failure, upstream=False)
+            return failure
+
+        return Deferred.fromCoroutine(self._finish()).addErrback(failed)
 
     async def _finish(self) -> Reply:
         if self._spooling:
@@ -289,9 +335,11 @@ class InlineTransaction:
             queued = await self._keep(self._deferred)
             if not queued.positive:
                 return queued  # the deferred ones could not be kept: the client retries
+            self._note(reply, upstream=True)
             return Reply(reply.code, reply.enhanced,
                          f"{reply.text}; {len(self._deferred)} recipient(s) {queued.text[4:]}")
         self._discard()
+        self._note(reply, upstream=True)
         return reply
 
     async def _keep(self, recipients: Sequence[str]) -> Reply:
@@ -305,8 +353,11 @@ class InlineTransaction:
         except OSError as e:
             log.error("{session} the message could not be spooled: {error}",
                       session=self._client.session_id, error=e)
+            self._note(QUEUE_FAILED, upstream=False)
             return QUEUE_FAILED
-        return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+        reply = Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+        self._note(reply, upstream=False, status="spooled", queue_id=queue_id)
+        return reply
 
     def _discard(self) -> None:
         writer, self._writer = self._writer, None
@@ -314,6 +365,8 @@ class InlineTransaction:
             writer.discard()
 
     def abort(self) -> None:
+        if self._quota is not None:
+            self._quota.settle(sent=False)  # (a message sent is settled already)
         if self._over and self._writer is None and self._session is None:
             return
         self._over = True
@@ -333,12 +386,14 @@ class InlineDelivery:
     keeps what the upstream cannot take now, or (C{always}) spools everything."""
 
     def __init__(self, mapper: ICredentialMapper, connector: IUpstreamConnector,
-                 net: SafetyNet | None = None, always: bool = False) -> None:
+                 net: SafetyNet | None = None, always: bool = False,
+                 limits: RateLimits | None = None) -> None:
         self._mapper = mapper
         self._connector = connector
         self._net = net
         self._always = always
+        self._limits = limits
 
     def transaction(self, client: ClientInfo) -> InlineTransaction:
         return InlineTransaction(self._mapper, self._connector, client, self._net,
-                                 self._always)
+                                 self._always, self._limits)

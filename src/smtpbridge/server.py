@@ -24,7 +24,7 @@ from smtpbridge import sasl
 from smtpbridge.deadline import Deadline
 from smtpbridge.errors import SMTPReplyError
 from smtpbridge.handshake import CLOSED, TIMEOUT, HandshakeFailures, ListenerTLS, diagnose
-from smtpbridge.interfaces import IAccessPolicy, IDelivery, IPasswordChecker
+from smtpbridge.interfaces import IAccessPolicy, IDelivery, IPasswordChecker, IStatistics
 from smtpbridge.limits import ConnectionGovernor
 from smtpbridge.mailcommands import MailCommands
 from smtpbridge.model import Reply
@@ -71,7 +71,8 @@ class SMTPServerFactory(Factory):
                  tls: ServerTLS | None = None, throttle: AuthThrottle | None = None,
                  keep_password: bool = False, governor: ConnectionGovernor | None = None,
                  log: SessionLogger | None = None,
-                 handshake_failures: HandshakeFailures | None = None) -> None:
+                 handshake_failures: HandshakeFailures | None = None,
+                 statistics: IStatistics | None = None) -> None:
         self.settings = settings
         self.delivery = delivery
         self.policy = policy
@@ -83,6 +84,7 @@ class SMTPServerFactory(Factory):
         self.governor = governor
         self.log = log or SessionLogger()
         self.handshake_failures = handshake_failures or HandshakeFailures()
+        self.statistics = statistics
         self.open = 0
         self.per_client: dict[str, int] = {}
         self.sessions: set[ServerSession] = set()
@@ -160,6 +162,9 @@ class SMTPServerProtocol(AuthCommands, MailCommands):
         self.note("TLS established: {version} {cipher}{certificate}", version=version,
                   cipher=cipher,
                   certificate=f", client certificate {certificate}" if certificate else "")
+        if self.services.statistics is not None:
+            self.services.statistics.tls(self.settings.name, version or "unknown",
+                                         cipher or "unknown")
 
     def _handshake_timeout(self) -> None:
         seconds = self.settings.handshake_timeout

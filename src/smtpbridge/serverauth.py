@@ -130,6 +130,7 @@ class AuthCommands(ServerSession):
                 "blocked": f"[{host}] is blocked after repeated failures",
                 "busy": f"[{host}] has too many logins under way",
                 "rate": "the bridge's ceiling of AUTH attempts per second"}[refused])
+            self._auth_counted(refused)
             return AUTH_BLOCKED if refused == "blocked" else AUTH_BUSY
         try:
             ok = await maybeDeferred(checker.check, username, password)
@@ -142,11 +143,13 @@ class AuthCommands(ServerSession):
             else:
                 self.log.failure("{session} password check failed", Failure(),
                                  session=session)
+            self._auth_counted("error")
             return AUTH_TEMP_FAILURE
         delay = throttle.end(host, ok) if throttle is not None else 0.0
         if not ok:
             self.log.info("{session} AUTH failed for user {user!r} from [{host}] ({mechanism})",
                           session=session, user=username, host=host, mechanism=mechanism)
+            self._auth_counted("failed")
             if throttle is not None:
                 await throttle.delay(delay)
             return AUTH_FAILED
@@ -154,4 +157,9 @@ class AuthCommands(ServerSession):
         self.client = attr.evolve(self.client, login=username, password=kept)
         self.log.info("{session} AUTH ok: user {user!r} ({mechanism})", session=session,
                       user=username, mechanism=mechanism)
+        self._auth_counted("ok")
         return AUTH_OK
+
+    def _auth_counted(self, result: str) -> None:
+        if self.services.statistics is not None:
+            self.services.statistics.auth(self.settings.name, result)

@@ -27,7 +27,13 @@ from zope.interface import implementer
 from smtpbridge.deadline import Deadline
 from smtpbridge.errors import SMTPReplyError
 from smtpbridge.handshake import HandshakeFailures
-from smtpbridge.interfaces import IAccessPolicy, IDelivery, IPasswordChecker, ITransaction
+from smtpbridge.interfaces import (
+    IAccessPolicy,
+    IDelivery,
+    IPasswordChecker,
+    IStatistics,
+    ITransaction,
+)
 from smtpbridge.lines import SMTPLineReceiver
 from smtpbridge.model import ClientInfo, Reply
 from smtpbridge.replies import INTERNAL_ERROR, LINE_TOO_LONG, NEED_HELO, NOT_RECOGNIZED
@@ -100,6 +106,7 @@ class SessionServices(Protocol):
     keep_password: bool  # passthrough needs the login's password
     log: SessionLogger
     handshake_failures: HandshakeFailures
+    statistics: IStatistics | None  # hears of messages, TLS and AUTH for the metrics
 
     def opened(self, client: str, session: ServerSession) -> Reply | None:
         """Count a new connection from C{client}; the 421 if it is one too many."""

@@ -9,6 +9,7 @@ options) is a L{ConfigError}.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,7 @@ from smtpbridge.interfaces import (
     IClientLoginMapper,
     ICredentialMapper,
     IPasswordChecker,
+    IStatistics,
     ITokenSource,
 )
 from smtpbridge.limits import BoundedThreadPool, ConnectionGovernor, raise_file_limit
@@ -38,12 +40,16 @@ from smtpbridge.mapping import (
     find_mapper_factory,
     plugin_mapper_names,
 )
+from smtpbridge.metrics import Metrics
 from smtpbridge.model import Assignment, Route, UpstreamAccount
 from smtpbridge.networks import NetworkSet
 from smtpbridge.oauth import token_keepalive
 from smtpbridge.policy import AccessPolicy, SenderRules
+from smtpbridge.proxyheader import ProxyHeaderFactory
 from smtpbridge.queuerunner import QueueRunner, RetrySettings
+from smtpbridge.ratelimit import RateLimits, RateLimitSettings
 from smtpbridge.relay import InlineDelivery
+from smtpbridge.sdnotify import SystemdNotifier
 from smtpbridge.server import SMTPServerFactory
 from smtpbridge.serverbase import ListenerSettings
 from smtpbridge.spool import Spool
@@ -100,7 +106,7 @@ def _routes(config: Config, name: str) -> tuple[Route, ...]:
         raise ConfigError(config.path, f"{key}.ca_certificates", f"{ca} {reason}")
     return tuple(Route(host, route.port, route.tls, ca, float(route.timeout),
                        route.min_tls_version, route.pin_sha256, route.max_sessions,
-                       float(route.session_wait), float(route.data_timeout))
+                       float(route.session_wait), float(route.data_timeout), name)
                  for host in route.hosts)
 
 
@@ -114,7 +120,8 @@ def accounts(config: Config) -> dict[str, Assignment]:
             for name, account in config.accounts.items()}
 
 
-def token_sources(config: Config, reactor: Any) -> dict[str, ITokenSource]:
+def token_sources(config: Config, reactor: Any,
+                  statistics: IStatistics | None = None) -> dict[str, ITokenSource]:
     """The OAuth2 token source of every account that logs in with a token, by name."""
     from smtpbridge.oauth import token_source
 
@@ -122,9 +129,12 @@ def token_sources(config: Config, reactor: Any) -> dict[str, ITokenSource]:
     for name, account in config.accounts.items():
         if account.oauth is not None:
             try:
-                sources[name] = token_source(account.oauth, reactor)
+                source = token_source(account.oauth, reactor)
             except ValueError as e:
                 raise ConfigError(config.path, f"{account.origin}.oauth", str(e))
+            if statistics is not None:
+                source.observe = functools.partial(statistics.token, name)
+            sources[name] = source
     return sources
 
 
@@ -144,11 +154,12 @@ class Upstreams:
         return list(self.accounts.values())
 
 
-def upstreams(config: Config, reactor: Any) -> Upstreams:
+def upstreams(config: Config, reactor: Any,
+              statistics: IStatistics | None = None) -> Upstreams:
     """The connector and the mapper the configuration describes."""
     known = accounts(config)
     connector = UpstreamConnector(reactor, config.server.hostname,
-                                  token_sources(config, reactor))
+                                  token_sources(config, reactor, statistics))
     credentials = config.credentials
     builtins = builtin_mapper_factories(
         (listener.name for listener in config.listeners),
@@ -196,8 +207,8 @@ def _throttle(config: Config, reactor: Any) -> AuthThrottle:
         rate=access.auth_rate))
 
 
-def _queue_runner(config: Config, reactor: Any, upstream: Upstreams,
-                  parent: MultiService) -> QueueRunner | None:
+def _queue_runner(config: Config, reactor: Any, upstream: Upstreams, parent: MultiService,
+                  statistics: IStatistics | None = None) -> QueueRunner | None:
     """The spool and its runner, unless every listener's spool mode is "never"."""
     settings = config.spool
     if all((listener.spool or settings.mode) == "never" for listener in config.listeners):
@@ -209,10 +220,43 @@ def _queue_runner(config: Config, reactor: Any, upstream: Upstreams,
         Spool(settings.directory, settings.max_size), upstream.connector, upstream.accounts,
         reactor, RetrySettings(first_retry=settings.first_retry, max_retry=settings.max_retry,
                                max_age=settings.max_age, concurrency=settings.concurrency),
-        config.server.hostname, threads.run)
+        config.server.hostname, threads.run, statistics)
     runner.setName("spool")
+    if isinstance(statistics, Metrics):
+        spool = runner.spool
+        statistics.gauge("smtpbridge_spool_messages", "Messages waiting in the spool.", (),
+                         lambda: {(): float(len(spool.ids()))})
+        statistics.gauge("smtpbridge_spool_bytes", "Bytes of the messages in the spool.", (),
+                         lambda: {(): float(spool.stored)})
     runner.setServiceParent(parent)
     return runner
+
+
+def _rate_limits(config: Config, reactor: Any,
+                 statistics: IStatistics | None) -> RateLimits | None:
+    settings = RateLimitSettings(**attr.asdict(config.rate_limits))
+    if settings == RateLimitSettings():
+        return None
+    return RateLimits(reactor, settings,
+                      observe=statistics.rate_limited if statistics is not None else None)
+
+
+def _admin(config: Config, reactor: Any, upstream: Upstreams, metrics: Metrics,
+           throttle: AuthThrottle, top: MultiService) -> None:
+    """The admin listener and the readiness probe behind it."""
+    from smtpbridge.admin import ReadinessProbe, admin_site, probe_targets
+
+    assert config.admin is not None
+    metrics.watch(lambda: metrics.blocked_addresses.set(throttle.blocking()))
+    probe = ReadinessProbe(config.admin.probe_interval, upstream.connector,
+                           probe_targets(upstream.checked()), reactor, metrics)
+    probe.setServiceParent(top)
+    _endpoint_service(reactor, config, "admin.endpoint", "admin", config.admin.endpoint,
+                      admin_site(metrics, probe, config.admin.token)).setServiceParent(top)
+
+
+def _count_sessions(metrics: Metrics, server: SMTPServerFactory) -> None:
+    metrics.sessions.labels(server.settings.name).set(server.open)
 
 
 def make_service(config: Config, reactor: Any) -> MultiService:
@@ -223,13 +267,16 @@ def make_service(config: Config, reactor: Any) -> MultiService:
             os.path.exists(tls.certificate) or os.path.exists(tls.key)):
         create_self_signed(tls.certificate, tls.key, config.server.hostname,
                            tls.self_signed_names)
-    upstream = upstreams(config, reactor)
+    metrics = Metrics() if config.admin is not None else None
+    upstream = upstreams(config, reactor, metrics)
     token_keepalive({name: account.oauth for name, account in config.accounts.items()
                      if account.oauth is not None},
                     upstream.connector.tokens, reactor).setServiceParent(top)
-    runner = _queue_runner(config, reactor, upstream, top)
+    runner = _queue_runner(config, reactor, upstream, top, metrics)
+    limits = _rate_limits(config, reactor, metrics)
     deliveries = {mode: InlineDelivery(upstream.mapper, upstream.connector,
-                                       runner if mode != "never" else None, mode == "always")
+                                       runner if mode != "never" else None, mode == "always",
+                                       limits)
                   for mode in ("never", "fallback", "always")}
     policy = _policy(config)
     threads = BoundedThreadPool(reactor, config.access.auth_threads, config.access.auth_queue,
@@ -242,6 +289,11 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     governor = ConnectionGovernor(soft)
     # Failed client handshakes by listener and reason, for the metrics to read.
     handshake_failures = HandshakeFailures()
+    if metrics is not None:
+        metrics.gauge("smtpbridge_tls_handshake_failures",
+                      "Failed TLS handshakes since the start, by listener and reason.",
+                      ("listener", "reason"),
+                      lambda: {key: float(n) for key, n in handshake_failures.counts.items()})
     contexts: list[tuple[ServerTLS, Callable[[], SSL.Context]]] = []
 
     def server_tls(build: Callable[[], SSL.Context]) -> ServerTLS:
@@ -271,14 +323,21 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         listener_tls = (server_tls(_context_builder(config, listener, index))
                         if listener.tls != "none" else None)
         delivery = deliveries[listener.spool or config.spool.mode]
-        factory: Any = SMTPServerFactory(settings, delivery, policy, checker, reactor,
-                                         listener_tls, throttle, keep_password, governor,
-                                         handshake_failures=handshake_failures)
-        top.listeners.append(factory)
+        server = SMTPServerFactory(settings, delivery, policy, checker, reactor, listener_tls,
+                                   throttle, keep_password, governor,
+                                   handshake_failures=handshake_failures, statistics=metrics)
+        top.listeners.append(server)
+        if metrics is not None:
+            metrics.watch(functools.partial(_count_sessions, metrics, server))
+        factory: Any = server
         if listener_tls is not None and listener.tls == "implicit":
             factory = TLSMemoryBIOFactory(listener_tls, False, factory)
+        endpoint = listener.endpoint
+        if endpoint.startswith("haproxy:"):  # the session starts once the header is read
+            endpoint = endpoint.removeprefix("haproxy:")
+            factory = ProxyHeaderFactory(factory, reactor, config.server.handshake_timeout)
         _endpoint_service(reactor, config, f"listener[{index}].endpoint",
-                          f"listener {listener.name}", listener.endpoint,
+                          f"listener {listener.name}", endpoint,
                           factory, listener.backlog, governor).setServiceParent(top)
     if config.demo is not None:
         demo = config.demo
@@ -287,7 +346,11 @@ def make_service(config: Config, reactor: Any) -> MultiService:
                                         server_tls(_context_builder(config, None)), reactor)
         _endpoint_service(reactor, config, "demo.endpoint", "demo upstream", demo.endpoint,
                           factory).setServiceParent(top)
+    if metrics is not None:
+        _admin(config, reactor, upstream, metrics, throttle, top)
     reloader = CertificateReloader(reactor, contexts)
     reloader.setName("certificates")
     reloader.setServiceParent(top)
+    # Last: when it starts, every listener before it listens.
+    SystemdNotifier(reactor, os.environ).setServiceParent(top)
     return top

@@ -21,9 +21,13 @@ import secrets
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import attr
+from twisted.internet.defer import Deferred
+
+from smtpbridge.interfaces import Params
+from smtpbridge.model import ClientInfo, UpstreamAccount
 
 #: The files a spool directory holds.
 SUBDIRECTORIES = ("tmp", "queue", "hold", "flush", "run")
@@ -313,6 +317,28 @@ class Spool:
             with suppress(OSError):
                 os.unlink(os.path.join(directory, name))
         return names
+
+
+class SafetyNet(Protocol):
+    """Where a message goes when the upstream cannot take it now: the spool, with the
+    queue runner that delivers it later."""
+
+    def accepts(self, account: UpstreamAccount | None) -> bool:
+        """True when the account can deliver later (a configured account, not a client's
+        own login, which is kept nowhere)."""
+
+    def full(self) -> bool:
+        """True when no more messages fit."""
+
+    def writer(self) -> SpoolWriter:
+        """A new message being written."""
+
+    def keep(self, writer: SpoolWriter, sender: str, recipients: Sequence[str],
+             account: UpstreamAccount, params: Params, client: ClientInfo,
+             tried: bool = True) -> Deferred[str]:
+        """Make the message durable and queue it; fires with its queue id, or fails with
+        OSError (then nothing is queued).  C{tried}: the upstream was just tried, so the
+        first delivery waits for the first retry."""
 
 
 def message_lines(f: BinaryIO, chunk: int = 64 * 1024) -> Iterator[list[bytes]]:

@@ -22,13 +22,22 @@ def makeService(options: Options) -> object:  # noqa: N802
     from twisted.internet import reactor
 
     from smtpbridge.config import load_config
+    from smtpbridge.logs import LoggingRoot, log_observer, twistd_output
     from smtpbridge.service import make_service
 
     try:
         config = load_config(options["config"])
         for warning in config.warnings:
             sys.stderr.write(f"smtpbridge: warning: {warning}\n")
-        return make_service(config, reactor)
+        service = make_service(config, reactor)
     except ConfigError as e:
         sys.stderr.write(f"smtpbridge: configuration error: {e}\n")
         raise SystemExit(1)
+    # twistd's own options say where the log goes; [log] format says how.
+    twistd_options = getattr(options, "parent", None)
+    output = twistd_output(twistd_options) if twistd_options is not None else None
+    if output is None:
+        return service
+    root = LoggingRoot(log_observer(config.log.format, output))
+    service.setServiceParent(root)
+    return root

@@ -176,6 +176,11 @@ class AuthThrottle:
             return succeed(None)
         return deferLater(self._clock, seconds)
 
+    def blocking(self) -> int:
+        """How many addresses are blocked now."""
+        self._prune()
+        return len(self._blocks)
+
     def tracked(self) -> int:
         """How many addresses are held in memory, with failures or a block."""
         return len(self._failures.keys() | self._blocks.keys())

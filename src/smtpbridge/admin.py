@@ -1,0 +1,190 @@
+"""The admin HTTP listener: ``/metrics`` for Prometheus, ``/healthz`` and ``/readyz``.
+
+``/healthz`` says the process is alive.  ``/readyz`` says every route can be reached: a
+probe (connect, STARTTLS, verify, login, QUIT, through the same connector as the relay)
+runs every C{probe_interval} seconds for every route and account the mapper may use, and
+the page answers from its last result: 200, or 503 naming the route, the account and the
+upstream's failing step.  With a token, everything but ``/healthz`` wants
+``Authorization: Bearer <token>`` (compared in constant time).
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Sequence
+from typing import Any
+
+import attr
+from twisted.application.internet import TimerService
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from smtpbridge.client import where
+from smtpbridge.errors import SMTPReplyError
+from smtpbridge.interfaces import IUpstreamConnector
+from smtpbridge.metrics import Metrics
+from smtpbridge.model import Assignment
+from smtpbridge.secret import Secret
+
+log = Logger()
+
+
+@attr.frozen
+class ProbeTarget:
+    """One route and the account that logs in on it (None: the clients' own logins)."""
+
+    route: str
+    account: str | None
+    assignment: Assignment
+
+    @property
+    def label(self) -> str:
+        return f"route {self.route} account {self.account or '(none)'}"
+
+
+def probe_targets(assignments: Sequence[Assignment]) -> list[ProbeTarget]:
+    """What the readiness probe tries: each route with each account that uses it."""
+    return [ProbeTarget(a.routes[0].name, a.account.name if a.account else None, a)
+            for a in assignments]
+
+
+class ReadinessProbe(TimerService):
+    """Logs in on every route every C{interval} seconds and keeps the last result."""
+
+    def __init__(self, interval: float, connector: IUpstreamConnector,
+                 targets: Sequence[ProbeTarget], clock: Any,
+                 metrics: Metrics | None = None) -> None:
+        super().__init__(interval, self.probe)
+        self.clock = clock
+        self._connector = connector
+        self._targets = list(targets)
+        self._metrics = metrics
+        self.results: dict[ProbeTarget, str | None] | None = None  # None: not probed yet
+
+    async def _try(self, target: ProbeTarget) -> str | None:
+        """None when one of the route's hosts took the login, else what failed on each."""
+        failures = []
+        for route in target.assignment.routes:
+            try:
+                session = await self._connector.connect(route, target.assignment.account)
+            except SMTPReplyError as e:
+                failures.append(e.reply.text)
+                continue
+            except Exception as e:  # a bug: named, never shown with its text
+                failures.append(f"Upstream {where(route)} probe failed: {type(e).__name__}")
+                continue
+            await session.quit()
+            return None
+        return "; ".join(failures)
+
+    def probe(self) -> Deferred[None]:
+        """Probe every target at once; the results replace the last ones when all are in."""
+        async def one(target: ProbeTarget) -> tuple[ProbeTarget, str | None]:
+            return target, await self._try(target)
+
+        def done(outcomes: list[tuple[bool, Any]]) -> None:
+            results = dict(value for ok, value in outcomes if ok)
+            for target, failure in results.items():
+                if failure is not None:
+                    log.warn("readiness: {target} fails: {failure}", target=target.label,
+                             failure=failure)
+                if self._metrics is not None:
+                    self._metrics.upstream_ready.labels(
+                        target.route, target.account or "").set(failure is None)
+            self.results = results
+
+        probes = [Deferred.fromCoroutine(one(target)) for target in self._targets]
+        return DeferredList(probes, consumeErrors=True).addCallback(done)
+
+    def status(self) -> tuple[bool, str]:
+        """Whether every route can be reached, and the page that says so."""
+        if self.results is None:
+            return False, "not ready: the upstreams have not been probed yet\n"
+        failing = [f"{target.label}: {failure}\n"
+                   for target, failure in self.results.items() if failure is not None]
+        if failing:
+            return False, "not ready\n" + "".join(failing)
+        return True, "ready\n" + "".join(f"{target.label}: ok\n" for target in self.results)
+
+
+class _Text(Resource):
+    isLeaf = True
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__()
+        self._code, self._text = code, text
+
+    def render_GET(self, request: Request) -> bytes:  # noqa: N802
+        request.setResponseCode(self._code)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        if self._code == 401:
+            request.setHeader(b"www-authenticate", b'Bearer realm="smtpbridge"')
+        return self._text.encode("utf-8")
+
+
+class _Ready(Resource):
+    isLeaf = True
+
+    def __init__(self, probe: ReadinessProbe) -> None:
+        super().__init__()
+        self._probe = probe
+
+    def render_GET(self, request: Request) -> bytes:  # noqa: N802
+        ready, text = self._probe.status()
+        request.setResponseCode(200 if ready else 503)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return text.encode("utf-8")
+
+
+class _Metrics(Resource):
+    """prometheus_client's own Twisted resource, with the state figures read first."""
+
+    isLeaf = True
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__()
+        from prometheus_client.twisted import MetricsResource
+
+        self._metrics = metrics
+        self._resource = MetricsResource(metrics.registry)
+
+    def render(self, request: Request) -> Any:
+        self._metrics.refresh()
+        return self._resource.render(request)
+
+
+class _Root(Resource):
+    """The pages; all but /healthz behind the token when there is one."""
+
+    def __init__(self, token: Secret | None) -> None:
+        super().__init__()
+        self._token = token.value.encode("utf-8") if token is not None else None
+
+    def getChildWithDefault(self, path: bytes, request: Request) -> Resource:  # noqa: N802
+        if path != b"healthz" and self._token is not None:
+            given = request.getHeader(b"authorization") or b""
+            scheme, _, value = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(),
+                                                                      self._token):
+                return _Text(401, "a bearer token is needed\n")
+        child: Resource = super().getChildWithDefault(path, request)
+        return child
+
+
+class AdminSite(Site):
+    """The admin pages; scrapes and probes are not logged one by one."""
+
+    noisy = False
+
+    def log(self, request: Any) -> None:
+        """No access log: Prometheus asks every few seconds."""
+
+
+def admin_site(metrics: Metrics, probe: ReadinessProbe, token: Secret | None) -> AdminSite:
+    root = _Root(token)
+    root.putChild(b"metrics", _Metrics(metrics))
+    root.putChild(b"healthz", _Text(200, "ok\n"))
+    root.putChild(b"readyz", _Ready(probe))
+    return AdminSite(root)
