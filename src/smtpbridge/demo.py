@@ -27,13 +27,10 @@ from smtpbridge.interfaces import (
     Params,
 )
 from smtpbridge.model import ClientInfo, Reply
+from smtpbridge.replies import RECIPIENT_OK, SENDER_OK, START_DATA
 from smtpbridge.server import SMTPServerFactory
 from smtpbridge.serverbase import ListenerSettings, SessionLogger
 from smtpbridge.tls import ServerTLS
-
-SENDER_OK = Reply(250, "2.1.0", "Ok")
-RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
-START_DATA = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
 
 
 @implementer(ITransaction)

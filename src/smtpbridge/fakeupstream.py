@@ -18,11 +18,18 @@ from smtpbridge.client import upstream_error
 from smtpbridge.errors import LoginRejected, UpstreamError
 from smtpbridge.interfaces import IUpstreamConnector, IUpstreamSession, Params
 from smtpbridge.model import Reply, Route, UpstreamAccount
-from smtpbridge.replies import BYE, NEED_MAIL, NEED_RCPT, NESTED_MAIL, OK, UpstreamFailure
+from smtpbridge.replies import (
+    BYE,
+    NEED_MAIL,
+    NEED_RCPT,
+    NESTED_MAIL,
+    OK,
+    RECIPIENT_OK,
+    SENDER_OK,
+    START_DATA,
+    UpstreamFailure,
+)
 
-SENDER_OK = Reply(250, "2.1.0", "Ok")
-RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
-START_DATA = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
 QUEUED = Reply(250, "2.0.0", "Ok: queued")
 
 #: What the fake upstream offers after STARTTLS, as the real session reports it.

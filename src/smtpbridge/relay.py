@@ -39,7 +39,7 @@ from smtpbridge.model import ClientInfo, MessageOutcome, Reply, UpstreamAccount,
 from smtpbridge.ratelimit import Quota, RateLimits
 from smtpbridge.replies import (
     QUEUE_FAILED,
-    RECIPIENT_QUEUED,
+    RECIPIENT_OK,
     SENDER_OK,
     SPOOL_FULL,
     START_DATA,
@@ -214,7 +214,7 @@ class InlineTransaction:
     async def _relay_rcpt(self, recipient: str, params: Params) -> Reply:
         if self._spooling:
             self._deferred.append(recipient)
-            return RECIPIENT_QUEUED
+            return RECIPIENT_OK
         try:
             reply = await self._current().rcpt(recipient, params)
         except UpstreamError as e:
@@ -223,7 +223,7 @@ class InlineTransaction:
                 raise
             self._to_spool(e.reply)
             self._deferred.append(recipient)
-            return RECIPIENT_QUEUED
+            return RECIPIENT_OK
         if reply.positive:
             self._accepted.append(recipient)
         elif reply.transient and self._can_spool:
@@ -231,7 +231,7 @@ class InlineTransaction:
                      "the spool", session=self._client.session_id, recipient=recipient,
                      code=reply.code, text=reply.text)
             self._deferred.append(recipient)
-            return RECIPIENT_QUEUED
+            return RECIPIENT_OK
         return reply
 
     # DATA and the body.

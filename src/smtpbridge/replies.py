@@ -8,7 +8,7 @@ from smtpbridge.model import Reply
 
 OK = Reply(250, "2.0.0", "Ok")
 SENDER_OK = Reply(250, "2.1.0", "Ok")
-RECIPIENT_QUEUED = Reply(250, "2.1.5", "Ok")
+RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
 START_DATA = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
 SPOOL_FULL = Reply(452, "4.3.1", "Insufficient system storage; try again later")
 QUEUE_FAILED = Reply(451, "4.3.0", "Message could not be queued; try again later")

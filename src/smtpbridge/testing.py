@@ -15,9 +15,6 @@ from zope.interface import implementer
 
 from smtpbridge.fakeupstream import (
     QUEUED,
-    RECIPIENT_OK,
-    SENDER_OK,
-    START_DATA,
     UPSTREAM_FEATURES,
     FakeUpstream,
     FakeUpstreamSession,
@@ -27,6 +24,7 @@ from smtpbridge.fakeupstream import (
 )
 from smtpbridge.interfaces import IDelivery, ITransaction, Params
 from smtpbridge.model import ClientInfo, Reply
+from smtpbridge.replies import RECIPIENT_OK, SENDER_OK, START_DATA
 
 __all__ = ["QUEUED", "RECIPIENT_OK", "SENDER_OK", "START_DATA", "UPSTREAM_FEATURES",
            "FakeUpstream", "FakeUpstreamSession", "MemoryDelivery", "MemoryTransaction",
