@@ -363,6 +363,7 @@ class BridgeStartError(RuntimeError):
 def write_users(directory: Path, password_cost: int) -> Path:
     users = directory / "users"
     users.write_text(f"{USER}:{hash_password(PASSWORD, n=2 ** password_cost)}\n")
+    users.chmod(0o600)  # the bridge refuses secret files others may read
     return users
 
 
@@ -375,6 +376,7 @@ def bridge_config(directory: Path, tls: Certificates, upstream_port: int, *,
     q = json.dumps  # a JSON string is a valid TOML basic string
     secret = directory / "upstream-password"
     secret.write_text(UPSTREAM_PASSWORD + "\n")
+    secret.chmod(0o600)
     server = f"workers = {workers}\n" if workers is not None else ""
     access = f"users_file = {q(str(users))}\n" if users is not None else ""
     if upstream is None:

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("values", {"model", "secret", "errors", "replies", "networks", "wire", "interfaces"}),
     ("config", {"tomlreader", "oauthconfig", "upstreamconfig", "config"}),
     ("tools", {"lines", "sasl", "tls", "users", "throttle", "trace", "rewrite", "deadline",
-               "limits"}),
+               "limits", "names"}),
     ("upstream", {"client", "upstreamsession", "clientauth", "connector", "oauthwire", "oauth",
                   "pool"}),
     ("delivery", {"relay", "spool"}),

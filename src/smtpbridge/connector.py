@@ -26,6 +26,7 @@ from smtpbridge.clientauth import authenticate, refuse
 from smtpbridge.errors import SMTPReplyError, UpstreamError
 from smtpbridge.interfaces import ITokenSource, IUpstreamConnector, IUpstreamSession
 from smtpbridge.model import Route, UpstreamAccount
+from smtpbridge.names import CachingResolver, with_resolver
 from smtpbridge.replies import UpstreamFailure
 from smtpbridge.tls import connection_summary, upstream_tls_options
 from smtpbridge.upstreamsession import UpstreamSession
@@ -121,11 +122,13 @@ def _connect_error(failure: Failure, route: Route) -> UpstreamError:
 def connect(reactor: Any, route: Route, account: UpstreamAccount | None, helo_name: str,
             tls_options: TLSOptions | None = None, progress: Progress | None = None,
             tokens: ITokenSource | None = None,
-            on_lost: Callable[[], object] | None = None) -> Deferred[UpstreamSession]:
+            on_lost: Callable[[], object] | None = None,
+            names: CachingResolver | None = None) -> Deferred[UpstreamSession]:
     """Open a verified, authenticated upstream session, or fail with a 4xx L{UpstreamError}.
 
     C{progress(step, detail)} hears of each step that succeeded (for C{smtpbridge check});
     C{on_lost()} is called once when the connection is gone or could not be made.
+    C{names} resolves the host (None: the reactor's resolver, a lookup per connection).
     """
     lost = _once(on_lost)
     if tls_options is None:
@@ -138,8 +141,8 @@ def connect(reactor: Any, route: Route, account: UpstreamAccount | None, helo_na
             lost()
             return fail(error)
     options = tls_options
-    endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, route.host, route.port,
-                                                       timeout=route.timeout)
+    endpoint: IStreamClientEndpoint = HostnameEndpoint(
+        with_resolver(reactor, names), route.host, route.port, timeout=route.timeout)
     if route.tls == "implicit":
         endpoint = wrapClientTLS(options, endpoint)
     factory = Factory.forProtocol(lambda: UpstreamProtocol(route, reactor, lost))
@@ -154,6 +157,8 @@ def connect(reactor: Any, route: Route, account: UpstreamAccount | None, helo_na
 
     def not_connected(failure: Failure) -> Failure:
         lost()
+        if names is not None:
+            names.forget(route.host)  # the addresses did not answer: ask again next time
         error = _connect_error(failure, route)
         log.warn("{text}", text=error.reply.text)
         return Failure(error)
@@ -204,8 +209,9 @@ class SessionSlots:
 
 @implementer(IUpstreamConnector)
 class UpstreamConnector:
-    """Opens sessions for the bridge: its EHLO name, each route's TLS options built once,
-    the token sources of the OAuth2 accounts by account name."""
+    """Opens sessions for the bridge: its EHLO name, each route's TLS options built once
+    (again after L{forget_tls}), host names resolved once a minute, the token sources of
+    the OAuth2 accounts by account name."""
 
     def __init__(self, reactor: Any, helo_name: str,
                  tokens: Mapping[str, ITokenSource] | None = None) -> None:
@@ -214,6 +220,8 @@ class UpstreamConnector:
         self.tokens = dict(tokens or {})
         self._tls: dict[Route, TLSOptions] = {}
         self.slots = SessionSlots(reactor)
+        resolver = getattr(reactor, "nameResolver", None)
+        self.names = CachingResolver(resolver, reactor) if resolver is not None else None
 
     def tls_options(self, route: Route) -> TLSOptions:
         """The route's client TLS options (CA bundle read once); OSError or ValueError."""
@@ -236,7 +244,7 @@ class UpstreamConnector:
 
         def open_session(release: Callable[[], None]) -> Deferred[UpstreamSession]:
             return connect(self._reactor, route, account, self._helo_name, options, progress,
-                           tokens, on_lost=release)
+                           tokens, on_lost=release, names=self.names)
 
         session: Deferred[Any] = self.slots.acquire(route).addCallback(open_session)
         return session

@@ -22,6 +22,7 @@ from smtpbridge.deadline import Deadline
 from smtpbridge.errors import SMTPReplyError
 from smtpbridge.interfaces import IAccessPolicy, IDelivery, IPasswordChecker
 from smtpbridge.limits import ConnectionGovernor
+from smtpbridge.lines import no_delay
 from smtpbridge.mailcommands import MailCommands
 from smtpbridge.model import Reply
 from smtpbridge.networks import normalise_address
@@ -107,6 +108,7 @@ class SMTPServerProtocol(AuthCommands, MailCommands):
     # Connection events.
 
     def connectionMade(self) -> None:  # noqa: N802
+        no_delay(self.transport)
         peer = self.connection.getPeer()
         self.client = attr.evolve(self.client, peer_host=str(getattr(peer, "host", peer)),
                                   peer_port=int(getattr(peer, "port", 0) or 0))

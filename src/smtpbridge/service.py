@@ -249,7 +249,7 @@ def make_service(config: Config, reactor: Any) -> MultiService:
                                         server_tls(_context_builder(config, None)), reactor)
         _endpoint_service(reactor, config, "demo.endpoint", "demo upstream", demo.endpoint,
                           factory).setServiceParent(top)
-    reloader = CertificateReloader(reactor, contexts)
+    reloader = CertificateReloader(reactor, contexts, also=[upstream.connector.forget_tls])
     reloader.setName("certificates")
     reloader.setServiceParent(top)
     return top

@@ -22,13 +22,17 @@ def makeService(options: Options) -> object:  # noqa: N802
     from twisted.internet import reactor
 
     from smtpbridge.config import load_config
+    from smtpbridge.listener import HeapFreezer
     from smtpbridge.service import make_service
 
     try:
         config = load_config(options["config"])
         for warning in config.warnings:
             sys.stderr.write(f"smtpbridge: warning: {warning}\n")
-        return make_service(config, reactor)
+        service = make_service(config, reactor)
+        # Last, so that the heap is frozen after every other part has started.
+        HeapFreezer().setServiceParent(service)  # type: ignore[no-untyped-call]
+        return service
     except ConfigError as e:
         sys.stderr.write(f"smtpbridge: configuration error: {e}\n")
         raise SystemExit(1)
