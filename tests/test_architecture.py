@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("tools", {"lines", "sasl", "tls", "users", "throttle", "trace", "rewrite", "deadline",
                "limits", "names"}),
     ("upstream", {"client", "upstreamsession", "clientauth", "connector", "oauthwire", "oauth",
-                  "pool"}),
+                  "pool", "loan"}),
     ("delivery", {"relay", "spool"}),
     ("mapper", {"mapping"}),
     ("policy", {"policy"}),

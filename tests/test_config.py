@@ -252,6 +252,7 @@ def test_the_limits_have_their_documented_defaults():
     assert (access.auth_threads, access.auth_queue, access.auth_rate) == (2, 32, 20.0)
     route = config.upstream
     assert (route.max_sessions, route.session_wait, route.data_timeout) == (20, 30, 180)
+    assert (route.session_idle, route.max_messages_per_session) == (30, 100)
 
 
 def test_every_setting_is_in_the_annotated_example():

@@ -79,13 +79,19 @@ async def _set_up(protocol: UpstreamProtocol, account: UpstreamAccount | None, h
     version, cipher = connection_summary(protocol.transport)
     progress("TLS", f"{version} {cipher}, certificate verified for {protocol.route.host}")
     features = parse_features(ehlo)
+    valid_until = None
     if account is not None:
-        mechanism = await authenticate(protocol, account, features, tokens)
-        progress("AUTH", f"{mechanism} accepted for {account.username}")
+        login = await authenticate(protocol, account, features, tokens)
+        progress("AUTH", f"{login.mechanism} accepted for {account.username}")
+        if login.token is not None and tokens is not None:
+            # A session logged in with a token is good while the token is.
+            valid_until = tokens.expires_at(login.token)
+            if valid_until is None:
+                valid_until = protocol.clock.seconds()
     log.info("upstream {where}: TLS {version} {cipher}, {auth}", where=protocol.label,
              version=version, cipher=cipher,
              auth=f"authenticated as {account.username}" if account else "no AUTH")
-    return UpstreamSession(protocol, features)
+    return UpstreamSession(protocol, features, valid_until)
 
 
 def set_up(protocol: UpstreamProtocol, account: UpstreamAccount | None, helo_name: str,
@@ -189,6 +195,11 @@ class SessionSlots:
         semaphore = self._slots.get((route.host, route.port))
         return 0 if semaphore is None else semaphore.limit - semaphore.tokens
 
+    def free(self, route: Route) -> bool:
+        """True when a slot of the host can be had at once."""
+        semaphore = self._slots.get((route.host, route.port))
+        return semaphore is None or semaphore.tokens > 0
+
     def acquire(self, route: Route) -> Deferred[Callable[[], None]]:
         """Fires with the function that gives the slot back (call it once the session's
         connection is gone), or fails with the 451 4.3.2."""
@@ -236,15 +247,21 @@ class UpstreamConnector:
 
     def connect(self, route: Route, account: UpstreamAccount | None,
                 progress: Progress | None = None) -> Deferred[IUpstreamSession]:
+        """A new session once one of the host's L{slots} is free."""
+        session: Deferred[Any] = self.slots.acquire(route).addCallback(
+            lambda release: self.open(route, account, release, progress))
+        return session
+
+    def open(self, route: Route, account: UpstreamAccount | None, release: Callable[[], None],
+             progress: Progress | None = None) -> Deferred[IUpstreamSession]:
+        """A new session in a slot the caller holds: C{release()} is called once its
+        connection is gone (or could not be made)."""
         try:
             options = self.tls_options(route)
         except (OSError, ValueError):
             options = None  # connect() reports it
         tokens = self.tokens.get(account.name) if account is not None else None
-
-        def open_session(release: Callable[[], None]) -> Deferred[UpstreamSession]:
-            return connect(self._reactor, route, account, self._helo_name, options, progress,
-                           tokens, on_lost=release, names=self.names)
-
-        session: Deferred[Any] = self.slots.acquire(route).addCallback(open_session)
+        session: Deferred[Any] = connect(self._reactor, route, account, self._helo_name,
+                                         options, progress, tokens, on_lost=release,
+                                         names=self.names)
         return session

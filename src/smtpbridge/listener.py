@@ -12,10 +12,12 @@ from typing import Any
 
 from OpenSSL import SSL
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
     IReactorFromThreads,
+    IReactorTime,
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger
@@ -116,6 +118,23 @@ class CertificateReloader(Service):
         if self._previous is not None:
             signal.signal(signal.SIGHUP, self._previous)
             self._previous = None
+
+
+class StopHook(Service):
+    """Runs C{stop()} when the bridge stops and waits for what it returns, at most
+    C{grace} seconds: kept upstream sessions say QUIT."""
+
+    def __init__(self, stop: Callable[[], Deferred[None]], clock: IReactorTime,
+                 grace: float = 5.0) -> None:
+        self._stop = stop
+        self._clock = clock
+        self._grace = grace
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802
+        super().stopService()
+        done = self._stop()
+        done.addTimeout(self._grace, self._clock)
+        return done.addErrback(lambda failure: None)
 
 
 class HeapFreezer(Service):

@@ -90,6 +90,11 @@ class CachedTokenSource:
         if self._token is not None and self._token.access_token == token:
             self._token = None
 
+    def expires_at(self, token: str) -> float | None:
+        if self._token is not None and self._token.access_token == token:
+            return self._token.expires_at
+        return None
+
     def _fetched(self, token: Token) -> None:
         lifetime = max(token.expires_at - self._clock.seconds(), 0.0)
         self._token = token

@@ -27,9 +27,10 @@ from smtpbridge.interfaces import (
     ICredentialMapper,
     IPasswordChecker,
     ITokenSource,
+    IUpstreamConnector,
 )
 from smtpbridge.limits import BoundedThreadPool, ConnectionGovernor, raise_file_limit
-from smtpbridge.listener import CertificateReloader, ListenerService
+from smtpbridge.listener import CertificateReloader, ListenerService, StopHook
 from smtpbridge.mapping import (
     UpstreamLoginChecker,
     builtin_mapper_factories,
@@ -39,6 +40,7 @@ from smtpbridge.mapping import (
 from smtpbridge.model import Assignment, Route, UpstreamAccount
 from smtpbridge.networks import NetworkSet
 from smtpbridge.policy import AccessPolicy, SenderRules
+from smtpbridge.pool import SessionPool
 from smtpbridge.relay import InlineDelivery, try_login
 from smtpbridge.server import SMTPServerFactory
 from smtpbridge.serverbase import ListenerSettings
@@ -95,7 +97,8 @@ def _routes(config: Config, name: str) -> tuple[Route, ...]:
         raise ConfigError(config.path, f"{key}.ca_certificates", f"{ca} {reason}")
     return tuple(Route(host, route.port, route.tls, ca, float(route.timeout),
                        route.min_tls_version, route.pin_sha256, route.max_sessions,
-                       float(route.session_wait), float(route.data_timeout))
+                       float(route.session_wait), float(route.data_timeout),
+                       float(route.session_idle), route.max_messages_per_session)
                  for host in route.hosts)
 
 
@@ -168,11 +171,11 @@ def upstreams(config: Config, reactor: Any) -> Upstreams:
     return Upstreams(connector, mapper, known)
 
 
-def _checker(config: Config, upstream: Upstreams,
-             threads: BoundedThreadPool) -> IPasswordChecker | None:
+def _checker(config: Config, upstream: Upstreams, threads: BoundedThreadPool,
+             logins: IUpstreamConnector) -> IPasswordChecker | None:
     mapper = upstream.mapper
     if IClientLoginMapper.providedBy(mapper):
-        return UpstreamLoginChecker(try_login(upstream.connector), mapper.routes)
+        return UpstreamLoginChecker(try_login(logins), mapper.routes)
     if config.access.users_file is None:
         return None
     return UsersFileChecker(load_users(config.access.users_file), threads.run)
@@ -199,12 +202,14 @@ def make_service(config: Config, reactor: Any) -> MultiService:
             os.path.exists(tls.certificate) or os.path.exists(tls.key)):
         create_self_signed(tls.certificate, tls.key, config.server.hostname)
     upstream = upstreams(config, reactor)
-    delivery = InlineDelivery(upstream.mapper, upstream.connector)
+    pool = SessionPool(upstream.connector, reactor)
+    StopHook(pool.stop, reactor).setServiceParent(top)
+    delivery = InlineDelivery(upstream.mapper, pool)
     policy = _policy(config)
     threads = BoundedThreadPool(reactor, config.access.auth_threads, config.access.auth_queue,
                                 "smtpbridge-password-checks")
     threads.setServiceParent(top)
-    checker = _checker(config, upstream, threads)
+    checker = _checker(config, upstream, threads, pool.fresh)
     keep_password = IClientLoginMapper.providedBy(upstream.mapper)
     throttle = _throttle(config, reactor)
     soft, _ = raise_file_limit()
@@ -249,7 +254,8 @@ def make_service(config: Config, reactor: Any) -> MultiService:
                                         server_tls(_context_builder(config, None)), reactor)
         _endpoint_service(reactor, config, "demo.endpoint", "demo upstream", demo.endpoint,
                           factory).setServiceParent(top)
-    reloader = CertificateReloader(reactor, contexts, also=[upstream.connector.forget_tls])
+    reloader = CertificateReloader(reactor, contexts,
+                                   also=[upstream.connector.forget_tls, pool.drain])
     reloader.setName("certificates")
     reloader.setServiceParent(top)
     return top
