@@ -65,6 +65,14 @@ class IPasswordChecker(Interface):
         """A Deferred that fires with True or False."""
 
 
+class IVerifiedLogins(Interface):
+    """A password checker that remembers logins it verified a short while ago."""
+
+    def remembers(username: str, password: str) -> bool:
+        """True when C{password} is the one verified for C{username} within the cache's
+        time: the check will be answered at once, without the costly hash."""
+
+
 class IAccessPolicy(Interface):
     """Decides who may submit mail."""
 

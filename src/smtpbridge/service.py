@@ -46,7 +46,7 @@ from smtpbridge.server import SMTPServerFactory
 from smtpbridge.serverbase import ListenerSettings
 from smtpbridge.throttle import AuthThrottle, ThrottleSettings
 from smtpbridge.tls import ServerTLS, create_self_signed, server_context
-from smtpbridge.users import UsersFileChecker, load_users
+from smtpbridge.users import UsersFileChecker, VerifiedLogins, load_users
 
 
 def _endpoint_service(reactor: Any, config: Config, key: str, name: str,
@@ -172,13 +172,15 @@ def upstreams(config: Config, reactor: Any) -> Upstreams:
 
 
 def _checker(config: Config, upstream: Upstreams, threads: BoundedThreadPool,
-             logins: IUpstreamConnector) -> IPasswordChecker | None:
+             logins: IUpstreamConnector, clock: Any) -> IPasswordChecker | None:
     mapper = upstream.mapper
     if IClientLoginMapper.providedBy(mapper):
         return UpstreamLoginChecker(try_login(logins), mapper.routes)
     if config.access.users_file is None:
         return None
-    return UsersFileChecker(load_users(config.access.users_file), threads.run)
+    ttl = config.access.login_cache_time
+    cache = VerifiedLogins(clock, ttl) if ttl > 0 else None
+    return UsersFileChecker(load_users(config.access.users_file), threads.run, cache)
 
 
 def _policy(config: Config) -> AccessPolicy:
@@ -209,7 +211,7 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     threads = BoundedThreadPool(reactor, config.access.auth_threads, config.access.auth_queue,
                                 "smtpbridge-password-checks")
     threads.setServiceParent(top)
-    checker = _checker(config, upstream, threads, pool.fresh)
+    checker = _checker(config, upstream, threads, pool.fresh, reactor)
     keep_password = IClientLoginMapper.providedBy(upstream.mapper)
     throttle = _throttle(config, reactor)
     soft, _ = raise_file_limit()
