@@ -56,6 +56,7 @@ class ServerConfig:
     max_connections: int = 1000  # per listener, unless the listener says otherwise
     max_connections_per_client: int = 50  # per client address (Postfix's default)
     allow_readable_secrets: bool = False  # group/world-readable secret files: warn only
+    workers: int = 1  # processes that serve the listeners; more than 1: a supervisor too
 
 
 @attr.frozen
@@ -162,6 +163,7 @@ def _server(t: Table) -> ServerConfig:
         max_connections=t.integer("max_connections", 1000, minimum=1),
         max_connections_per_client=t.integer("max_connections_per_client", 50, minimum=1),
         allow_readable_secrets=t.boolean("allow_readable_secrets", False),
+        workers=t.integer("workers", 1, minimum=1, maximum=64),
     )
 
 

@@ -1,10 +1,12 @@
-"""Services that keep the listeners running: the listening endpoints, the reload of
-their certificates on SIGHUP, and the heap frozen once the bridge has started."""
+"""Services that keep the listeners running: the listening endpoints (or, in a worker
+process, the listening sockets its supervisor holds), the reload of their certificates
+on SIGHUP, and the heap frozen once the bridge has started."""
 
 from __future__ import annotations
 
 import gc
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -12,7 +14,7 @@ from typing import Any
 
 from OpenSSL import SSL
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
@@ -21,13 +23,41 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.logger import Logger
+from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from smtpbridge.errors import ConfigError
 from smtpbridge.limits import ConnectionGovernor
 from smtpbridge.tls import ServerTLS
 
 log = Logger()
+
+
+@implementer(IStreamServerEndpoint)
+class AdoptedEndpoint:
+    """A listening socket another process opened and handed down as descriptor C{fd}: a
+    worker accepts on the sockets of its supervisor (C{IReactorSocket.adoptStreamPort})."""
+
+    def __init__(self, reactor: Any, fd: int) -> None:
+        self._reactor = reactor
+        self._fd = fd
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:  # noqa: N803
+        probe = socket.socket(fileno=self._fd)  # reads the address family of the socket
+        family = probe.family
+        probe.detach()
+        port: IListeningPort = self._reactor.adoptStreamPort(self._fd, family, protocolFactory)
+        return succeed(port)
+
+
+def adopted_endpoint(reactor: Any, fd: int, description: str) -> IStreamServerEndpoint:
+    """The endpoint of a listener whose socket is descriptor C{fd}; C{description}, its
+    configured endpoint string, says whether the PROXY protocol comes first."""
+    endpoint: IStreamServerEndpoint = AdoptedEndpoint(reactor, fd)
+    if description.startswith("haproxy:"):
+        endpoint = proxyEndpoint(endpoint)
+    return endpoint
 
 
 class ListenerService(Service):

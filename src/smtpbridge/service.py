@@ -9,7 +9,7 @@ options) is a L{ConfigError}.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attr
@@ -30,7 +30,12 @@ from smtpbridge.interfaces import (
     IUpstreamConnector,
 )
 from smtpbridge.limits import BoundedThreadPool, ConnectionGovernor, raise_file_limit
-from smtpbridge.listener import CertificateReloader, ListenerService, StopHook
+from smtpbridge.listener import (
+    CertificateReloader,
+    ListenerService,
+    StopHook,
+    adopted_endpoint,
+)
 from smtpbridge.mapping import (
     UpstreamLoginChecker,
     builtin_mapper_factories,
@@ -196,8 +201,13 @@ def _throttle(config: Config, reactor: Any) -> AuthThrottle:
         rate=access.auth_rate))
 
 
-def make_service(config: Config, reactor: Any) -> MultiService:
-    """The whole bridge as one service: every listener, and the demo upstream if configured."""
+def make_service(config: Config, reactor: Any,
+                 adopted: Mapping[str, int] | None = None) -> MultiService:
+    """The whole bridge as one service: every listener, and the demo upstream if configured.
+
+    A worker process passes C{adopted}, the descriptor of each listener's socket (by
+    listener name) that its supervisor holds; the supervisor runs the demo upstream.
+    """
     top = MultiService()
     tls = config.tls
     if tls.create_self_signed and tls.certificate and tls.key and not (
@@ -246,10 +256,15 @@ def make_service(config: Config, reactor: Any) -> MultiService:
                                          listener_tls, throttle, keep_password, governor)
         if listener_tls is not None and listener.tls == "implicit":
             factory = TLSMemoryBIOFactory(listener_tls, False, factory)
+        if adopted is not None:
+            ListenerService(f"listener {listener.name}", listener.endpoint,
+                            adopted_endpoint(reactor, adopted[listener.name], listener.endpoint),
+                            factory, governor).setServiceParent(top)
+            continue
         _endpoint_service(reactor, config, f"listener[{index}].endpoint",
                           f"listener {listener.name}", listener.endpoint,
                           factory, listener.backlog, governor).setServiceParent(top)
-    if config.demo is not None:
+    if config.demo is not None and adopted is None:
         demo = config.demo
         factory = demo_upstream_factory(MailFolderDelivery(demo.mail_dir), demo.username,
                                         demo.password.value,
