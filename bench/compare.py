@@ -288,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     say: Callable[[str], None] = (lambda text: None) if args.json else \
         (lambda text: print(text, flush=True))
     say(f"machine: {info['cpus']} CPUs ({info['cpu']}), Linux {info['kernel']}, "
-        f"Python {info['python']}, {info['openssl']}, Twisted {info['twisted']}, "
+        f"Python {info['python']}, {info['openssl']} (bridge: {info['bridge_openssl']}), "
+        f"Twisted {info['twisted']}, "
         f"Postfix {info['postfix']}, commit {info.get('commit', '?')}")
     say(f"{args.rounds} rounds, {args.size}-octet messages, one connection per message, "
         f"open files limit {limit}")
@@ -468,17 +469,20 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, list[dict[str,
         direct = m_all.get("direct", {}).get("rate")
         postfix = m_all.get("postfix", {}).get("rate")
         rows = [[f"{args.concurrency} clients", "msg/s", "x direct", "x postfix", "each round",
-                 "p50 ms", "p99 ms", "sink has all", "relay CPU ms/msg", "errors"]]
+                 "p50 ms", "p99 ms", "sink has all", "relay CPU ms/msg", "other cores",
+                 "errors"]]
         for name, rs in results["concurrent"].items():
             m = m_all[name]
             rows.append([LABELS[name], fmt(m["rate"]), fmt(ratio(m["rate"], direct), 2),
                          fmt(ratio(m["rate"], postfix), 2), each(rs, "rate", 0),
                          fmt(m["p50_ms"]), fmt(m["p99_ms"]),
                          f"{fmt(m.get('sink_seconds'))} s", fmt(m["relay_cpu_ms"], 2),
-                         errors_of(rs) or "0"])
+                         fmt(m["other_cores"], 2), errors_of(rs) or "0"])
         print(f"\nconcurrent: {args.concurrent_messages} messages per round, {rounds}; "
               "msg/s = accepted by the target per second; sink has all = seconds from the "
-              "first connection until the sink had received every accepted message")
+              "first connection until the sink had received every accepted message; relay "
+              "CPU = the bridge's or Postfix's processes; other cores = what the rest of the "
+              "machine used meanwhile")
         print(table(rows))
         cpu = [f"{LABELS[n]} {fmt(m_all[n]['bench_cpu_ms'], 2)}/{fmt(m_all[n]['sink_cpu_ms'], 2)}"
                for n in results["concurrent"]]

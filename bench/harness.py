@@ -265,6 +265,8 @@ def machine() -> dict[str, str]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
+    from OpenSSL import SSL
+
     import twisted
 
     info = {
@@ -272,7 +274,8 @@ def machine() -> dict[str, str]:
         "cpu": model,
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "openssl": ssl.OPENSSL_VERSION,
+        "openssl": ssl.OPENSSL_VERSION,  # the load generator's and the sink's
+        "bridge_openssl": SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode(),  # pyOpenSSL's
         "twisted": twisted.__version__,
         "postfix": postfix_version() or "not installed",
     }

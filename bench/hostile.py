@@ -323,7 +323,7 @@ class Attacker:
             self.process.stdin.close()
         self._done.wait(timeout)
         harness.stop_process(self.process, 5)
-        return self.event("stats")
+        return {k: v for k, v in self.event("stats").items() if k != "event"}
 
 
 # The bench.
@@ -534,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     info = harness.machine()
     say = (lambda text: None) if args.json else (lambda text: print(text, flush=True))
     say(f"machine: {info['cpus']} CPUs ({info['cpu']}), Python {info['python']}, "
-        f"{info['openssl']}, Twisted {info['twisted']}, commit {info.get('commit', '?')}; "
+        f"{info['openssl']} (bridge: {info['bridge_openssl']}), Twisted {info['twisted']}, "
+        f"commit {info.get('commit', '?')}; "
         f"open files limit {limit}")
     results = []
     try:
