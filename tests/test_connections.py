@@ -314,3 +314,29 @@ def test_the_start_up_heap_is_frozen() -> None:
         assert gc.get_freeze_count() > 1000
     finally:
         gc.unfreeze()
+
+
+def test_idle_client_sessions_give_their_tls_buffers_back(certificate: tuple[str, str]) -> None:
+    from OpenSSL import SSL
+
+    context = server_context(*certificate)
+    assert context.set_mode(0) & SSL.MODE_RELEASE_BUFFERS
+
+
+def test_restarting_a_deadline_moves_it_without_a_timer_each_time() -> None:
+    from smtpbridge.deadline import Deadline
+
+    clock, fired = Clock(), []
+    deadline = Deadline(clock, 10, lambda: fired.append(clock.seconds()))
+    for _ in range(1000):  # a line each 0.01 s, as the idle deadline sees it
+        deadline.start()
+        clock.advance(0.01)
+        assert len(clock.getDelayedCalls()) == 1
+    clock.advance(9.98)
+    assert fired == [] and deadline.running
+    clock.advance(0.02)
+    assert fired == [pytest.approx(20.0)] and not deadline.running
+    deadline.start()
+    deadline.stop()
+    clock.advance(60)
+    assert len(fired) == 1 and clock.getDelayedCalls() == []

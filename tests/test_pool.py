@@ -32,8 +32,16 @@ from smtpbridge.model import Assignment, ClientInfo, Reply, Route, UpstreamAccou
 from smtpbridge.pool import TOKEN_MARGIN, SessionPool
 from smtpbridge.relay import InlineTransaction
 from smtpbridge.secret import Secret
-from smtpbridge.testing import QUEUED, FakeUpstream, FakeUpstreamSession
-from tests.conftest import PASSWORD, USER, client_context, start_bridge, stop_bridge
+from smtpbridge.testing import QUEUED, UPSTREAM_FEATURES, FakeUpstream, FakeUpstreamSession
+from tests.conftest import (
+    PASSWORD,
+    USER,
+    DemoUpstream,
+    RunningBridge,
+    client_context,
+    start_bridge,
+    stop_bridge,
+)
 from tests.test_relay import Relay, relay, relay_toml, smtps
 from tests.test_upstream_contract import Producer
 from tests.upstream import Upstream, upstream, upstream_factory
@@ -68,9 +76,12 @@ class Bench:
         self.most_open = max(self.most_open, len(self.upstream.open_sessions))
 
 
-def bench(**route: Any) -> Bench:
+def bench(pipelining: bool = False, **route: Any) -> Bench:
+    """A pool over a fake upstream; with C{pipelining}, the upstream offers PIPELINING, and
+    a kept session's RSET goes out with the next MAIL FROM."""
     clock = Clock()
-    upstream = FakeUpstream(clock=clock)
+    features = dict(UPSTREAM_FEATURES, **({"PIPELINING": ""} if pipelining else {}))
+    upstream = FakeUpstream(features, clock=clock)
     return Bench(clock, upstream, SessionPool(upstream, clock), attr.evolve(ROUTE, **route))
 
 
@@ -133,16 +144,33 @@ def send(b: Bench, account: UpstreamAccount = ALICE, tag: str = "x") -> Transact
 
 # Sessions are kept and handed on.
 
+TRANSACTION = ["MAIL FROM:<alice@example.com>", f"RCPT TO:<{RECIPIENT}>", "DATA", "."]
+
+
 def test_a_finished_session_serves_the_next_transaction_after_rset() -> None:
     b = bench()
     send(b, tag="one")
     send(b, tag="two")
     [session] = b.upstream.sessions
-    assert session.commands == [
-        "MAIL FROM:<alice@example.com>", f"RCPT TO:<{RECIPIENT}>", "DATA", ".", "RSET",
-        "MAIL FROM:<alice@example.com>", f"RCPT TO:<{RECIPIENT}>", "DATA", ".", "RSET"]
+    assert session.commands == TRANSACTION + ["RSET"] + TRANSACTION + ["RSET"]
     assert len(session.messages) == 2 and not session.closed
     assert (b.pool.opened, b.pool.reused, b.pool.idle()) == (1, 1, 1)
+
+
+def test_with_pipelining_the_rset_goes_out_with_the_next_mail() -> None:
+    b = bench(pipelining=True)
+    send(b, tag="one")
+    [session] = b.upstream.sessions
+    assert session.commands == TRANSACTION  # the RSET is owed
+    session.hold_replies = True
+    t = Transaction(b, ALICE, "two")
+    assert session.commands[4:] == ["RSET", "MAIL FROM:<alice@example.com>"]
+    assert not t.mail.called  # sent together, before either reply
+    session.release_all()
+    session.hold_replies = False
+    assert t.finish() == QUEUED
+    assert session.commands == TRANSACTION + ["RSET"] + TRANSACTION
+    assert len(session.messages) == 2 and b.pool.reused == 1
 
 
 def test_a_session_that_sent_nothing_is_kept_without_rset() -> None:
@@ -290,9 +318,10 @@ def kept_session(b: Bench) -> FakeUpstreamSession:
     return session
 
 
+@pytest.mark.parametrize("pipelining", [False, True], ids=["rset-at-hand-back", "pipelined"])
 @pytest.mark.parametrize("death", ["lost while idle", "no answer to MAIL", "421 to MAIL"])
-def test_a_dead_kept_session_is_replaced_silently(death: str) -> None:
-    b = bench()
+def test_a_dead_kept_session_is_replaced_silently(death: str, pipelining: bool) -> None:
+    b = bench(pipelining)
     old = kept_session(b)
     if death == "lost while idle":
         old.fail()
@@ -333,9 +362,25 @@ def test_a_kept_session_whose_rset_fails_is_replaced(death: str) -> None:
     assert old.commands.count("MAIL FROM:<alice@example.com>") == 1
 
 
+@pytest.mark.parametrize("death", ["421 to RSET", "RSET lost"])
+def test_a_kept_session_whose_pipelined_rset_fails_is_replaced(death: str) -> None:
+    b = bench(pipelining=True)
+    old = kept_session(b)
+    if death == "421 to RSET":
+        old.replies["reset"] = LOST_MAIL
+    else:
+        old.fail_at = "reset"
+    t = Transaction(b, ALICE, "after")
+    assert t.finish() == QUEUED
+    _, new = b.upstream.sessions
+    assert t.carriers() == [new] and [len(s.transmissions) for s in (old, new)] == [1, 1]
+    assert not old.usable
+
+
+@pytest.mark.parametrize("pipelining", [False, True], ids=["rset-at-hand-back", "pipelined"])
 @pytest.mark.parametrize("step", ["rcpt", "data", "end_data"])
-def test_a_kept_session_lost_after_mail_is_never_retried(step: str) -> None:
-    b = bench()
+def test_a_kept_session_lost_after_mail_is_never_retried(step: str, pipelining: bool) -> None:
+    b = bench(pipelining)
     old = kept_session(b)
     old.fail_at = step
     t = Transaction(b, ALICE, "after")
@@ -369,16 +414,17 @@ def test_the_client_leaving_while_a_replacement_connects() -> None:
     assert b.upstream.messages[1:] == []
 
 
-FAILURES = ["none", "idle lost", "mail lost", "mail 421", "rset 421", "rcpt lost",
+FAILURES = ["none", "idle lost", "mail lost", "mail 421", "rset 421", "reset lost", "rcpt lost",
             "data lost", "end_data lost", "end_data refused"]
 
 
 @given(st.lists(st.tuples(st.sampled_from([ALICE, BOB, CAROL, DAVE, DAVE_AGAIN]),
                           st.sampled_from(FAILURES),
-                          st.sampled_from([0.0, 5.0, 31.0])), min_size=1, max_size=25))
+                          st.sampled_from([0.0, 5.0, 31.0])), min_size=1, max_size=25),
+       st.booleans())
 def test_no_message_is_ever_lost_duplicated_or_sent_for_another_account(
-        steps: list[tuple[UpstreamAccount, str, float]]) -> None:
-    b = bench(max_sessions=3, max_messages=4)
+        steps: list[tuple[UpstreamAccount, str, float]], pipelining: bool) -> None:
+    b = bench(pipelining, max_sessions=3, max_messages=4)
     for number, (account, failure, pause) in enumerate(steps):
         b.clock.advance(pause)
         kept = [s for s in b.upstream.open_sessions if s.account == account]
@@ -523,3 +569,19 @@ def test_sighup_and_stopping_close_the_kept_sessions(
         stop_bridge(reactor, bridge)
     assert upstream.under_tls().count(b"QUIT\r\n") == 2
     assert len(upstream.logins) == 2
+
+
+def test_a_pipelining_upstream_gets_rset_with_the_next_mail(
+        bridge: RunningBridge, demo_upstream: DemoUpstream, certificate: tuple[str, str],
+        logged: list[str]) -> None:
+    """The demo upstream (the bridge's own server) offers PIPELINING: one login, the RSET
+    of the kept session sent along with each next MAIL FROM, every message stored once."""
+    for n in range(3):
+        with smtps(bridge, certificate) as client:
+            assert client.sendmail("a@example.com", [RECIPIENT],
+                                   f"Subject: {n}\r\n\r\nhi\r\n".encode()) == {}
+    assert demo_upstream.messages() == [f"Subject: {n}\r\n\r\nhi\r\n".encode()
+                                        for n in range(3)]
+    texts = logged[::3]  # each event's formatted text
+    assert sum("upstream" in text and "authenticated as" in text for text in texts) == 1
+    assert not any("kept session is gone" in text for text in texts)

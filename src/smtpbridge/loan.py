@@ -1,10 +1,11 @@
 """A kept upstream session on loan to one transaction: L{PooledSession}, what
 L{smtpbridge.pool.SessionPool} hands out.
 
-Its C{quit()} hands the session back to the pool instead of closing it; its first
-MAIL FROM, on a session that served a transaction before, waits for the RSET the
-session was handed back with, and if the session turns out dead (RSET or MAIL FROM get
-no answer, or a 421) a new session takes the transaction, before MAIL FROM was accepted
+Its C{quit()} hands the session back to the pool instead of closing it.  A session that
+served a transaction before is reset before MAIL FROM: its RSET went out when it was
+handed back, or, to an upstream that offers PIPELINING, goes out now together with MAIL
+FROM (one round trip less).  If the session turns out dead (RSET or MAIL FROM get no
+answer, or a 421), a new session takes the transaction, before MAIL FROM was accepted
 and so never twice.
 """
 
@@ -65,8 +66,13 @@ class Found:
     messages: int = 0  # messages it has carried
     kept: bool = False  # it served a transaction before
     reset: Reset | None = None  # the RSET it was handed back with
+    dirty: bool = False  # it needs an RSET, to be sent with the next MAIL FROM
     since: float = 0.0  # when it was handed back
     timer: IDelayedCall | None = None  # closes it when it has been idle too long
+
+
+class _Dead(Exception):
+    """A kept session turned out dead; the message says how."""
 
 
 class Lender(Protocol):
@@ -129,21 +135,31 @@ class PooledSession:
         return self._session.mail(sender, params)
 
     async def _first_mail(self, sender: str, params: Params) -> Reply:
-        """MAIL FROM on a kept session, once its RSET is answered.  If the session turns
-        out dead (RSET or MAIL FROM get no answer, or a 421: it is closing), nothing was
-        accepted, and a new session takes the transaction."""
-        old = self._session
-        reset = self._found.reset
-        why = "RSET failed"
-        if reset is None or await reset.wait():
+        """MAIL FROM on a kept session, after its RSET.  If the session turns out dead
+        (RSET or MAIL FROM get no answer, or a 421: it is closing), nothing was accepted,
+        and a new session takes the transaction."""
+        old, found = self._session, self._found
+        try:
+            if found.reset is not None and not await found.reset.wait():
+                raise _Dead("RSET failed")
+            reset = self._pipelined_reset()
+            mail = old.mail(sender, params)
             try:
-                reply: Reply = await old.mail(sender, params)
-            except UpstreamError as e:
-                why = e.reply.text
-            else:
-                if reply.code != 421:
-                    return reply
-                why = reply_line(reply)
+                if reset is not None:
+                    answer: Reply = await reset
+                    if answer.code != 250:
+                        raise _Dead(f"RSET: {reply_line(answer)}")
+            except BaseException:
+                mail.addErrback(lambda failure: None)  # given up with the session
+                raise
+            reply: Reply = await mail
+            if reply.code == 421:
+                raise _Dead(reply_line(reply))
+            return reply
+        except UpstreamError as e:
+            why = e.reply.text
+        except _Dead as e:
+            why = str(e)
         old.abort()
         if self._ended is not None:
             raise self._ended
@@ -179,7 +195,18 @@ class PooledSession:
         if self._ended is not None:
             return fail(self._ended)
         self._sent = True
+        reset = self._pipelined_reset()
+        if reset is not None:  # not MAIL FROM first: the RSET goes first all the same
+            reset.addErrback(lambda failure: None)  # the command after it fails alike
         return call()
+
+    def _pipelined_reset(self) -> Deferred[Reply] | None:
+        """The RSET the session still owes, sent now (ahead of the next command)."""
+        if not self._found.dirty:
+            return None
+        self._found.dirty = False
+        reset: Deferred[Reply] = self._session.reset()
+        return reset
 
     def quit(self) -> Deferred[None]:
         """Hand the session back to the pool; never fails."""

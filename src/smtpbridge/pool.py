@@ -191,7 +191,9 @@ class SessionPool:
         if self._stopped or not self._fit(found):
             found.session.quit()  # aborted instead when in DATA
             return
-        if dirty:
+        if dirty and "PIPELINING" in found.session.features:
+            found.dirty = True  # the RSET goes out with the next MAIL FROM
+        elif dirty:
             def answered(ok: bool) -> None:
                 if not ok:
                     self._drop(key, found)  # when idle; a taker replaces it itself
