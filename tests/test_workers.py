@@ -103,7 +103,7 @@ def supervised(tmp_path: Path) -> Iterator[Supervised]:
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     running = Supervised(process, log_path, str(tmp_path / "var" / "mail"))
     try:
-        wait_for(lambda: len(re.findall(r"\[worker \d\] listener legacy listening",
+        wait_for(lambda: len(re.findall(r"\[worker \d\] \d+ start-up objects frozen",
                                         running.log())) == 2 or process.poll() is not None)
         assert process.poll() is None, running.log()
         for name, port in re.findall(r"\] listener (\w+) listening on 127.0.0.1:(\d+)",
@@ -149,10 +149,27 @@ def test_a_dead_worker_is_started_again(supervised: Supervised) -> None:
 
 
 def test_sighup_reaches_every_worker(supervised: Supervised) -> None:
+    workers = supervised.workers()
     os.kill(supervised.process.pid, signal.SIGHUP)
     wait_for(lambda: all(f"[worker {n}] certificates reloaded" in supervised.log()
                          for n in (1, 2)))
-    assert supervised.process.poll() is None
+    assert supervised.process.poll() is None and supervised.workers() == workers
+
+
+def test_a_sighup_while_a_worker_starts_does_not_end_it(supervised: Supervised) -> None:
+    old = supervised.workers()[2]
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: supervised.workers()[2] != old, 10)
+    new = supervised.workers()[2]
+    frozen = re.compile(r"\[worker 2\] \d+ start-up objects frozen")
+    deadline = time.monotonic() + 30
+    while len(frozen.findall(supervised.log())) < 2:  # SIGHUPs all the while it starts
+        assert time.monotonic() < deadline, supervised.log()
+        os.kill(supervised.process.pid, signal.SIGHUP)
+        time.sleep(0.05)
+    os.kill(supervised.process.pid, signal.SIGHUP)
+    wait_for(lambda: "[worker 2] certificates reloaded" in supervised.log())
+    assert supervised.workers()[2] == new and alive(new)
 
 
 def test_sigterm_stops_every_process(supervised: Supervised) -> None:

@@ -27,11 +27,11 @@ def makeService(options: Options) -> object:  # noqa: N802
     from smtpbridge.config import load_config
     from smtpbridge.listener import HeapFreezer
     from smtpbridge.service import make_service
-    from smtpbridge.workers import die_with_parent, parse_adopted, supervisor_service
+    from smtpbridge.workers import become_worker, parse_adopted, supervisor_service
 
     try:
         if options["worker"]:
-            die_with_parent()
+            become_worker()
         config = load_config(options["config"])
         for warning in config.warnings:
             sys.stderr.write(f"smtpbridge: warning: {warning}\n")

@@ -76,9 +76,15 @@ def worker_log() -> ILogObserver:
     return _ToSupervisor()
 
 
-def die_with_parent() -> None:
-    """Ask Linux to send this worker SIGTERM when its supervisor dies, so no worker goes
-    on alone; elsewhere nothing happens."""
+def become_worker() -> None:
+    """What a worker does first.  It asks Linux to send it SIGTERM when its supervisor
+    dies, so no worker goes on alone (elsewhere that step does nothing).  It starts with
+    SIGHUP blocked (see L{Supervisor}): a SIGHUP passed on while it starts, and reads its
+    files anyway, must not end it.  It now ignores the signal, and takes it again, until
+    its certificate reload installs its own handler."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -172,8 +178,14 @@ class Supervisor(Service):
             return
         worker = _Worker(self, number)
         args = self._command(number, self._adopt)
-        transport = self._reactor.spawnProcess(worker, args[0], args, env=dict(os.environ),
-                                               childFDs=dict(self._fds))
+        # The worker starts with SIGHUP blocked (a signal mask outlives exec); until it has
+        # a handler, the signal would end it.  Here it waits, pending, for a moment.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            transport = self._reactor.spawnProcess(worker, args[0], args, env=dict(os.environ),
+                                                   childFDs=dict(self._fds))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         self._workers[number] = (worker, transport)
         log.info("worker {number} started, process {pid}", number=number, pid=transport.pid)
 
@@ -242,11 +254,14 @@ def _how(reason: Failure) -> str:
     return f"exited with status {getattr(reason.value, 'exitCode', '?')}"
 
 
+#: A worker's Python: twistd.
+_WORKER_MAIN = "from twisted.scripts.twistd import run; run()"
+
+
 def worker_command(config_path: str) -> Callable[[int, Mapping[str, int]], list[str]]:
     """How a worker is started: this Python running twistd, logging to its supervisor."""
     def command(number: int, adopt: Mapping[str, int]) -> list[str]:
-        return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-                "--nodaemon", "--pidfile=",
+        return [sys.executable, "-c", _WORKER_MAIN, "--nodaemon", "--pidfile=",
                 "--logger=smtpbridge.workers.worker_log", "smtpbridge",
                 "--config", os.path.abspath(config_path), "--worker", str(number),
                 "--adopt", ",".join(f"{name}={fd}" for name, fd in adopt.items())]
