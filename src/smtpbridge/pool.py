@@ -40,6 +40,7 @@ from smtpbridge.model import Route, UpstreamAccount
 #: Seconds before its OAuth2 token expires that a session is no longer used.
 TOKEN_MARGIN = 60.0
 
+
 class SlotConnector(Protocol):
     """What the pool needs of the connector beneath it (L{UpstreamConnector}, or the
     fake upstream of the tests): the hosts' session slots, and sessions opened in a slot
