@@ -366,19 +366,25 @@ class BridgeStartError(RuntimeError):
 def write_users(directory: Path, password_cost: int) -> Path:
     users = directory / "users"
     users.write_text(f"{USER}:{hash_password(PASSWORD, n=2 ** password_cost)}\n")
+    users.chmod(0o600)  # the bridge refuses secret files others may read
     return users
 
 
 def bridge_config(directory: Path, tls: Certificates, upstream_port: int, *,
                   users: Path | None = None, workers: int | None = None,
-                  upstream: str | None = None) -> Path:
+                  upstream: str | None = None, connections: int | None = None) -> Path:
     """A bridge with one implicit-TLS listener "smtps" (AUTH optional, 127.0.0.0/8
     trusted) relaying to the sink; C{upstream} replaces the [upstream] and
-    [credentials] tables."""
+    [credentials] tables.  C{connections} raises the listener's connection limits, the
+    one per client address included (the load generator is a single address)."""
     q = json.dumps  # a JSON string is a valid TOML basic string
     secret = directory / "upstream-password"
     secret.write_text(UPSTREAM_PASSWORD + "\n")
+    secret.chmod(0o600)
     server = f"workers = {workers}\n" if workers is not None else ""
+    if connections is not None:
+        server += (f"max_connections = {connections}\n"
+                   f"max_connections_per_client = {connections}\n")
     access = f"users_file = {q(str(users))}\n" if users is not None else ""
     if upstream is None:
         upstream = f"""\

@@ -335,6 +335,7 @@ def bridge_config(directory: Path, tls: Certificates, sink_port: int, hostile_po
     q = json.dumps
     secret = directory / "upstream-password"
     secret.write_text(harness.UPSTREAM_PASSWORD + "\n")
+    secret.chmod(0o600)  # the bridge refuses secret files others may read
     upstream = f"""\
 [upstream]
 host = "127.0.0.1"

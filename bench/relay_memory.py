@@ -229,8 +229,10 @@ def bridge_config(directory: Path, certificate: str, key: str, upstream_port: in
                   max_message_size: int, password_cost: int) -> Path:
     users = directory / "users"
     users.write_text(f"{USER}:{hash_password(PASSWORD, n=2 ** password_cost)}\n")
+    users.chmod(0o600)  # the bridge refuses secret files others may read
     secret = directory / "upstream-password"
     secret.write_text(UPSTREAM_PASSWORD + "\n")
+    secret.chmod(0o600)
     q = json.dumps  # a JSON string is a valid TOML basic string
     path = directory / "smtpbridge.toml"
     path.write_text(f"""\

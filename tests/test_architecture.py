@@ -21,16 +21,16 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("values", {"model", "secret", "errors", "replies", "networks", "wire", "interfaces"}),
     ("config", {"tomlreader", "oauthconfig", "upstreamconfig", "opsconfig", "config"}),
     ("tools", {"lines", "sasl", "tls", "users", "throttle", "trace", "rewrite", "deadline",
-               "limits", "clienthello", "handshake", "summary", "ratelimit"}),
+               "limits", "clienthello", "handshake", "summary", "ratelimit", "names"}),
     ("upstream", {"client", "upstreamsession", "clientauth", "connector", "oauthwire", "oauth",
-                  "pool"}),
+                  "pool", "loan"}),
     ("delivery", {"spool", "dsn", "bodyfilter", "bodypump", "relay", "queuerunner"}),
     ("mapper", {"mapping"}),
     ("policy", {"policy"}),
     ("session", {"serverbase", "serverauth", "mailcommands", "server"}),
     ("listener", {"listener", "demo", "proxyheader"}),
     ("roots", {"service", "tap", "cli", "oauthflows", "oauthlogin", "queuecli", "fakeupstream",
-               "testing", "metrics", "admin", "logs", "sdnotify"}),
+               "testing", "metrics", "admin", "logs", "sdnotify", "workers"}),
 ]
 RANK = {module: rank for rank, (_, modules) in enumerate(LAYERS) for module in modules}
 LIMIT = 400  # lines: a module over this is two modules

@@ -251,8 +251,10 @@ def test_the_limits_have_their_documented_defaults():
     assert (server.received_header_login, server.allow_readable_secrets) == (False, False)
     assert config.listeners[0].backlog == 511 and config.listeners[0].max_connections is None
     assert (access.auth_threads, access.auth_queue, access.auth_rate) == (2, 32, 20.0)
+    assert access.login_cache_time == 3600
     route = config.upstream
     assert (route.max_sessions, route.session_wait, route.data_timeout) == (20, 30, 180)
+    assert (route.session_idle, route.max_messages_per_session) == (30, 100)
 
 
 def test_every_setting_is_in_the_annotated_example():

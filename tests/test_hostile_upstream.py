@@ -345,7 +345,9 @@ def test_upstream_sessions_are_capped_per_host(scripted_upstream: Upstreams,
     once one of the two leaves (and its upstream session is closed) a new device gets
     through.  The upstream never sees more than two connections at once."""
     upstream = scripted_upstream()
-    bridge = bridge_to(upstream, max_sessions=2, session_wait=1, timeout=3)
+    # session_idle = 0: no session is kept for the next transaction, so a device's QUIT
+    # closes its upstream connection (tests/test_pool.py covers kept sessions).
+    bridge = bridge_to(upstream, max_sessions=2, session_wait=1, timeout=3, session_idle=0)
     first, second = device(bridge), device(bridge)
     try:
         assert first.mail(SENDER)[0] == 250

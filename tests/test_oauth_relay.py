@@ -130,13 +130,14 @@ def write_secrets(provider: Provider, directory: str, refresh_mode: int = 0o600)
 
 
 def account_toml(provider: Provider, directory: str, mechanism: str,
-                 grant: Callable[[Provider, str], str]) -> str:
+                 grant: Callable[[Provider, str], str], session_idle: int = 30) -> str:
     return f"""
 [upstream]
 host = "localhost"
 port = {provider.upstream_port}
 ca_certificates = "{provider.ca_file}"
 timeout = 20
+session_idle = {session_idle}
 
 [account.scans]
 username = "{USERNAME}"
@@ -154,17 +155,17 @@ account = "scans"
 def relay(reactor: Any, provider: Provider, certificate: tuple[str, str], users_file: str,
           tmp_path: Any) -> Iterator[Relay]:
     """Starts bridges relaying to the provider's upstream with the account "scans";
-    C{relay(mechanism=..., grant=...)}.  Listeners: "smtps" (implicit TLS, AUTH
-    required) and "legacy" (STARTTLS offered, 127.0.0.0/8 needs no AUTH)."""
+    C{relay(mechanism=..., grant=..., session_idle=...)}.  Listeners: "smtps" (implicit
+    TLS, AUTH required) and "legacy" (STARTTLS offered, 127.0.0.0/8 needs no AUTH)."""
     running: list[RunningBridge] = []
 
     def start(mechanism: str = "xoauth2", grant: Callable[[Provider, str], str] = refresh_grant,
-              refresh_mode: int = 0o600) -> RunningBridge:
+              refresh_mode: int = 0o600, session_idle: int = 30) -> RunningBridge:
         directory = tmp_path / f"bridge-{len(running)}"
         secrets_dir = str(directory / "secrets")
         write_secrets(provider, secrets_dir, refresh_mode)
-        toml = front_toml(certificate, users_file) + account_toml(provider, secrets_dir,
-                                                                mechanism, grant)
+        toml = front_toml(certificate, users_file) + account_toml(
+            provider, secrets_dir, mechanism, grant, session_idle)
         running.append(start_bridge(reactor, toml, str(directory)))
         return running[-1]
 
@@ -374,7 +375,7 @@ def test_invalid_grant_is_reported_and_asked_again_next_time(relay, provider):
                                                     ("oauthbearer", b"\x01")])
 def test_a_revoked_token_is_dropped_and_a_new_one_fetched(relay, provider, no_secret_logged,
                                                           mechanism, answer):
-    bridge = relay(mechanism=mechanism)
+    bridge = relay(mechanism=mechanism, session_idle=0)  # each message logs in anew
     send(bridge, 1)
     provider.revoke()
     send(bridge, 2)
@@ -390,7 +391,7 @@ def test_a_revoked_token_is_dropped_and_a_new_one_fetched(relay, provider, no_se
 
 
 def test_sessions_refused_the_same_token_share_one_new_one(relay, provider):
-    bridge = relay()
+    bridge = relay(session_idle=0)  # each message logs in anew
     send(bridge, 0)
     provider.revoke()
     # Every session offers the old token before the first refusal, and each is refused
@@ -408,7 +409,7 @@ def test_sessions_refused_the_same_token_share_one_new_one(relay, provider):
 
 
 def test_a_late_refusal_of_the_old_token_keeps_the_new_one(relay, provider):
-    bridge = relay()
+    bridge = relay(session_idle=0)  # each message logs in anew
     send(bridge, 0)
     provider.revoke()
     # Both sessions offer the old token; one is refused soon and fetches the new one, the
@@ -424,6 +425,17 @@ def test_a_late_refusal_of_the_old_token_keeps_the_new_one(relay, provider):
     assert late > provider.answered[1][0]  # the new token was there before the late refusal
     assert len(provider.request_list()) == 2
     assert arrived(provider) == [message(0), message(1), message(2)]
+
+
+@pytest.mark.parametrize(("expires_in", "kept"), [(3600, True), (60, False)])
+def test_a_session_is_kept_only_while_its_token_is_good(relay, provider, expires_in, kept):
+    provider.expires_in = expires_in
+    bridge = relay()
+    send(bridge, 1)
+    send(bridge, 2)
+    [token] = provider.issued_tokens()
+    assert logins(provider) == [("XOAUTH2", USERNAME, token, True)] * (1 if kept else 2)
+    assert arrived(provider) == [message(1), message(2)]
 
 
 def test_an_upstream_refusing_every_token_gets_two_attempts(relay, provider):
@@ -588,7 +600,7 @@ def test_the_keepalive_keeps_an_idle_refresh_token_alive(reactor, relay, provide
     4 s of silence goes through; once it stops, the next silence kills the token."""
     provider.rotate, provider.refresh_idle_limit = True, 3.0
     provider.refresh_used[next(iter(provider.refresh_tokens))] = time.time()
-    bridge = relay()
+    bridge = relay(session_idle=0)  # each message logs in anew
     path = tmp_path / "bridge-0" / "smtpbridge.toml"
     config = parse_config(path.read_text(), str(path))
     settings = {"scans": attr.evolve(config.accounts["scans"].oauth, keepalive_interval=1.0)}

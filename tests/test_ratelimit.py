@@ -16,7 +16,7 @@ from smtpbridge.model import ClientInfo
 from smtpbridge.ratelimit import RateLimits, RateLimitSettings, SlidingWindow
 from tests.conftest import RunningBridge, start_bridge, stop_bridge
 from tests.test_relay import RECIPIENT, SENDER, relay_toml, smtps
-from tests.upstream import Upstream, upstream, upstream_factory
+from tests.upstream import Upstream, commands, upstream, upstream_factory
 
 FIXTURES = (relay_toml, upstream, upstream_factory)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,7 +130,8 @@ def test_messages_per_minute_per_client(limited: Limited, upstream: Upstream,
     assert refused.value.smtp_code == 450
     assert refused.value.smtp_error.startswith(b"4.7.1 Too many messages from your address")
     assert len(upstream.stored()) == 2
-    assert len(upstream.logins) == 2  # the third never reached the upstream
+    mails = [line for line in commands(upstream.under_tls()) if line.startswith(b"MAIL")]
+    assert len(mails) == 2  # the third never reached the upstream
     assert any("rate limit: more than 2 messages a minute from [127.0.0.1]" in line
                for line in logged)
     assert any("status=deferred" in line and "450 4.7.1" in line for line in logged)

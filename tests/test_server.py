@@ -551,3 +551,31 @@ def test_a_utf8_recipient_needs_the_smtputf8_parameter():
     assert s.command("RCPT TO:<bü@example.de>")[0].startswith("553 5.6.7 ")
     assert s.command("RCPT TO:<b@example.de>")[0].startswith("250")
     assert s.delivery.transactions[0].recipients == ["b@example.de"]
+
+
+def test_remembered_logins_do_not_count_against_the_auth_rate_but_blocks_hold():
+    from smtpbridge.throttle import AuthThrottle, ThrottleSettings
+    from smtpbridge.users import UsersFileChecker, VerifiedLogins, hash_password
+
+    clock = Clock()
+    checker = UsersFileChecker({"alice": hash_password("s3cret", n=2**10)},
+                               cache=VerifiedLogins(clock))
+    throttle = AuthThrottle(clock, ThrottleSettings(
+        failure_limit=2, delay_step=0, rate=1))  # one costly check per second
+    good = "AUTH PLAIN " + base64.b64encode(b"\0alice\0s3cret").decode()
+    bad = "AUTH PLAIN " + base64.b64encode(b"\0alice\0wrong").decode()
+
+    def login(line: str, peer: str = TRUSTED) -> str:
+        s = Session(peer=peer, tls="implicit", checker=checker)
+        s.factory.throttle = throttle
+        s.command("EHLO c")
+        return s.command(line)[0][:3]
+
+    assert [login(good) for _ in range(5)] == ["235"] * 5  # one scrypt, four remembered
+    assert login(bad) == "454"  # a guess is costly: the second in this second is refused
+    clock.advance(1)
+    assert login(bad, STRANGER) == "535"
+    clock.advance(1)
+    assert login(bad, STRANGER) == "535"
+    assert login(good, STRANGER) == "454"  # blocked: not even a remembered password
+    assert login(good) == "235"

@@ -1,5 +1,6 @@
 """Every IUpstreamConnector keeps the same contract: the real one against aiosmtpd on
-loopback, and the shipped fake (L{smtpbridge.testing.FakeUpstream}) in memory.
+loopback, and the shipped fake (L{smtpbridge.testing.FakeUpstream}) in memory; each of
+them alone and behind the pool of kept sessions (L{smtpbridge.pool.SessionPool}).
 
 Each test runs against both through a harness: C{call} runs a session's method (in
 the reactor thread for the real one) and gives its result or raises its failure;
@@ -16,6 +17,7 @@ from typing import Any, Protocol
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import Clock
 from twisted.internet.threads import blockingCallFromThread
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -26,6 +28,7 @@ from smtpbridge.connector import UpstreamConnector
 from smtpbridge.errors import UpstreamError
 from smtpbridge.interfaces import IUpstreamConnector, IUpstreamSession
 from smtpbridge.model import Reply, Route, UpstreamAccount
+from smtpbridge.pool import SessionPool
 from smtpbridge.secret import Secret
 from smtpbridge.testing import FakeUpstream, FakeUpstreamSession
 from smtpbridge.wire import parse_enhanced
@@ -158,14 +161,42 @@ class FakeHarness:
         return pending
 
 
-@pytest.fixture(params=["real", "fake"])
+class PooledFakeHarness(FakeHarness):
+    """L{FakeHarness} behind the pool; a step is lost on the session the pool lent."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.fake = self.connector
+        self.connector = SessionPool(self.fake, Clock())
+
+    def stored(self) -> list[Message]:
+        return [(m.sender, m.recipients, m.body) for m in self.fake.messages]
+
+    def lose_during(self, session: Any, step: str,
+                    call: Callable[[], Deferred[Reply]]) -> Deferred[Reply]:
+        return super().lose_during(session._session, step, call)
+
+
+@pytest.fixture(params=["real", "fake", "real-pooled", "fake-pooled"])
 def make(request: pytest.FixtureRequest) -> Callable[..., Harness]:
     """Builds a harness; C{reject_recipients} and C{data_reply} as for C{start_upstream}."""
     if request.param == "fake":
         return FakeHarness
+    if request.param == "fake-pooled":
+        return PooledFakeHarness
     reactor = request.getfixturevalue("reactor")
     start = request.getfixturevalue("upstream_factory")
-    return lambda **options: RealHarness(reactor, start(**options))
+    if request.param == "real":
+        return lambda **options: RealHarness(reactor, start(**options))
+
+    def pooled(**options: Any) -> Harness:
+        harness = RealHarness(reactor, start(**options))
+        pool = SessionPool(harness.connector, reactor)
+        harness.connector = pool
+        request.addfinalizer(lambda: harness.call(pool.stop))
+        return harness
+
+    return pooled
 
 
 @pytest.fixture

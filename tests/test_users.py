@@ -13,14 +13,16 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
 from smtpbridge import users
 from smtpbridge.errors import ConfigError
-from smtpbridge.interfaces import IPasswordChecker
+from smtpbridge.interfaces import IPasswordChecker, IVerifiedLogins
 from smtpbridge.users import (
     UsersFileChecker,
+    VerifiedLogins,
     hash_password,
     load_users,
     verify_password,
@@ -303,3 +305,65 @@ def test_checker_does_not_share_users_mapping(alice_hash: str) -> None:
     checker = UsersFileChecker(mapping)
     mapping.clear()
     assert result_of(checker.check("alice", "correct horse")) is True
+
+
+# The verified-login cache.
+
+def cached_checker(alice_hash: str, ttl: float = 3600.0,
+                   ) -> tuple[UsersFileChecker, CountingRunner, Clock]:
+    clock = Clock()
+    runner = CountingRunner()
+    return UsersFileChecker({"alice": alice_hash}, runner, VerifiedLogins(clock, ttl)), \
+        runner, clock
+
+
+def test_a_verified_password_is_taken_without_scrypt_for_the_ttl(alice_hash: str) -> None:
+    checker, runner, clock = cached_checker(alice_hash, ttl=3600)
+    assert verifyObject(IVerifiedLogins, checker)
+    assert not checker.remembers("alice", "correct horse")
+    assert result_of(checker.check("alice", "correct horse")) is True
+    assert len(runner.calls) == 1
+    clock.advance(3599)
+    assert checker.remembers("alice", "correct horse")
+    assert result_of(checker.check("alice", "correct horse")) is True
+    assert len(runner.calls) == 1
+    clock.advance(1)  # an hour after the check, whatever the use meanwhile
+    assert not checker.remembers("alice", "correct horse")
+    assert result_of(checker.check("alice", "correct horse")) is True
+    assert len(runner.calls) == 2
+
+
+def test_failed_logins_are_never_cached(alice_hash: str) -> None:
+    checker, runner, _ = cached_checker(alice_hash)
+    for _ in range(2):
+        assert result_of(checker.check("alice", "wrong")) is False
+        assert result_of(checker.check("mallory", "wrong")) is False
+    assert len(runner.calls) == 4
+    assert result_of(checker.check("alice", "correct horse")) is True
+    # A remembered password lets no other one through, nor the same for another name.
+    assert not checker.remembers("alice", "wrong")
+    assert result_of(checker.check("alice", "wrong")) is False
+    assert not checker.remembers("mallory", "correct horse")
+    assert len(runner.calls) == 6
+
+
+def test_the_cache_holds_no_password(alice_hash: str) -> None:
+    cache = VerifiedLogins(Clock())
+    other = VerifiedLogins(Clock())
+    for each in (cache, other):
+        each.remember("alice", "correct horse")
+    [(digest, _)] = cache._entries.values()
+    assert b"correct horse" not in digest and len(digest) == 32
+    # Keyed per process (here: per cache): the digest is no use anywhere else.
+    assert digest != next(iter(other._entries.values()))[0]
+    assert digest != hashlib.sha256(b"alice\0correct horse").digest()
+    cache.clear()
+    assert len(cache) == 0 and not cache.remembers("alice", "correct horse")
+
+
+def test_without_a_cache_every_login_runs_scrypt(alice_hash: str) -> None:
+    runner = CountingRunner()
+    checker = UsersFileChecker({"alice": alice_hash}, runner)
+    for _ in range(3):
+        assert result_of(checker.check("alice", "correct horse")) is True
+    assert len(runner.calls) == 3 and not checker.remembers("alice", "correct horse")

@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpbridge.errors import SMTPReplyError, UpstreamError
-from smtpbridge.lines import SMTPLineReceiver
+from smtpbridge.lines import SMTPLineReceiver, no_delay
 from smtpbridge.model import Reply, Route
 from smtpbridge.replies import UpstreamFailure
 from smtpbridge.tls import public_key_pin, tls_failure_reason
@@ -122,6 +122,7 @@ class UpstreamProtocol(SMTPLineReceiver, TimeoutMixin):
     # Connection events.
 
     def connectionMade(self) -> None:  # noqa: N802
+        no_delay(self.transport)
         self.greeting = self.expect("TLS handshake" if self.handshaking else "greeting")
 
     def handshakeCompleted(self) -> None:  # noqa: N802

@@ -22,7 +22,15 @@ from smtpbridge.wire import reply_line
 
 log = Logger()
 
-__all__ = ["LoginChannel", "authenticate", "refuse"]
+__all__ = ["Login", "LoginChannel", "authenticate", "refuse"]
+
+
+@attr.frozen
+class Login:
+    """A login the upstream accepted: the mechanism, and the OAuth2 token it took."""
+
+    mechanism: str
+    token: str | None = attr.field(default=None, repr=False)
 
 
 class LoginChannel(Protocol):
@@ -42,9 +50,9 @@ class LoginChannel(Protocol):
 
 
 async def authenticate(channel: LoginChannel, account: UpstreamAccount,
-                       features: dict[str, str], tokens: ITokenSource | None) -> str:
-    """Log in with the account's mechanism (or the best offered); the mechanism used.
-    C{tokens} is the token source of an OAuth2 account."""
+                       features: dict[str, str], tokens: ITokenSource | None) -> Login:
+    """Log in with the account's mechanism (or the best offered); the mechanism used, and
+    the token of an OAuth2 login.  C{tokens} is the token source of an OAuth2 account."""
     offered = features.get("AUTH", "").upper().split()
     mechanism = sasl.choose_mechanism(offered, account.mechanism, account.oauth)
     if mechanism is None:
@@ -52,18 +60,19 @@ async def authenticate(channel: LoginChannel, account: UpstreamAccount,
         raise refuse(channel, UpstreamFailure.SECURITY,
                      f"offers no {kind}AUTH mechanism the bridge can use (offered: "
                      f"{' '.join(offered) or 'none'})")
+    token = None
     if account.oauth:
         if tokens is None:
             raise refuse(channel, UpstreamFailure.INTERNAL,
                          f"cannot log in {account.username}: the account has no token source")
-        reply = await _oauth_login(channel, account, mechanism, tokens)
+        reply, token = await _oauth_login(channel, account, mechanism, tokens)
     else:
         reply = await _password_login(channel, account, mechanism)
     if reply.code != 235:
         error = refuse(channel, UpstreamFailure.SECURITY,
                        f"rejected the login of {account.username}: {reply_line(reply)}")
         raise LoginRejected(error.reply)
-    return mechanism
+    return Login(mechanism, token)
 
 
 async def _password_login(channel: LoginChannel, account: UpstreamAccount,
@@ -83,10 +92,11 @@ async def _password_login(channel: LoginChannel, account: UpstreamAccount,
 
 
 async def _oauth_login(channel: LoginChannel, account: UpstreamAccount, mechanism: str,
-                       source: ITokenSource) -> Reply:
+                       source: ITokenSource) -> tuple[Reply, str | None]:
     """XOAUTH2 or OAUTHBEARER with a fresh token; a rejected token is dropped and the
-    login tried once more with a new one."""
+    login tried once more with a new one.  The last reply, and the token it answered."""
     reply = Reply(535, None, "no attempt")
+    token: str | None = None
     for _attempt in range(2):
         try:
             token = await source.token()
@@ -106,11 +116,11 @@ async def _oauth_login(channel: LoginChannel, account: UpstreamAccount, mechanis
             reply = await channel.send(ack, "AUTH")
             reply = attr.evolve(reply, text=f"{reply.text} ({details})")
         if reply.code == 235:
-            return reply
+            return reply, token
         source.invalidate(token)
         log.info("upstream {where}: OAuth2 token for {user} refused ({text}); it is dropped",
                  where=channel.label, user=account.username, text=reply_line(reply))
-    return reply
+    return reply, token
 
 
 def refuse(channel: LoginChannel, failure: UpstreamFailure, text: str) -> UpstreamError:

@@ -68,6 +68,7 @@ class ServerConfig:
     max_connections: int = 1000  # per listener, unless the listener says otherwise
     max_connections_per_client: int = 50  # per client address (Postfix's default)
     allow_readable_secrets: bool = False  # group/world-readable secret files: warn only
+    workers: int = 1  # processes that serve the listeners; more than 1: a supervisor too
 
 
 @attr.frozen
@@ -108,6 +109,7 @@ class AccessConfig:
     auth_threads: int = 2  # password checks (scrypt, 32 MiB each) at once
     auth_queue: int = 32  # checks that may wait for a thread; beyond, 454 at once
     auth_rate: float = 20.0  # AUTH attempts per second for the whole bridge
+    login_cache_time: int = 3600  # seconds a verified password is taken without scrypt
 
 
 @attr.frozen
@@ -180,6 +182,7 @@ def _server(t: Table) -> ServerConfig:
         max_connections=t.integer("max_connections", 1000, minimum=1),
         max_connections_per_client=t.integer("max_connections_per_client", 50, minimum=1),
         allow_readable_secrets=t.boolean("allow_readable_secrets", False),
+        workers=t.integer("workers", 1, minimum=1, maximum=64),
     )
 
 
@@ -238,6 +241,7 @@ def _access(t: Table) -> AccessConfig:
         auth_threads=t.integer("auth_threads", 2, minimum=1, maximum=64),
         auth_queue=t.integer("auth_queue", 32, minimum=0),
         auth_rate=t.number("auth_rate", 20.0, minimum=0.1),
+        login_cache_time=t.integer("login_cache_time", 3600, minimum=0),
     )
 
 

@@ -26,6 +26,7 @@ from smtpbridge.clientauth import authenticate, refuse
 from smtpbridge.errors import LoginRejected, SMTPReplyError, UpstreamError
 from smtpbridge.interfaces import ITokenSource, IUpstreamConnector, IUpstreamSession
 from smtpbridge.model import Route, UpstreamAccount
+from smtpbridge.names import CachingResolver, with_resolver
 from smtpbridge.replies import UpstreamFailure
 from smtpbridge.tls import connection_summary, upstream_tls_options
 from smtpbridge.upstreamsession import UpstreamSession
@@ -78,13 +79,19 @@ async def _set_up(protocol: UpstreamProtocol, account: UpstreamAccount | None, h
     version, cipher = connection_summary(protocol.transport)
     progress("TLS", f"{version} {cipher}, certificate verified for {protocol.route.host}")
     features = parse_features(ehlo)
+    valid_until = None
     if account is not None:
-        mechanism = await authenticate(protocol, account, features, tokens)
-        progress("AUTH", f"{mechanism} accepted for {account.username}")
+        login = await authenticate(protocol, account, features, tokens)
+        progress("AUTH", f"{login.mechanism} accepted for {account.username}")
+        if login.token is not None and tokens is not None:
+            # A session logged in with a token is good while the token is.
+            valid_until = tokens.expires_at(login.token)
+            if valid_until is None:
+                valid_until = protocol.clock.seconds()
     log.info("upstream {where}: TLS {version} {cipher}, {auth}", where=protocol.label,
              version=version, cipher=cipher,
              auth=f"authenticated as {account.username}" if account else "no AUTH")
-    return UpstreamSession(protocol, features)
+    return UpstreamSession(protocol, features, valid_until)
 
 
 def set_up(protocol: UpstreamProtocol, account: UpstreamAccount | None, helo_name: str,
@@ -121,11 +128,13 @@ def _connect_error(failure: Failure, route: Route) -> UpstreamError:
 def connect(reactor: Any, route: Route, account: UpstreamAccount | None, helo_name: str,
             tls_options: TLSOptions | None = None, progress: Progress | None = None,
             tokens: ITokenSource | None = None,
-            on_lost: Callable[[], object] | None = None) -> Deferred[UpstreamSession]:
+            on_lost: Callable[[], object] | None = None,
+            names: CachingResolver | None = None) -> Deferred[UpstreamSession]:
     """Open a verified, authenticated upstream session, or fail with a 4xx L{UpstreamError}.
 
     C{progress(step, detail)} hears of each step that succeeded (for C{smtpbridge check});
     C{on_lost()} is called once when the connection is gone or could not be made.
+    C{names} resolves the host (None: the reactor's resolver, a lookup per connection).
     """
     lost = _once(on_lost)
     if tls_options is None:
@@ -138,8 +147,8 @@ def connect(reactor: Any, route: Route, account: UpstreamAccount | None, helo_na
             lost()
             return fail(error)
     options = tls_options
-    endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, route.host, route.port,
-                                                       timeout=route.timeout)
+    endpoint: IStreamClientEndpoint = HostnameEndpoint(
+        with_resolver(reactor, names), route.host, route.port, timeout=route.timeout)
     if route.tls == "implicit":
         endpoint = wrapClientTLS(options, endpoint)
     factory = Factory.forProtocol(lambda: UpstreamProtocol(route, reactor, lost))
@@ -154,6 +163,8 @@ def connect(reactor: Any, route: Route, account: UpstreamAccount | None, helo_na
 
     def not_connected(failure: Failure) -> Failure:
         lost()
+        if names is not None:
+            names.forget(route.host)  # the addresses did not answer: ask again next time
         error = _connect_error(failure, route)
         log.warn("{text}", text=error.reply.text)
         return Failure(error)
@@ -184,6 +195,11 @@ class SessionSlots:
         semaphore = self._slots.get((route.host, route.port))
         return 0 if semaphore is None else semaphore.limit - semaphore.tokens
 
+    def free(self, route: Route) -> bool:
+        """True when a slot of the host can be had at once."""
+        semaphore = self._slots.get((route.host, route.port))
+        return semaphore is None or semaphore.tokens > 0
+
     def acquire(self, route: Route) -> Deferred[Callable[[], None]]:
         """Fires with the function that gives the slot back (call it once the session's
         connection is gone), or fails with the 451 4.3.2."""
@@ -204,8 +220,9 @@ class SessionSlots:
 
 @implementer(IUpstreamConnector)
 class UpstreamConnector:
-    """Opens sessions for the bridge: its EHLO name, each route's TLS options built once,
-    the token sources of the OAuth2 accounts by account name."""
+    """Opens sessions for the bridge: its EHLO name, each route's TLS options built once
+    (again after L{forget_tls}), host names resolved once a minute, the token sources of
+    the OAuth2 accounts by account name."""
 
     def __init__(self, reactor: Any, helo_name: str,
                  tokens: Mapping[str, ITokenSource] | None = None) -> None:
@@ -214,6 +231,8 @@ class UpstreamConnector:
         self.tokens = dict(tokens or {})
         self._tls: dict[Route, TLSOptions] = {}
         self.slots = SessionSlots(reactor)
+        resolver = getattr(reactor, "nameResolver", None)
+        self.names = CachingResolver(resolver, reactor) if resolver is not None else None
 
     def tls_options(self, route: Route) -> TLSOptions:
         """The route's client TLS options (CA bundle read once); OSError or ValueError."""
@@ -228,17 +247,23 @@ class UpstreamConnector:
 
     def connect(self, route: Route, account: UpstreamAccount | None,
                 progress: Progress | None = None) -> Deferred[IUpstreamSession]:
+        """A new session once one of the host's L{slots} is free."""
+        session: Deferred[Any] = self.slots.acquire(route).addCallback(
+            lambda release: self.open(route, account, release, progress))
+        return session
+
+    def open(self, route: Route, account: UpstreamAccount | None, release: Callable[[], None],
+             progress: Progress | None = None) -> Deferred[IUpstreamSession]:
+        """A new session in a slot the caller holds: C{release()} is called once its
+        connection is gone (or could not be made)."""
         try:
             options = self.tls_options(route)
         except (OSError, ValueError):
             options = None  # connect() reports it
         tokens = self.tokens.get(account.name) if account is not None else None
-
-        def open_session(release: Callable[[], None]) -> Deferred[UpstreamSession]:
-            return connect(self._reactor, route, account, self._helo_name, options, progress,
-                           tokens, on_lost=release)
-
-        session: Deferred[Any] = self.slots.acquire(route).addCallback(open_session)
+        session: Deferred[Any] = connect(self._reactor, route, account, self._helo_name,
+                                         options, progress, tokens, on_lost=release,
+                                         names=self.names)
         return session
 
 

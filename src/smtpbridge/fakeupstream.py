@@ -11,10 +11,12 @@ from collections.abc import Callable, Mapping, Sequence
 
 import attr
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from smtpbridge.client import upstream_error
+from smtpbridge.connector import SessionSlots
 from smtpbridge.errors import LoginRejected, UpstreamError
 from smtpbridge.interfaces import IUpstreamConnector, IUpstreamSession, Params
 from smtpbridge.model import Reply, Route, UpstreamAccount
@@ -74,14 +76,18 @@ class FakeUpstreamSession:
     and each takes effect (envelope, DATA, the message kept) when it is answered.
     ``commands`` records the command lines (parameters as given: choosing the ones
     the upstream offers is the real client's job), ``transmissions`` every body.
+    ``on_end()`` is called once when the session has ended (failed, closed or aborted).
     """
 
     def __init__(self, route: Route, account: UpstreamAccount | None,
                  features: Mapping[str, str] = UPSTREAM_FEATURES,
                  replies: Mapping[str, Reply] | None = None, fail_at: str | None = None,
-                 hold_replies: bool = False) -> None:
+                 hold_replies: bool = False, valid_until: float | None = None,
+                 on_end: Callable[[], object] | None = None) -> None:
         self.route = route
         self.account = account
+        self.valid_until = valid_until
+        self.on_end = on_end
         self.features = dict(features)
         self.replies = dict(replies or {})
         self.fail_at = fail_at
@@ -144,6 +150,9 @@ class FakeUpstreamSession:
         pending, self._pending = self._pending, deque()
         for deferred, *_ in pending:
             deferred.errback(error)
+        on_end, self.on_end = self.on_end, None
+        if on_end is not None:
+            on_end()
 
     def _queue(self, key: str, step: str, answer: Callable[[], Reply]) -> Deferred[Reply]:
         deferred: Deferred[Reply] = Deferred()
@@ -261,37 +270,57 @@ class FakeUpstreamSession:
             self._break(upstream_error(self.route, UpstreamFailure.LOST, text))
 
 
+#: A connection under way: its Deferred, route, account, and what to call when it ends.
+_Connecting = tuple[Deferred[IUpstreamSession], Route, UpstreamAccount | None,
+                    Callable[[], object] | None]
+
+
 @implementer(IUpstreamConnector)
 class FakeUpstream:
     """Opens L{FakeUpstreamSession}s, or fails as scripted per host; records every attempt.
 
     ``connect_errors`` maps a host to the error its connections fail with (see
-    L{unreachable} and L{login_rejected}).  ``replies``, ``fail_at``, ``hold_replies``
-    and ``features`` are copied into each session opened afterwards.  With
-    ``hold_connects`` each connection waits until L{release_connects}.
+    L{unreachable} and L{login_rejected}).  ``replies``, ``fail_at``, ``hold_replies``,
+    ``valid_until`` and ``features`` are copied into each session opened afterwards.
+    With ``hold_connects`` each connection waits until L{release_connects}.  Like
+    L{smtpbridge.connector.UpstreamConnector} it has ``slots`` (on C{clock}) and
+    L{open}, which L{smtpbridge.pool.SessionPool} uses.
     """
 
-    def __init__(self, features: Mapping[str, str] = UPSTREAM_FEATURES) -> None:
+    def __init__(self, features: Mapping[str, str] = UPSTREAM_FEATURES,
+                 clock: IReactorTime | None = None) -> None:
         self.features = dict(features)
         self.replies: dict[str, Reply] = {}
         self.fail_at: str | None = None
         self.hold_replies = False
+        self.valid_until: float | None = None
         self.connect_errors: dict[str, UpstreamError] = {}
         self.hold_connects = False
         self.attempts: list[tuple[Route, UpstreamAccount | None]] = []
         self.sessions: list[FakeUpstreamSession] = []
-        self._connecting: list[tuple[Deferred[IUpstreamSession], Route,
-                                     UpstreamAccount | None]] = []
+        self.slots = SessionSlots(clock if clock is not None else Clock())
+        self._connecting: list[_Connecting] = []
 
     @property
     def messages(self) -> list[UpstreamMessage]:
         """The messages accepted over all sessions, oldest session first."""
         return [message for session in self.sessions for message in session.messages]
 
+    @property
+    def open_sessions(self) -> list[FakeUpstreamSession]:
+        """The sessions not ended yet (connected, as the upstream sees it)."""
+        return [session for session in self.sessions if session.error is None]
+
     def connect(self, route: Route, account: UpstreamAccount | None) -> Deferred[IUpstreamSession]:
+        return self.open(route, account, None)
+
+    def open(self, route: Route, account: UpstreamAccount | None,
+             release: Callable[[], object] | None) -> Deferred[IUpstreamSession]:
+        """As L{connect}, in a slot the caller holds: C{release()} is called once the
+        session has ended, or could not be opened."""
         self.attempts.append((route, account))
         deferred: Deferred[IUpstreamSession] = Deferred()
-        self._connecting.append((deferred, route, account))
+        self._connecting.append((deferred, route, account, release))
         if not self.hold_connects:
             self.release_connects()
         return deferred
@@ -299,12 +328,15 @@ class FakeUpstream:
     def release_connects(self) -> None:
         """Finish every connection waiting now: a session, or the host's scripted error."""
         waiting, self._connecting = self._connecting, []
-        for deferred, route, account in waiting:
+        for deferred, route, account, release in waiting:
             error = self.connect_errors.get(route.host)
             if error is not None:
+                if release is not None:
+                    release()
                 deferred.errback(error)
                 continue
             session = FakeUpstreamSession(route, account, self.features, self.replies,
-                                          self.fail_at, self.hold_replies)
+                                          self.fail_at, self.hold_replies, self.valid_until,
+                                          release)
             self.sessions.append(session)
             deferred.callback(session)

@@ -96,6 +96,14 @@ class IPasswordChecker(Interface):
         """A Deferred that fires with True or False."""
 
 
+class IVerifiedLogins(Interface):
+    """A password checker that remembers logins it verified a short while ago."""
+
+    def remembers(username: str, password: str) -> bool:
+        """True when C{password} is the one verified for C{username} within the cache's
+        time: the check will be answered at once, without the costly hash."""
+
+
 class IAccessPolicy(Interface):
     """Decides who may submit mail."""
 
@@ -153,6 +161,10 @@ class ITokenSource(Interface):
     def invalidate(token: str) -> None:
         """The upstream rejected C{token}: the next L{token} call fetches a new one."""
 
+    def expires_at(token: str) -> float | None:
+        """When C{token} (one this source gave) expires, in seconds of the source's clock;
+        None when the source no longer holds it (it was replaced or refused)."""
+
 
 class IUpstreamSession(Interface):
     """One upstream SMTP session: connected, TLS verified, logged in, ready for MAIL FROM.
@@ -166,6 +178,8 @@ class IUpstreamSession(Interface):
     route = Attribute("The Route this session is connected to.")
     features = Attribute("The upstream's EHLO keywords (upper-case) and their parameters.")
     usable = Attribute("True while connected, in no failure and with no command pending.")
+    valid_until = Attribute("When the session's login stops being good, in seconds of the "
+                            "reactor's clock (an OAuth2 token's expiry); None: never.")
 
     def mail(sender: str, params: Params) -> Deferred[Reply]:
         """MAIL FROM, passing on only the parameters the upstream advertised."""

@@ -27,6 +27,21 @@ class Connection(Protocol):
     def unregisterProducer(self) -> None: ...  # noqa: N802
 
 
+def no_delay(transport: Any) -> bool:
+    """Turn Nagle's algorithm off on the TCP connection beneath C{transport}.
+
+    SMTP is a dialogue of small writes: with Nagle on, the last short segment of a reply
+    or of a message waits for the peer's delayed ACK (about 40 ms on Linux).  TLS and
+    PROXY-protocol wrappers pass the call on to the TCP transport beneath them.  False
+    when there is no TCP connection to set (a UNIX socket, a test transport).
+    """
+    try:
+        transport.setTcpNoDelay(True)
+    except (AttributeError, OSError, NotImplementedError):
+        return False
+    return True
+
+
 class SMTPLineReceiver(LineReceiver):
     """A line receiver for SMTP: CRLF or bare LF, survivable long lines, reasoned pauses."""
 

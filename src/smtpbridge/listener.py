@@ -1,32 +1,64 @@
-"""Services that keep the listeners running: the listening endpoints, and the reload of
-their certificates on SIGHUP."""
+"""Services that keep the listeners running: the listening endpoints (or, in a worker
+process, the listening sockets its supervisor holds), the reload of their certificates
+on SIGHUP, and the heap frozen once the bridge has started."""
 
 from __future__ import annotations
 
+import gc
 import signal
+import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from OpenSSL import SSL
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
     IReactorFromThreads,
+    IReactorTime,
     IStreamServerEndpoint,
 )
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from smtpbridge.errors import ConfigError
 from smtpbridge.limits import ConnectionGovernor
 from smtpbridge.tls import ServerTLS
 
 log = Logger()
+
+
+@implementer(IStreamServerEndpoint)
+class AdoptedEndpoint:
+    """A listening socket another process opened and handed down as descriptor C{fd}: a
+    worker accepts on the sockets of its supervisor (C{IReactorSocket.adoptStreamPort})."""
+
+    def __init__(self, reactor: Any, fd: int) -> None:
+        self._reactor = reactor
+        self._fd = fd
+
+    def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:  # noqa: N803
+        probe = socket.socket(fileno=self._fd)  # reads the address family of the socket
+        family = probe.family
+        probe.detach()
+        port: IListeningPort = self._reactor.adoptStreamPort(self._fd, family, protocolFactory)
+        return succeed(port)
+
+
+def adopted_endpoint(reactor: Any, fd: int, description: str) -> IStreamServerEndpoint:
+    """The endpoint of a listener whose socket is descriptor C{fd}; C{description}, its
+    configured endpoint string, says whether the PROXY protocol comes first."""
+    endpoint: IStreamServerEndpoint = AdoptedEndpoint(reactor, fd)
+    if description.startswith("haproxy:"):
+        endpoint = proxyEndpoint(endpoint)
+    return endpoint
 
 
 class ListenerService(Service):
@@ -76,16 +108,25 @@ class CertificateReloader(Service):
 
     New connections use the new files at once; connections already open keep the
     certificate they started with.  Files that do not load leave the old ones in use.
+    Each of C{also} is called first on every reload: the upstream side forgets its TLS
+    options (the CA bundles may have changed) and its idle sessions.
     """
 
     def __init__(self, reactor: IReactorFromThreads,
-                 contexts: list[tuple[ServerTLS, Callable[[], SSL.Context]]]) -> None:
+                 contexts: list[tuple[ServerTLS, Callable[[], SSL.Context]]],
+                 also: Sequence[Callable[[], object]] = ()) -> None:
         self._reactor = reactor
         self._contexts = contexts
+        self._also = tuple(also)
         self._previous: signal.Handlers | int | Callable[..., Any] | None = None
 
     def reload(self) -> bool:
         """Load every certificate again; False (and nothing changed) if one fails."""
+        for call in self._also:
+            try:
+                call()
+            except Exception:
+                log.failure("reload of {call!r} failed", call=call)
         try:
             fresh = [(tls, build()) for tls, build in self._contexts]
         except ConfigError as e:
@@ -154,3 +195,34 @@ class BridgeService(MultiService):
         for child in reversed(list(self)):
             if child not in accepting:
                 await maybeDeferred(child.stopService)
+
+
+class StopHook(Service):
+    """Runs C{stop()} when the bridge stops and waits for what it returns, at most
+    C{grace} seconds: kept upstream sessions say QUIT."""
+
+    def __init__(self, stop: Callable[[], Deferred[None]], clock: IReactorTime,
+                 grace: float = 5.0) -> None:
+        self._stop = stop
+        self._clock = clock
+        self._grace = grace
+
+    def stopService(self) -> Deferred[None]:  # noqa: N802
+        super().stopService()
+        done = self._stop()
+        done.addTimeout(self._grace, self._clock)
+        return done.addErrback(lambda failure: None)
+
+
+class HeapFreezer(Service):
+    """Moves every object alive once the bridge has started (modules, configuration, TLS
+    contexts) out of the garbage collector's sight with C{gc.freeze()}: they live as
+    long as the process, and the collector no longer walks them again and again while
+    sessions come and go."""
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        gc.collect()
+        gc.freeze()
+        log.info("{count} start-up objects frozen out of garbage collection",
+                 count=gc.get_freeze_count())

@@ -142,7 +142,10 @@ class UpstreamLoginChecker:
         self._routes = routes
 
     def check(self, username: str, password: str) -> Deferred[bool]:
-        return self._login(self._routes, UpstreamAccount(username, Secret(password)))
+        # The account the passthrough mapper gives the client's transactions: the session
+        # that checked the login is kept for them.
+        return self._login(self._routes, UpstreamAccount(username, Secret(password),
+                                                         name=f"passthrough:{username}"))
 
 
 # The mappers by name: the built-in factories, then the plugins.

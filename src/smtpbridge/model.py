@@ -69,6 +69,8 @@ class Route:
     max_sessions: int = 20  # sessions open at once to this host
     session_wait: float = 30.0  # seconds to wait for a free session
     data_timeout: float = 180.0  # seconds the body may make no progress
+    session_idle: float = 30.0  # seconds a session is kept open unused; 0: never kept
+    max_messages: int = 100  # messages one session carries before it is closed
     name: str = "default"  # the route's name in the configuration, for logs and metrics
 
 

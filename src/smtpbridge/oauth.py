@@ -98,6 +98,11 @@ class CachedTokenSource:
         if self._token is not None and self._token.access_token == token:
             self._token = None
 
+    def expires_at(self, token: str) -> float | None:
+        if self._token is not None and self._token.access_token == token:
+            return self._token.expires_at
+        return None
+
     def _fetched(self, token: Token) -> None:
         self.fetched_at = self._clock.seconds()
         if self.observe is not None:

@@ -26,6 +26,7 @@ from smtpbridge.errors import SMTPReplyError
 from smtpbridge.handshake import CLOSED, TIMEOUT, HandshakeFailures, ListenerTLS, diagnose
 from smtpbridge.interfaces import IAccessPolicy, IDelivery, IPasswordChecker, IStatistics
 from smtpbridge.limits import ConnectionGovernor
+from smtpbridge.lines import no_delay
 from smtpbridge.mailcommands import MailCommands
 from smtpbridge.model import Reply
 from smtpbridge.networks import normalise_address
@@ -131,6 +132,7 @@ class SMTPServerProtocol(AuthCommands, MailCommands):
     # Connection events.
 
     def connectionMade(self) -> None:  # noqa: N802
+        no_delay(self.transport)
         peer = self.connection.getPeer()
         self.client = attr.evolve(self.client, peer_host=str(getattr(peer, "host", peer)),
                                   peer_port=int(getattr(peer, "port", 0) or 0))

@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 
 from smtpbridge import sasl
 from smtpbridge.errors import SMTPReplyError
+from smtpbridge.interfaces import IVerifiedLogins
 from smtpbridge.model import Reply
 from smtpbridge.replies import (
     ALREADY_AUTHENTICATED,
@@ -124,7 +125,8 @@ class AuthCommands(ServerSession):
         session, host = self.client.session_id, self.client.peer_host
         throttle, checker = self.services.throttle, self.services.checker
         assert checker is not None, "AUTH is refused without a checker"
-        refused = throttle.begin(host) if throttle is not None else None
+        cheap = IVerifiedLogins.providedBy(checker) and checker.remembers(username, password)
+        refused = throttle.begin(host, costly=not cheap) if throttle is not None else None
         if refused is not None:
             self.log.info("{session} AUTH refused: {why}", session=session, why={
                 "blocked": f"[{host}] is blocked after repeated failures",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attr
@@ -31,9 +31,16 @@ from smtpbridge.interfaces import (
     IPasswordChecker,
     IStatistics,
     ITokenSource,
+    IUpstreamConnector,
 )
 from smtpbridge.limits import BoundedThreadPool, ConnectionGovernor, raise_file_limit
-from smtpbridge.listener import BridgeService, CertificateReloader, ListenerService
+from smtpbridge.listener import (
+    BridgeService,
+    CertificateReloader,
+    ListenerService,
+    StopHook,
+    adopted_endpoint,
+)
 from smtpbridge.mapping import (
     UpstreamLoginChecker,
     builtin_mapper_factories,
@@ -45,6 +52,7 @@ from smtpbridge.model import Assignment, Route, UpstreamAccount
 from smtpbridge.networks import NetworkSet
 from smtpbridge.oauth import token_keepalive
 from smtpbridge.policy import AccessPolicy, SenderRules
+from smtpbridge.pool import SessionPool
 from smtpbridge.proxyheader import ProxyHeaderFactory
 from smtpbridge.queuerunner import QueueRunner, RetrySettings
 from smtpbridge.ratelimit import RateLimits, RateLimitSettings
@@ -55,7 +63,7 @@ from smtpbridge.serverbase import ListenerSettings
 from smtpbridge.spool import Spool
 from smtpbridge.throttle import AuthThrottle, ThrottleSettings
 from smtpbridge.tls import ServerTLS, create_self_signed, server_context
-from smtpbridge.users import UsersFileChecker, load_users
+from smtpbridge.users import UsersFileChecker, VerifiedLogins, load_users
 
 
 def _endpoint_service(reactor: Any, config: Config, key: str, name: str,
@@ -106,7 +114,8 @@ def _routes(config: Config, name: str) -> tuple[Route, ...]:
         raise ConfigError(config.path, f"{key}.ca_certificates", f"{ca} {reason}")
     return tuple(Route(host, route.port, route.tls, ca, float(route.timeout),
                        route.min_tls_version, route.pin_sha256, route.max_sessions,
-                       float(route.session_wait), float(route.data_timeout), name)
+                       float(route.session_wait), float(route.data_timeout),
+                       float(route.session_idle), route.max_messages_per_session, name)
                  for host in route.hosts)
 
 
@@ -184,14 +193,16 @@ def upstreams(config: Config, reactor: Any,
     return Upstreams(connector, mapper, known)
 
 
-def _checker(config: Config, upstream: Upstreams,
-             threads: BoundedThreadPool) -> IPasswordChecker | None:
+def _checker(config: Config, upstream: Upstreams, threads: BoundedThreadPool,
+             logins: IUpstreamConnector, clock: Any) -> IPasswordChecker | None:
     mapper = upstream.mapper
     if IClientLoginMapper.providedBy(mapper):
-        return UpstreamLoginChecker(try_login(upstream.connector), mapper.routes)
+        return UpstreamLoginChecker(try_login(logins), mapper.routes)
     if config.access.users_file is None:
         return None
-    return UsersFileChecker(load_users(config.access.users_file), threads.run)
+    ttl = config.access.login_cache_time
+    cache = VerifiedLogins(clock, ttl) if ttl > 0 else None
+    return UsersFileChecker(load_users(config.access.users_file), threads.run, cache)
 
 
 def _policy(config: Config) -> AccessPolicy:
@@ -207,7 +218,8 @@ def _throttle(config: Config, reactor: Any) -> AuthThrottle:
         rate=access.auth_rate))
 
 
-def _queue_runner(config: Config, reactor: Any, upstream: Upstreams, parent: MultiService,
+def _queue_runner(config: Config, reactor: Any, upstream: Upstreams,
+                  connector: IUpstreamConnector, parent: MultiService,
                   statistics: IStatistics | None = None) -> QueueRunner | None:
     """The spool and its runner, unless every listener's spool mode is "never"."""
     settings = config.spool
@@ -217,7 +229,7 @@ def _queue_runner(config: Config, reactor: Any, upstream: Upstreams, parent: Mul
                                 busy=OSError(errno.EBUSY, "too many spool writes at once"))
     threads.setServiceParent(parent)
     runner = QueueRunner(
-        Spool(settings.directory, settings.max_size), upstream.connector, upstream.accounts,
+        Spool(settings.directory, settings.max_size), connector, upstream.accounts,
         reactor, RetrySettings(first_retry=settings.first_retry, max_retry=settings.max_retry,
                                max_age=settings.max_age, concurrency=settings.concurrency),
         config.server.hostname, threads.run, statistics)
@@ -259,8 +271,13 @@ def _count_sessions(metrics: Metrics, server: SMTPServerFactory) -> None:
     metrics.sessions.labels(server.settings.name).set(server.open)
 
 
-def make_service(config: Config, reactor: Any) -> MultiService:
-    """The whole bridge as one service: every listener, and the demo upstream if configured."""
+def make_service(config: Config, reactor: Any,
+                 adopted: Mapping[str, int] | None = None) -> MultiService:
+    """The whole bridge as one service: every listener, and the demo upstream if configured.
+
+    A worker process passes C{adopted}, the descriptor of each listener's socket (by
+    listener name) that its supervisor holds; the supervisor runs the demo upstream.
+    """
     top = BridgeService(reactor, config.spool.drain_timeout)
     tls = config.tls
     if tls.create_self_signed and tls.certificate and tls.key and not (
@@ -272,9 +289,11 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     token_keepalive({name: account.oauth for name, account in config.accounts.items()
                      if account.oauth is not None},
                     upstream.connector.tokens, reactor).setServiceParent(top)
-    runner = _queue_runner(config, reactor, upstream, top, metrics)
+    pool = SessionPool(upstream.connector, reactor)
+    StopHook(pool.stop, reactor).setServiceParent(top)
+    runner = _queue_runner(config, reactor, upstream, pool, top, metrics)
     limits = _rate_limits(config, reactor, metrics)
-    deliveries = {mode: InlineDelivery(upstream.mapper, upstream.connector,
+    deliveries = {mode: InlineDelivery(upstream.mapper, pool,
                                        runner if mode != "never" else None, mode == "always",
                                        limits)
                   for mode in ("never", "fallback", "always")}
@@ -282,7 +301,7 @@ def make_service(config: Config, reactor: Any) -> MultiService:
     threads = BoundedThreadPool(reactor, config.access.auth_threads, config.access.auth_queue,
                                 "smtpbridge-password-checks")
     threads.setServiceParent(top)
-    checker = _checker(config, upstream, threads)
+    checker = _checker(config, upstream, threads, pool.fresh, reactor)
     keep_password = IClientLoginMapper.providedBy(upstream.mapper)
     throttle = _throttle(config, reactor)
     soft, _ = raise_file_limit()
@@ -336,21 +355,28 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         if endpoint.startswith("haproxy:"):  # the session starts once the header is read
             endpoint = endpoint.removeprefix("haproxy:")
             factory = ProxyHeaderFactory(factory, reactor, config.server.handshake_timeout)
+        if adopted is not None:
+            ListenerService(f"listener {listener.name}", listener.endpoint,
+                            adopted_endpoint(reactor, adopted[listener.name], endpoint),
+                            factory, governor).setServiceParent(top)
+            continue
         _endpoint_service(reactor, config, f"listener[{index}].endpoint",
                           f"listener {listener.name}", endpoint,
                           factory, listener.backlog, governor).setServiceParent(top)
-    if config.demo is not None:
+    if config.demo is not None and adopted is None:
         demo = config.demo
         factory = demo_upstream_factory(MailFolderDelivery(demo.mail_dir), demo.username,
                                         demo.password.value,
                                         server_tls(_context_builder(config, None)), reactor)
         _endpoint_service(reactor, config, "demo.endpoint", "demo upstream", demo.endpoint,
                           factory).setServiceParent(top)
-    if metrics is not None:
+    if metrics is not None and adopted is None:
         _admin(config, reactor, upstream, metrics, throttle, top)
-    reloader = CertificateReloader(reactor, contexts)
+    reloader = CertificateReloader(reactor, contexts,
+                                   also=[upstream.connector.forget_tls, pool.drain])
     reloader.setName("certificates")
     reloader.setServiceParent(top)
     # Last: when it starts, every listener before it listens.
-    SystemdNotifier(reactor, os.environ).setServiceParent(top)
+    if adopted is None:  # a worker's supervisor tells systemd
+        SystemdNotifier(reactor, os.environ).setServiceParent(top)
     return top

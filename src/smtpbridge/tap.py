@@ -14,6 +14,9 @@ class Options(usage.Options):
     longdesc = "Run the SMTP submission bridge described by a TOML configuration file."
     optParameters = [  # noqa: RUF012
         ["config", "c", "/etc/smtpbridge/smtpbridge.toml", "The configuration file."],
+        # Set by the supervisor of [server] workers for the processes it starts.
+        ["worker", None, None, "Run as worker N of a supervisor (set by the supervisor)."],
+        ["adopt", None, "", "NAME=FD,...: the listening sockets a worker adopts."],
     ]
 
 
@@ -22,14 +25,25 @@ def makeService(options: Options) -> object:  # noqa: N802
     from twisted.internet import reactor
 
     from smtpbridge.config import load_config
+    from smtpbridge.listener import HeapFreezer
     from smtpbridge.logs import LoggingRoot, log_observer, twistd_output
     from smtpbridge.service import make_service
+    from smtpbridge.workers import become_worker, parse_adopted, supervisor_service
 
     try:
+        if options["worker"]:
+            become_worker()
         config = load_config(options["config"])
         for warning in config.warnings:
             sys.stderr.write(f"smtpbridge: warning: {warning}\n")
-        service = make_service(config, reactor)
+        if options["worker"]:
+            service = make_service(config, reactor, adopted=parse_adopted(options["adopt"]))
+        elif config.server.workers > 1:
+            service = supervisor_service(config, reactor)
+        else:
+            service = make_service(config, reactor)
+        # Last, so that the heap is frozen after every other part has started.
+        HeapFreezer().setServiceParent(service)  # type: ignore[no-untyped-call]
     except ConfigError as e:
         sys.stderr.write(f"smtpbridge: configuration error: {e}\n")
         raise SystemExit(1)

@@ -79,11 +79,12 @@ class AuthThrottle:
         self._tokens = settings.rate
         self._refilled = clock.seconds()
 
-    def begin(self, address: str) -> str | None:
+    def begin(self, address: str, costly: bool = True) -> str | None:
         """An AUTH attempt from C{address} is about to be checked: None when it may be (it
         is then counted until L{end}), else why not: "blocked" (too many failures),
         "busy" (its attempts under way would reach the limit) or "rate" (the bridge's
-        ceiling of attempts per second)."""
+        ceiling of attempts per second, which only C{costly} checks count against: a
+        login verified a short while ago costs no hash)."""
         if self.blocked(address):
             return "blocked"
         key = normalise_address(address)
@@ -91,7 +92,7 @@ class AuthThrottle:
         failures = self._failures.get(key)
         if limit and len(failures or ()) + self._in_flight.get(key, 0) >= limit:
             return "busy"
-        if not self._take_token():
+        if costly and not self._take_token():
             return "rate"
         self._in_flight[key] = self._in_flight.get(key, 0) + 1
         return None

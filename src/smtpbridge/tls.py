@@ -72,6 +72,9 @@ def server_context(certificate: str, key: str, min_version: str = "1.2",
     _load_dh_group(context)
     context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE
                         | SSL.OP_NO_RENEGOTIATION)
+    # An idle session gives back its read and write buffers (about 34 KiB), so a
+    # thousand devices that keep their connection open cost far less.
+    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
     for name, path in (("certificate", certificate), ("key", key)):
         if not os.access(path, os.R_OK):
             reason = "does not exist" if not os.path.exists(path) else "is not readable"

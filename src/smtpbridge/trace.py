@@ -74,6 +74,10 @@ def _address_literal(host: str) -> str:
 
 def _clean(text: str, unsafe: str, ascii_only: bool = True) -> str:
     """``text`` cut to ``MAX_CLIENT_VALUE`` characters, unprintable or unsafe ones as "?"."""
+    text = text[:MAX_CLIENT_VALUE]
+    if text.isprintable() and (text.isascii() or not ascii_only) and \
+            not any(char in text for char in unsafe):
+        return text  # the usual case, checked without a loop in Python over the text
     return "".join(
         "?" if char in unsafe or not char.isprintable() or (ascii_only and not char.isascii())
         else char

@@ -36,6 +36,8 @@ class RouteConfig:
     max_sessions: int = 20  # upstream sessions open at once, per host
     session_wait: int = 30  # seconds a transaction waits for one before 451 4.3.2
     data_timeout: int = 180  # seconds the body may make no progress (Postfix's default)
+    session_idle: int = 30  # seconds a logged-in session is kept for the next message
+    max_messages_per_session: int = 100  # messages one session carries, then it is closed
 
 
 @attr.frozen
@@ -83,6 +85,8 @@ def _route(t: Table, name: str) -> RouteConfig:
         max_sessions=t.integer("max_sessions", 20, minimum=1),
         session_wait=t.integer("session_wait", 30, minimum=0),
         data_timeout=t.integer("data_timeout", 180, minimum=1),
+        session_idle=t.integer("session_idle", 30, minimum=0),
+        max_messages_per_session=t.integer("max_messages_per_session", 100, minimum=1),
     )
 
 

@@ -58,10 +58,12 @@ class _StallWatch:
 class UpstreamSession:
     """One upstream SMTP session: connected, TLS verified, authenticated, ready for MAIL."""
 
-    def __init__(self, protocol: UpstreamProtocol, features: dict[str, str]) -> None:
+    def __init__(self, protocol: UpstreamProtocol, features: dict[str, str],
+                 valid_until: float | None = None) -> None:
         self._protocol = protocol
         self.route = protocol.route
         self.features = features
+        self.valid_until = valid_until
 
     @property
     def usable(self) -> bool:

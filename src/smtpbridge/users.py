@@ -3,6 +3,10 @@
 Hashes use the modular crypt style of passlib's scrypt handler,
 ``$scrypt$ln=15,r=8,p=1$<salt>$<key>`` with unpadded standard base64, so
 hashes made by either tool are accepted by the other.
+
+scrypt costs about 130 ms of CPU and 32 MiB per check, and devices log in for every
+message; L{VerifiedLogins} remembers, for an hour, an HMAC (keyed with a random key of
+the process) of each password that was verified, never the password, never a failure.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ import attr
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from smtpbridge.errors import ConfigError
-from smtpbridge.interfaces import IPasswordChecker
+from smtpbridge.interfaces import IPasswordChecker, IVerifiedLogins
 
 SALT_SIZE = 16
 KEY_SIZE = 32
@@ -190,19 +195,63 @@ def load_users(path: str) -> dict[str, str]:
     return users
 
 
+class VerifiedLogins:
+    """User name -> keyed hash of the password last verified for it, for C{ttl} seconds.
+
+    The key is random and lives in this process only, so what is kept cannot be checked
+    against a password anywhere else; only successful logins are added.  Entries expire
+    C{ttl} seconds after the verification, whatever the use meanwhile.
+    """
+
+    def __init__(self, clock: IReactorTime, ttl: float = 3600.0) -> None:
+        self._clock = clock
+        self._ttl = ttl
+        self._key = secrets.token_bytes(32)
+        self._entries: dict[str, tuple[bytes, float]] = {}
+
+    def _digest(self, username: str, password: str) -> bytes:
+        message = username.encode("utf-8", "surrogatepass") + b"\0" + \
+            password.encode("utf-8", "surrogatepass")
+        return hmac.new(self._key, message, hashlib.sha256).digest()
+
+    def remembers(self, username: str, password: str) -> bool:
+        entry = self._entries.get(username)
+        if entry is None:
+            return False
+        digest, until = entry
+        if self._clock.seconds() >= until:
+            del self._entries[username]
+            return False
+        return hmac.compare_digest(digest, self._digest(username, password))
+
+    def remember(self, username: str, password: str) -> None:
+        """C{password} was just verified for C{username}."""
+        self._entries[username] = (self._digest(username, password),
+                                   self._clock.seconds() + self._ttl)
+
+    def clear(self) -> None:
+        """Forget everything (the users changed)."""
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 def _text(value: str | bytes) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8")
     return value
 
 
-@implementer(IPasswordChecker, ICredentialsChecker)
+@implementer(IPasswordChecker, IVerifiedLogins, ICredentialsChecker)
 class UsersFileChecker:
     """Checks passwords against the users of a users file.
 
     ``run_blocking(f, *args)`` runs the CPU-heavy scrypt and returns a
     Deferred; the service hands in a thread pool runner so the reactor is not
-    blocked.
+    blocked.  With C{cache}, a password verified a short while ago is taken
+    without scrypt; the cache lives as long as the checker, and so as long as
+    the users it was loaded with.
     """
 
     credentialInterfaces = (IUsernamePassword,)
@@ -211,9 +260,11 @@ class UsersFileChecker:
         self,
         users: Mapping[str, str],
         run_blocking: Callable[..., Deferred[Any]] = maybeDeferred,
+        cache: VerifiedLogins | None = None,
     ) -> None:
         self._users = dict(users)
         self._run_blocking = run_blocking
+        self._cache = cache
         self._dummy: str | None = None
 
     def _dummy_hash(self) -> str:
@@ -238,12 +289,26 @@ class UsersFileChecker:
         verify_password(password, self._dummy_hash())
         return False
 
+    def remembers(self, username: str, password: str) -> bool:
+        return self._cache is not None and username in self._users and \
+            self._cache.remembers(username, password)
+
     def check(self, username: str, password: str) -> Deferred[bool]:
         """Fire with True when C{password} is the password of C{username}."""
         encoded = self._users.get(username)
         if encoded is None:
             return self._run_blocking(self._verify_unknown, password)
-        return self._run_blocking(verify_password, password, encoded)
+        if self.remembers(username, password):
+            return succeed(True)
+        cache = self._cache
+
+        def verdict(ok: bool) -> bool:
+            if ok and cache is not None:
+                cache.remember(username, password)
+            return ok
+
+        checked: Deferred[bool] = self._run_blocking(verify_password, password, encoded)
+        return checked.addCallback(verdict)
 
     def requestAvatarId(  # type: ignore[override]  # twisted.cred's avatar IDs are str too
             self, credentials: IUsernamePassword) -> Deferred[str]:

@@ -1,0 +1,212 @@
+"""``[server] workers = 2`` with real processes: a twistd supervisor and its two workers,
+serving the demo configuration on ports the OS picks."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import attr
+import pytest
+
+from smtpbridge.config import ConfigError, parse_config
+from smtpbridge.workers import parse_adopted
+from tests.conftest import stored_messages
+from tests.test_twistd import TWISTD, demo_copy
+
+WORKER_STARTED = re.compile(r"worker (\d+) started, process (\d+)")
+
+
+def wait_for(condition: Callable[[], object], seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+@attr.define
+class Supervised:
+    """A running supervisor: its process, log and the ports of its listeners."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    mail_dir: str
+    ports: dict[str, int] = attr.Factory(dict)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def workers(self) -> dict[int, int]:
+        """The process of each worker number, as the supervisor last started it."""
+        return {int(n): int(pid) for n, pid in WORKER_STARTED.findall(self.log())}
+
+    def children(self) -> set[int]:
+        pid = self.process.pid
+        try:
+            text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+        except FileNotFoundError:
+            return set()
+        return {int(child) for child in text.split()}
+
+    def served_by(self) -> dict[int, int]:
+        """How many messages each worker took, from the log."""
+        counts: dict[int, int] = {}
+        for n in re.findall(r"\[worker (\d+)\] \w+ status=sent ", self.log()):
+            counts[int(n)] = counts.get(int(n), 0) + 1
+        return counts
+
+    def send(self, count: int) -> None:
+        """C{count} messages at once, each on its own connection (no AUTH: trusted)."""
+        errors: list[BaseException] = []
+
+        def one(n: int) -> None:
+            try:
+                with smtplib.SMTP("127.0.0.1", self.ports["legacy"], timeout=30) as client:
+                    client.sendmail("printer@example.com", ["office@example.com"],
+                                    f"Subject: {n}\r\n\r\nhello\r\n".encode())
+            except BaseException as e:  # reported below, in the test's thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=one, args=(n,)) for n in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert errors == []
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(
+        f"/proc/{pid}/status").read_text().lower()
+
+
+@pytest.fixture
+def supervised(tmp_path: Path) -> Iterator[Supervised]:
+    path = demo_copy(tmp_path)
+    text = Path(path).read_text().replace('hostname = "localhost"',
+                                          'hostname = "localhost"\nworkers = 2', 1)
+    Path(path).write_text(text)
+    log_path = tmp_path / "bridge.log"
+    process = subprocess.Popen([TWISTD, "--nodaemon", "--pidfile=", f"--logfile={log_path}",
+                                "smtpbridge", "--config", path],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    running = Supervised(process, log_path, str(tmp_path / "var" / "mail"))
+    try:
+        wait_for(lambda: len(re.findall(r"\[worker \d\] \d+ start-up objects frozen",
+                                        running.log())) == 2 or process.poll() is not None)
+        assert process.poll() is None, running.log()
+        for name, port in re.findall(r"\] listener (\w+) listening on 127.0.0.1:(\d+)",
+                                     running.log()):
+            running.ports[name] = int(port)
+        yield running
+    finally:
+        workers = running.children()
+        if process.poll() is None:
+            process.terminate()
+            process.wait(30)
+        wait_for(lambda: not any(map(alive, workers)), 15)
+
+
+def test_two_workers_share_the_listeners(supervised: Supervised) -> None:
+    assert set(supervised.workers()) == {1, 2}
+    assert supervised.children() == set(supervised.workers().values())
+    log = supervised.log()
+    # Both adopted the supervisor's sockets: the same ports.
+    for name in ("smtps", "legacy"):
+        ports = re.findall(rf"\] listener {name} listening on 127.0.0.1:(\d+)", log)
+        assert len(ports) == 3 and len(set(ports)) == 1, ports
+    sent = 0
+    while len(supervised.served_by()) < 2:
+        assert sent < 200, supervised.served_by()
+        supervised.send(10)
+        sent += 10
+    assert sum(supervised.served_by().values()) == sent
+    assert len(stored_messages(supervised.mail_dir)) == sent
+
+
+def test_a_dead_worker_is_started_again(supervised: Supervised) -> None:
+    old = supervised.workers()[1]
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: supervised.workers()[1] != old)
+    new = supervised.workers()[1]
+    assert "worker 1 was killed by signal 9; starting it again in 1 s" in supervised.log()
+    wait_for(lambda: supervised.children() == {new, supervised.workers()[2]})
+    wait_for(lambda: len(re.findall(r"\[worker 1\] listener legacy listening",
+                                    supervised.log())) == 2)
+    supervised.send(5)
+    assert len(stored_messages(supervised.mail_dir)) == 5
+
+
+def test_sighup_reaches_every_worker(supervised: Supervised) -> None:
+    workers = supervised.workers()
+    os.kill(supervised.process.pid, signal.SIGHUP)
+    wait_for(lambda: all(f"[worker {n}] certificates reloaded" in supervised.log()
+                         for n in (1, 2)))
+    assert supervised.process.poll() is None and supervised.workers() == workers
+
+
+def test_a_sighup_while_a_worker_starts_does_not_end_it(supervised: Supervised) -> None:
+    old = supervised.workers()[2]
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: supervised.workers()[2] != old, 10)
+    new = supervised.workers()[2]
+    frozen = re.compile(r"\[worker 2\] \d+ start-up objects frozen")
+    deadline = time.monotonic() + 30
+    while len(frozen.findall(supervised.log())) < 2:  # SIGHUPs all the while it starts
+        assert time.monotonic() < deadline, supervised.log()
+        os.kill(supervised.process.pid, signal.SIGHUP)
+        time.sleep(0.05)
+    os.kill(supervised.process.pid, signal.SIGHUP)
+    wait_for(lambda: "[worker 2] certificates reloaded" in supervised.log())
+    assert supervised.workers()[2] == new and alive(new)
+
+
+def test_sigterm_stops_every_process(supervised: Supervised) -> None:
+    workers = supervised.children()
+    assert len(workers) == 2
+    supervised.process.send_signal(signal.SIGTERM)
+    assert supervised.process.wait(30) == -signal.SIGTERM  # twistd ends with the signal
+    wait_for(lambda: not any(map(alive, workers)), 15)
+    log = supervised.log()
+    assert "every worker stopped" in log and log.rstrip().endswith("Server Shut Down.")
+    assert "starting it again" not in log
+
+
+def test_workers_end_with_their_supervisor(supervised: Supervised) -> None:
+    workers = supervised.children()
+    supervised.process.kill()
+    supervised.process.wait(30)
+    wait_for(lambda: not any(map(alive, workers)), 15)
+
+
+def test_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UPSTREAM_PASSWORD", "secret")
+    base = """
+[[listener]]
+name = "legacy"
+endpoint = "tcp:0"
+tls = "none"
+auth = "optional"
+[upstream]
+host = "smtp.example.com"
+[credentials]
+username = "u"
+password_env = "UPSTREAM_PASSWORD"
+"""
+    assert parse_config(base, "/x.toml").server.workers == 1
+    config = parse_config('[server]\nhostname = "h"\nworkers = 4\n' + base, "/x.toml")
+    assert config.server.workers == 4
+    with pytest.raises(ConfigError, match="server.workers"):
+        parse_config('[server]\nhostname = "h"\nworkers = 0\n' + base, "/x.toml")
+    assert parse_adopted("smtps=3,legacy=4") == {"smtps": 3, "legacy": 4}
