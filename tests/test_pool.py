@@ -249,6 +249,33 @@ def test_idle_sessions_count_against_max_sessions_and_make_room() -> None:
     assert b.most_open == 2
 
 
+def test_a_session_whose_rset_fails_at_once_is_not_kept() -> None:
+    b = bench(max_sessions=2)
+    old = kept_session(b)
+    old.fail_at = "reset"  # the connection is gone when the next RSET is sent
+    send(b, ALICE, "second")
+    assert b.pool.idle() == 0 and not old.usable
+    send(b, BOB)
+    send(b, CAROL)  # both slots were free or freed: no wait
+    assert b.upstream.sessions[-1].account == CAROL
+
+
+def test_making_room_closes_a_live_session_not_a_dead_one() -> None:
+    b = bench(max_sessions=2)
+    send(b, ALICE)
+    b.clock.advance(1)
+    send(b, BOB)
+    b.clock.advance(1)
+    send(b, CAROL)  # makes room: ALICE's session closes
+    alice, bob, carol = b.upstream.sessions
+    bob.fail()  # the upstream dropped it while idle; it is still in the pool's list
+    b.clock.advance(1)
+    send(b, ALICE)  # a free slot: no room needed
+    b.clock.advance(1)
+    t = send(b, DAVE)  # dropping BOB's dead session would free nothing
+    assert t.carriers()[0].account == DAVE and carol.closed
+
+
 def test_a_waiting_transaction_gets_the_session_its_account_hands_back() -> None:
     b = bench(max_sessions=1)
     first = Transaction(b, ALICE, "first")

@@ -175,10 +175,17 @@ class SessionPool:
         then goes to the transaction that waits longest."""
         host = _host(route)
         oldest: tuple[Key, Found] | None = None
+        dead: list[tuple[Key, Found]] = []  # gone already: closing them frees no slot
         for key, kept in self._idle.items():
-            if _host(key[0]) == host and kept and (oldest is None
-                                                   or kept[0].since < oldest[1].since):
-                oldest = key, kept[0]
+            if _host(key[0]) != host:
+                continue
+            for found in kept:
+                if (found.reset is None or found.reset.ok) and not found.session.usable:
+                    dead.append((key, found))
+                elif oldest is None or found.since < oldest[1].since:
+                    oldest = key, found
+        for key, found in dead:
+            self._drop(key, found)
         if oldest is not None:
             self._drop(*oldest)
 
@@ -189,19 +196,21 @@ class SessionPool:
         sent) and keep it, or close it."""
         if dirty:
             found.reset = None  # what counts now is the session after the transaction
-        if self._stopped or not self._fit(found):
+        if dirty and not self._stopped and self._fit(found):
+            if "PIPELINING" in found.session.features:
+                found.dirty = True  # the RSET goes out with the next MAIL FROM
+            else:
+                found.reset = Reset(found.session.reset())
+        if self._stopped or not self._fit(found):  # its RSET may have failed at once
             found.session.quit()  # aborted instead when in DATA
             return
-        if dirty and "PIPELINING" in found.session.features:
-            found.dirty = True  # the RSET goes out with the next MAIL FROM
-        elif dirty:
+        self._keep(key, found)
+        if found.reset is not None and found.reset.ok is None:
             def answered(ok: bool) -> None:
                 if not ok:
                     self._drop(key, found)  # when idle; a taker replaces it itself
 
-            found.reset = reset = Reset(found.session.reset())
-            reset.wait().addCallback(answered)
-        self._keep(key, found)
+            found.reset.wait().addCallback(answered)
 
     def _keep(self, key: Key, found: Found) -> None:
         route = key[0]
