@@ -19,9 +19,10 @@ from twisted.internet.threads import blockingCallFromThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from smtpbridge import connector as connector_module
 from smtpbridge.client import UpstreamProtocol
 from smtpbridge.connector import UpstreamConnector, set_up
-from smtpbridge.errors import UpstreamError
+from smtpbridge.errors import Unreachable, UpstreamError
 from smtpbridge.lines import no_delay
 from smtpbridge.listener import CertificateReloader, HeapFreezer
 from smtpbridge.model import Route
@@ -278,6 +279,60 @@ def test_a_cached_address_still_needs_the_right_certificate(
             blockingCallFromThread(reactor, connector.connect, server.route(), server.account())
         assert caught.value.reply.code == 454 and "localhost" in caught.value.reply.text
     assert connector.names is not None and connector.names.lookups == 1
+
+
+# A host that cannot be reached.
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (the OS picked it, then it was closed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def test_an_unreachable_host_is_not_tried_again_for_a_moment(
+        reactor: Any, upstream: Upstream, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(connector_module, "DOWN_HOLD", 0.5)
+    port = closed_port()
+    route = upstream.route(host="127.0.0.1", port=port, timeout=2)
+    connector = UpstreamConnector(reactor, "bridge.test")
+
+    def connect() -> Any:
+        return blockingCallFromThread(reactor, connector.connect, route, upstream.account())
+
+    with pytest.raises(Unreachable) as first:
+        connect()
+    assert first.value.reply.code == 451 and "unreachable" in first.value.reply.text
+    # Something listens there now; within the hold, nobody asks it.
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(8)
+        listener.settimeout(0.2)
+        with pytest.raises(Unreachable) as held:
+            connect()
+        assert held.value is first.value
+        with pytest.raises(socket.timeout):
+            listener.accept()
+        # `smtpbridge check` always tries for real.
+        checking = start(reactor, lambda: connector.connect(route, upstream.account(),
+                                                   progress=lambda *step: None))
+        listener.settimeout(5)
+        listener.accept()[0].close()
+        wait_for(lambda: checking)
+        time.sleep(0.5)  # the hold is over: the next transaction tries again
+        again = start(reactor, lambda: connector.connect(route, upstream.account()))
+        listener.accept()[0].close()
+        wait_for(lambda: again)
+
+
+def start(reactor: Any, call: Any) -> list[Any]:
+    """Calls C{call} in the reactor without waiting; the list gets its outcome."""
+    outcome: list[Any] = []
+    reactor.callFromThread(
+        lambda: call().addBoth(outcome.append).addErrback(lambda failure: None))
+    return outcome
 
 
 # TLS options: once per route, again on SIGHUP.

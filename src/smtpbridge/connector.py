@@ -23,7 +23,7 @@ from zope.interface import implementer
 
 from smtpbridge.client import UpstreamProtocol, parse_features, upstream_error
 from smtpbridge.clientauth import authenticate, refuse
-from smtpbridge.errors import LoginRejected, SMTPReplyError, UpstreamError
+from smtpbridge.errors import LoginRejected, SMTPReplyError, Unreachable, UpstreamError
 from smtpbridge.interfaces import ITokenSource, IUpstreamConnector, IUpstreamSession
 from smtpbridge.model import Route, UpstreamAccount
 from smtpbridge.names import CachingResolver, with_resolver
@@ -33,6 +33,9 @@ from smtpbridge.upstreamsession import UpstreamSession
 from smtpbridge.wire import reply_line
 
 log = Logger()
+
+#: Seconds a host that could not be reached is not tried again by new transactions.
+DOWN_HOLD = 5.0
 
 #: Hears of each step that succeeded: (step, detail).  For ``smtpbridge check``.
 Progress = Callable[[str, str], None]
@@ -167,7 +170,7 @@ def connect(reactor: Any, route: Route, account: UpstreamAccount | None, helo_na
             names.forget(route.host)  # the addresses did not answer: ask again next time
         error = _connect_error(failure, route)
         log.warn("{text}", text=error.reply.text)
-        return Failure(error)
+        return Failure(Unreachable(error.reply))
 
     return connecting.addCallbacks(connected, not_connected)
 
@@ -231,6 +234,8 @@ class UpstreamConnector:
         self.tokens = dict(tokens or {})
         self._tls: dict[Route, TLSOptions] = {}
         self.slots = SessionSlots(reactor)
+        # Hosts that could not be reached just now: (until, the error), by (host, port).
+        self._down: dict[tuple[str, int], tuple[float, Unreachable]] = {}
         resolver = getattr(reactor, "nameResolver", None)
         self.names = CachingResolver(resolver, reactor) if resolver is not None else None
 
@@ -247,15 +252,42 @@ class UpstreamConnector:
 
     def connect(self, route: Route, account: UpstreamAccount | None,
                 progress: Progress | None = None) -> Deferred[IUpstreamSession]:
-        """A new session once one of the host's L{slots} is free."""
+        """A new session once one of the host's L{slots} is free.  A host that could not
+        be reached in the last L{DOWN_HOLD} seconds fails at once with the same error
+        (while an upstream is down, every transaction goes to the spool without a
+        connection attempt of its own)."""
+        down = self.known_down(route) if progress is None else None
+        if down is not None:
+            return fail(down)
         session: Deferred[Any] = self.slots.acquire(route).addCallback(
             lambda release: self.open(route, account, release, progress))
         return session
+
+    def known_down(self, route: Route) -> Unreachable | None:
+        """The error of the host's last connection attempt if it failed within the last
+        L{DOWN_HOLD} seconds, else None."""
+        down = self._down.get((route.host, route.port))
+        if down is None:
+            return None
+        until, error = down
+        if self._reactor.seconds() < until:
+            return error
+        del self._down[(route.host, route.port)]
+        return None
+
+    def forget_down(self) -> None:
+        """Try every host again at once (``smtpbridge queue flush``: the operator knows
+        the upstream is back)."""
+        self._down.clear()
 
     def open(self, route: Route, account: UpstreamAccount | None, release: Callable[[], None],
              progress: Progress | None = None) -> Deferred[IUpstreamSession]:
         """A new session in a slot the caller holds: C{release()} is called once its
         connection is gone (or could not be made)."""
+        down = self.known_down(route) if progress is None else None
+        if down is not None:
+            release()
+            return fail(down)
         try:
             options = self.tls_options(route)
         except (OSError, ValueError):
@@ -264,7 +296,14 @@ class UpstreamConnector:
         session: Deferred[Any] = connect(self._reactor, route, account, self._helo_name,
                                          options, progress, tokens, on_lost=release,
                                          names=self.names)
-        return session
+
+        def unreachable(failure: Failure) -> Failure:
+            if isinstance(failure.value, Unreachable):
+                self._down[(route.host, route.port)] = (self._reactor.seconds() + DOWN_HOLD,
+                                                        failure.value)
+            return failure
+
+        return session.addErrback(unreachable)
 
 
 async def connect_first(connector: IUpstreamConnector, routes: tuple[Route, ...],

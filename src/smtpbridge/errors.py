@@ -18,6 +18,11 @@ class UpstreamError(SMTPReplyError):
     4xx naming the upstream and the step."""
 
 
+class Unreachable(UpstreamError):
+    """No connection to the upstream could be made (refused, no route, no such name,
+    timed out while connecting)."""
+
+
 class LoginRejected(UpstreamError):
     """The upstream refused the account's credentials (not a connection or TLS problem)."""
 

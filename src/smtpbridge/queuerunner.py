@@ -67,14 +67,18 @@ class QueueRunner(Service):
     """Keeps messages in C{spool} and delivers them through C{connector}.
 
     C{accounts} maps account names to their routes and account (the configuration's);
-    C{run_blocking} runs a blocking call in a thread and fires with its result.
+    C{run_blocking} runs a blocking call in a thread and fires with its result;
+    C{on_flush} is called before a flush tries the messages (it lifts the connector's
+    hold on hosts found down).
     """
 
     def __init__(self, spool: Spool, connector: IUpstreamConnector,
                  accounts: Mapping[str, Assignment], reactor: Any, settings: RetrySettings,
                  hostname: str, run_blocking: Callable[..., Deferred[Any]],
-                 statistics: IStatistics | None = None) -> None:
+                 statistics: IStatistics | None = None,
+                 on_flush: Callable[[], None] | None = None) -> None:
         self._statistics = statistics
+        self._on_flush = on_flush
         self.spool = spool
         self._connector = connector
         self._accounts = dict(accounts)
@@ -168,6 +172,8 @@ class QueueRunner(Service):
         requested = self.spool.take_flush_requests()
         ids = self.spool.ids() if not requested or "all" in requested else sorted(requested)
         log.info("queue flush: trying {count} message(s) now", count=len(ids))
+        if self._on_flush is not None:
+            self._on_flush()
         now = self._reactor.seconds()
         for message_id in ids:
             self._schedule(message_id, now)

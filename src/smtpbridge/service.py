@@ -232,7 +232,8 @@ def _queue_runner(config: Config, reactor: Any, upstream: Upstreams,
         Spool(settings.directory, settings.max_size), connector, upstream.accounts,
         reactor, RetrySettings(first_retry=settings.first_retry, max_retry=settings.max_retry,
                                max_age=settings.max_age, concurrency=settings.concurrency),
-        config.server.hostname, threads.run, statistics)
+        config.server.hostname, threads.run, statistics,
+        on_flush=upstream.connector.forget_down)
     runner.setName("spool")
     if isinstance(statistics, Metrics):
         spool = runner.spool
