@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                "limits", "clienthello", "handshake", "summary", "ratelimit", "names"}),
     ("upstream", {"client", "upstreamsession", "clientauth", "connector", "oauthwire", "oauth",
                   "pool", "loan"}),
-    ("delivery", {"spool", "dsn", "bodyfilter", "bodypump", "relay", "queuerunner"}),
+    ("delivery", {"spool", "spooldirs", "dsn", "bodyfilter", "bodypump", "relay", "queuerunner"}),
     ("mapper", {"mapping"}),
     ("policy", {"policy"}),
     ("session", {"serverbase", "serverauth", "mailcommands", "server"}),

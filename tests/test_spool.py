@@ -17,6 +17,7 @@ from smtpbridge.model import Assignment, ClientInfo, Reply, Route, UpstreamAccou
 from smtpbridge.queuerunner import QueueRunner, RetrySettings
 from smtpbridge.secret import Secret
 from smtpbridge.spool import Envelope, Spool, message_lines
+from smtpbridge.spooldirs import orphans, spool_directories, worker_directory
 from smtpbridge.testing import FakeUpstream, unreachable
 
 ROUTE = Route("smtp.example.com", 587)
@@ -160,7 +161,8 @@ class Runner:
     """A queue runner on a Clock with a fake upstream; blocking calls run at once."""
 
     def __init__(self, spool: Spool, account: UpstreamAccount = ACCOUNT,
-                 routes: tuple[Route, ...] = (ROUTE,), **settings: float) -> None:
+                 routes: tuple[Route, ...] = (ROUTE,), adopt: tuple[str, ...] = (),
+                 **settings: float) -> None:
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
         self.upstream = FakeUpstream()
@@ -168,7 +170,7 @@ class Runner:
         self.runner = QueueRunner(spool, self.upstream, {account.name: Assignment(routes,
                                                                                   account)},
                                   self.clock, RetrySettings(**settings), "bridge.example.net",
-                                  lambda f, *args: maybeDeferred(f, *args))
+                                  lambda f, *args: maybeDeferred(f, *args), adopt=adopt)
         self.account = account
 
     def keep(self, sender: str = "scanner@example.com",
@@ -325,3 +327,127 @@ def test_only_configured_accounts_are_spooled(spool: Spool) -> None:
     assert not t.runner.accepts(UpstreamAccount("alice@example.com", Secret("theirs"),
                                                 name="passthrough:alice@example.com"))
     assert not t.runner.accepts(None)
+
+
+# Workers: a spool each.
+
+def kept_in(directory: str, count: int = 1) -> tuple[Spool, list[str]]:
+    """A spool in C{directory} holding C{count} messages no runner delivers."""
+    spool = Spool(directory, 10 * 1024 * 1024)
+    spool.prepare()
+    t = Runner(spool)
+    t.upstream.connect_errors[ROUTE.host] = unreachable(ROUTE)
+    return spool, [t.keep() for _ in range(count)]
+
+
+def test_a_restarting_worker_leaves_the_other_workers_spools_alone(tmp_path: Any) -> None:
+    base = str(tmp_path / "spool")
+    first, [kept] = kept_in(worker_directory(base, 1))
+    second = Spool(worker_directory(base, 2), 10 * 1024 * 1024)
+    second.prepare()
+    writing = second.writer()  # worker 2 is taking a message in
+    writing.write(BODY)
+    t = Runner(first, adopt=tuple(orphans(base, 1, 2)))  # worker 1 starts again
+    t.runner.startService()
+    try:
+        assert first.ids() == [kept]
+        writing.commit(Envelope(writing.id, "a@example.com", ("b@example.com",), "office",
+                                0.0, writing.size))
+        assert second.ids() == [writing.id]
+    finally:
+        t.runner.stopService()
+    assert spool_directories(base) == [worker_directory(base, 1), worker_directory(base, 2)]
+
+
+def test_what_no_process_owns_any_more_is_taken_over_at_start(tmp_path: Any) -> None:
+    base = str(tmp_path / "spool")
+    top, from_single = kept_in(base, 2)  # from a single process before
+    top.hold(from_single[0])
+    _, from_third = kept_in(worker_directory(base, 3))  # from a third worker before
+    _, from_second = kept_in(worker_directory(base, 2))
+    assert orphans(base, 2, 2) == []  # only worker 1 takes over
+    assert orphans(base, 1, 3) == [base]
+    assert orphans(base, 1, 2) == [base, worker_directory(base, 3)]
+    first = Spool(worker_directory(base, 1), 10 * 1024 * 1024)
+    t = Runner(first, adopt=tuple(orphans(base, 1, 2)))
+    t.runner.startService()
+    try:
+        assert first.ids() == sorted(from_single + from_third)
+        assert first.held(from_single[0]) and not top.held(from_single[0])
+        assert first.stored == sum(os.path.getsize(first.path(i)) for i in first.ids())
+        assert top.ids() == [] and os.listdir(os.path.join(base, "queue")) == []
+        t.run(RetrySettings().max_retry)
+        assert len(t.upstream.messages) == 2  # the held one waits
+    finally:
+        t.runner.stopService()
+    # Back to a single process: it takes every worker's messages.
+    assert orphans(base, None, 1) == [worker_directory(base, n) for n in (1, 2, 3)]
+    single = Runner(top, adopt=tuple(orphans(base, None, 1)))
+    single.runner.startService()
+    try:
+        assert top.ids() == sorted([from_single[0]] + from_second)
+        assert top.held(from_single[0])
+    finally:
+        single.runner.stopService()
+
+
+def test_a_take_over_cut_short_leaves_each_message_whole_once(tmp_path: Any) -> None:
+    base = str(tmp_path / "spool")
+    top, [kept] = kept_in(base)
+    first = Spool(worker_directory(base, 1), 10 * 1024 * 1024)
+    first.prepare()
+    os.link(top.path(kept), first.path(kept))  # the data linked, then a crash
+    t = Runner(first, adopt=(base,))
+    t.runner.startService()
+    try:
+        assert first.ids() == [kept] and top.ids() == []
+        assert os.listdir(os.path.join(base, "queue")) == []
+        with open(first.path(kept), "rb") as f:
+            assert f.read().startswith(b"From: scanner@example.com\r\n")
+    finally:
+        t.runner.stopService()
+
+
+def test_the_queue_command_acts_on_every_workers_spool(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from smtpbridge.cli import main
+
+    base = tmp_path / "spool"
+    config = tmp_path / "smtpbridge.toml"
+    config.write_text(f"""
+[server]
+hostname = "h"
+workers = 2
+[[listener]]
+name = "legacy"
+endpoint = "tcp:0"
+tls = "none"
+auth = "optional"
+[upstream]
+host = "smtp.example.com"
+[credentials]
+username = "u"
+password_env = "UPSTREAM_PASSWORD"
+[spool]
+directory = "{base}"
+""")
+    monkeypatch.setenv("UPSTREAM_PASSWORD", "secret")
+    first, [one] = kept_in(worker_directory(str(base), 1))
+    second, [two, three] = kept_in(worker_directory(str(base), 2), 2)
+
+    def queue(*args: str) -> tuple[int, str]:
+        code = main(["queue", "--config", str(config), *args])
+        out, err = capsys.readouterr()
+        return code, out + err
+
+    code, listing = queue("list")
+    assert code == 0 and "3 message(s)" in listing
+    assert all(i in listing for i in (one, two, three))
+    assert queue("hold", three)[0] == 0 and second.held(three)
+    assert queue("delete", two)[0] == 0 and second.ids() == [three]
+    assert queue("flush")[0] == 0
+    assert first.take_flush_requests() == {"all"} == second.take_flush_requests()
+    assert queue("flush", one)[0] == 0
+    assert first.take_flush_requests() == {one} and second.take_flush_requests() == set()
+    assert queue("show", "NOSUCHMESSAGE")[0] == 1

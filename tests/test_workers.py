@@ -8,6 +8,7 @@ import re
 import signal
 import smtplib
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from smtpbridge.workers import parse_adopted
 from tests.conftest import stored_messages
 from tests.test_twistd import TWISTD, demo_copy
 
+SMTPBRIDGE = os.path.join(os.path.dirname(sys.executable), "smtpbridge")
 WORKER_STARTED = re.compile(r"worker (\d+) started, process (\d+)")
 
 
@@ -39,6 +41,7 @@ class Supervised:
     log_path: Path
     mail_dir: str
     ports: dict[str, int] = attr.Factory(dict)
+    sent: int = 0
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -65,6 +68,7 @@ class Supervised:
     def send(self, count: int) -> None:
         """C{count} messages at once, each on its own connection (no AUTH: trusted)."""
         errors: list[BaseException] = []
+        first, self.sent = self.sent, self.sent + count
 
         def one(n: int) -> None:
             try:
@@ -74,7 +78,7 @@ class Supervised:
             except BaseException as e:  # reported below, in the test's thread
                 errors.append(e)
 
-        threads = [threading.Thread(target=one, args=(n,)) for n in range(count)]
+        threads = [threading.Thread(target=one, args=(n,)) for n in range(first, first + count)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -92,10 +96,12 @@ def alive(pid: int) -> bool:
 
 
 @pytest.fixture
-def supervised(tmp_path: Path) -> Iterator[Supervised]:
+def supervised(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Supervised]:
+    """The demo with two workers; an indirect parameter adds lines to its [spool]."""
     path = demo_copy(tmp_path)
     text = Path(path).read_text().replace('hostname = "localhost"',
                                           'hostname = "localhost"\nworkers = 2', 1)
+    text = text.replace("[spool]\n", f"[spool]\n{getattr(request, 'param', '')}\n", 1)
     Path(path).write_text(text)
     log_path = tmp_path / "bridge.log"
     process = subprocess.Popen([TWISTD, "--nodaemon", "--pidfile=", f"--logfile={log_path}",
@@ -133,6 +139,30 @@ def test_two_workers_share_the_listeners(supervised: Supervised) -> None:
         sent += 10
     assert sum(supervised.served_by().values()) == sent
     assert len(stored_messages(supervised.mail_dir)) == sent
+
+
+@pytest.mark.parametrize("supervised", ['mode = "always"'], indirect=True)
+def test_each_worker_delivers_from_a_spool_of_its_own(supervised: Supervised,
+                                                      tmp_path: Path) -> None:
+    spool = tmp_path / "var" / "spool"
+    assert sorted(p.name for p in spool.iterdir() if p.name.startswith("worker-")) == [
+        "worker-1", "worker-2"]
+    sent = 0
+    while len(supervised.served_by()) < 2:  # "always": every message through the spool
+        assert sent < 200, supervised.served_by()
+        supervised.send(10)
+        sent += 10
+    wait_for(lambda: len(stored_messages(supervised.mail_dir)) >= sent)
+    time.sleep(0.5)
+    subjects = [re.search(rb"Subject: (\d+)", m).group(1)  # type: ignore[union-attr]
+                for m in stored_messages(supervised.mail_dir)]
+    assert sorted(int(s) for s in subjects) == list(range(sent))  # each message once
+    for worker in (1, 2):
+        assert list((spool / f"worker-{worker}" / "queue").iterdir()) == []
+        assert re.search(rf"\[worker {worker}\] \w+ queued as ", supervised.log())
+    listing = subprocess.run([SMTPBRIDGE, "queue", "--config", str(tmp_path / "demo.toml"),
+                              "list"], capture_output=True, text=True, timeout=60)
+    assert listing.returncode == 0 and "0 message(s)" in listing.stdout, listing.stderr
 
 
 def test_a_dead_worker_is_started_again(supervised: Supervised) -> None:

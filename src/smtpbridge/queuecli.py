@@ -1,7 +1,8 @@
 """``smtpbridge queue``: look at and act on the spool, safe while the bridge runs.
 
 It works on the spool's files directly (the bridge holds a lock on a message while it
-delivers it) and tells running bridges, with SIGUSR1, to retry at once.
+delivers it) and tells running bridges, with SIGUSR1, to retry at once.  With workers,
+each has a spool of its own under the configured directory: the command acts on them all.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from smtpbridge.errors import ConfigError
 from smtpbridge.spool import Envelope, Spool
+from smtpbridge.spooldirs import spool_directories
 
 PROG = "smtpbridge: queue"
 
@@ -47,14 +49,15 @@ def main(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"smtpbridge: {e}", file=sys.stderr)
         return 1
-    spool = Spool(config.spool.directory, config.spool.max_size)
-    if not os.path.isdir(os.path.join(spool.directory, "queue")):
-        print(f"{PROG}: no spool at {spool.directory} (the bridge creates it when it starts)",
+    directory = config.spool.directory
+    spools = [Spool(path, config.spool.max_size) for path in spool_directories(directory)]
+    if not spools:
+        print(f"{PROG}: no spool at {directory} (the bridge creates it when it starts)",
               file=sys.stderr)
         return 1
     action = {"list": _list, "show": _show, "flush": _flush, "delete": _delete,
               "hold": _hold, "release": _release}[args.action]
-    code: int = action(spool, args)
+    code: int = action(spools, args)
     return code
 
 
@@ -65,32 +68,38 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f}s"
 
 
-def _list(spool: Spool, args: argparse.Namespace) -> int:
+def _list(spools: list[Spool], args: argparse.Namespace) -> int:
     now = time.time()
-    envelopes = list(spool.envelopes())
+    envelopes = sorted(((envelope, spool) for spool in spools
+                        for envelope in spool.envelopes()), key=lambda pair: pair[0].id)
     print(f"{'id':<16} {'age':>5} {'size':>9} {'tries':>5}  sender -> recipients")
-    for envelope in envelopes:
+    for envelope, spool in envelopes:
         held = " (held)" if spool.held(envelope.id) else ""
         print(f"{envelope.id:<16} {_age(now - envelope.created):>5} {envelope.size:>9} "
               f"{envelope.attempts:>5}  <{envelope.sender}> -> "
               f"{', '.join(f'<{r}>' for r in envelope.recipients)}{held}")
         if envelope.last_error:
             print(f"{'':<16} last error: {envelope.last_error}")
-    print(f"{len(envelopes)} message(s), {sum(e.size for e in envelopes)} bytes")
+    print(f"{len(envelopes)} message(s), {sum(e.size for e, _ in envelopes)} bytes")
     return 0
 
 
-def _find(spool: Spool, message_id: str) -> Envelope | None:
-    envelope = spool.load(message_id)
-    if envelope is None:
-        print(f"{PROG}: no message {message_id}", file=sys.stderr)
-    return envelope
+def _find(spools: list[Spool], message_id: str) -> tuple[Envelope, Spool] | None:
+    """The message C{message_id} and the spool that holds it; None (and said so) when
+    no spool does."""
+    for spool in spools:
+        envelope = spool.load(message_id)
+        if envelope is not None:
+            return envelope, spool
+    print(f"{PROG}: no message {message_id}", file=sys.stderr)
+    return None
 
 
-def _show(spool: Spool, args: argparse.Namespace) -> int:
-    envelope = _find(spool, args.id)
-    if envelope is None:
+def _show(spools: list[Spool], args: argparse.Namespace) -> int:
+    found = _find(spools, args.id)
+    if found is None:
         return 1
+    envelope, spool = found
     print(envelope.to_json())
     print()
     with open(spool.path(envelope.id), "rb") as f:
@@ -101,35 +110,43 @@ def _show(spool: Spool, args: argparse.Namespace) -> int:
     return 0
 
 
-def _signal(spool: Spool) -> int:
-    """SIGUSR1 to every running bridge of this spool; how many got it."""
+def _signal(spools: list[Spool]) -> int:
+    """SIGUSR1 to every running bridge (or worker) of these spools; how many got it."""
     told = 0
-    for pid in spool.runners():
-        try:
-            os.kill(pid, signal.SIGUSR1)
-            told += 1
-        except ProcessLookupError:
-            spool.unregister(pid)  # a bridge that died without unregistering
-        except PermissionError:
-            print(f"{PROG}: not allowed to signal process {pid} (run as the bridge's user)",
-                  file=sys.stderr)
+    for spool in spools:
+        for pid in spool.runners():
+            try:
+                os.kill(pid, signal.SIGUSR1)
+                told += 1
+            except ProcessLookupError:
+                spool.unregister(pid)  # a bridge that died without unregistering
+            except PermissionError:
+                print(f"{PROG}: not allowed to signal process {pid} (run as the bridge's "
+                      "user)", file=sys.stderr)
     return told
 
 
-def _flush(spool: Spool, args: argparse.Namespace) -> int:
-    if args.id is not None and _find(spool, args.id) is None:
-        return 1
-    spool.request_flush(args.id or "all")
-    told = _signal(spool)
+def _flush(spools: list[Spool], args: argparse.Namespace) -> int:
+    if args.id is None:
+        for spool in spools:
+            spool.request_flush("all")
+    else:
+        found = _find(spools, args.id)
+        if found is None:
+            return 1
+        found[1].request_flush(args.id)
+    told = _signal(spools)
     print(f"flush requested for {args.id or 'every message'}; " + (
         f"{told} running bridge(s) told" if told else "no bridge running: it is tried "
                                                        "when the bridge starts"))
     return 0
 
 
-def _delete(spool: Spool, args: argparse.Namespace) -> int:
-    if _find(spool, args.id) is None:
+def _delete(spools: list[Spool], args: argparse.Namespace) -> int:
+    found = _find(spools, args.id)
+    if found is None:
         return 1
+    spool = found[1]
     with spool.locked(args.id) as data:
         if data is None:
             print(f"{PROG}: {args.id} is being delivered right now; try again",
@@ -140,19 +157,22 @@ def _delete(spool: Spool, args: argparse.Namespace) -> int:
     return 0
 
 
-def _hold(spool: Spool, args: argparse.Namespace) -> int:
-    if _find(spool, args.id) is None:
+def _hold(spools: list[Spool], args: argparse.Namespace) -> int:
+    found = _find(spools, args.id)
+    if found is None:
         return 1
-    spool.hold(args.id)
+    found[1].hold(args.id)
     print(f"{args.id} held")
     return 0
 
 
-def _release(spool: Spool, args: argparse.Namespace) -> int:
-    if _find(spool, args.id) is None:
+def _release(spools: list[Spool], args: argparse.Namespace) -> int:
+    found = _find(spools, args.id)
+    if found is None:
         return 1
+    spool = found[1]
     spool.hold(args.id, on=False)
     spool.request_flush(args.id)
-    _signal(spool)
+    _signal([spool])
     print(f"{args.id} released")
     return 0

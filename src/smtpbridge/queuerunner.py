@@ -69,14 +69,17 @@ class QueueRunner(Service):
     C{accounts} maps account names to their routes and account (the configuration's);
     C{run_blocking} runs a blocking call in a thread and fires with its result;
     C{on_flush} is called before a flush tries the messages (it lifts the connector's
-    hold on hosts found down).
+    hold on hosts found down); C{adopt}, spool directories no process runs, whose
+    messages move into C{spool} when it starts.
     """
 
     def __init__(self, spool: Spool, connector: IUpstreamConnector,
                  accounts: Mapping[str, Assignment], reactor: Any, settings: RetrySettings,
                  hostname: str, run_blocking: Callable[..., Deferred[Any]],
                  statistics: IStatistics | None = None,
-                 on_flush: Callable[[], None] | None = None) -> None:
+                 on_flush: Callable[[], None] | None = None,
+                 adopt: Sequence[str] = ()) -> None:
+        self._adopt = list(adopt)
         self._statistics = statistics
         self._on_flush = on_flush
         self.spool = spool
@@ -133,6 +136,11 @@ class QueueRunner(Service):
         super().startService()
         self._stopping = False
         self.spool.prepare()
+        for directory in self._adopt:
+            moved = self.spool.adopt(directory)
+            if moved:
+                log.info("spool: {count} message(s) taken over from {directory}",
+                         count=moved, directory=directory)
         now = self._reactor.seconds()
         for envelope in self.spool.envelopes():
             self._schedule(envelope.id, max(now, envelope.next_attempt))

@@ -61,6 +61,7 @@ from smtpbridge.sdnotify import SystemdNotifier
 from smtpbridge.server import SMTPServerFactory
 from smtpbridge.serverbase import ListenerSettings
 from smtpbridge.spool import Spool
+from smtpbridge.spooldirs import orphans, worker_directory
 from smtpbridge.throttle import AuthThrottle, ThrottleSettings
 from smtpbridge.tls import ServerTLS, create_self_signed, server_context
 from smtpbridge.users import UsersFileChecker, VerifiedLogins, load_users
@@ -220,20 +221,29 @@ def _throttle(config: Config, reactor: Any) -> AuthThrottle:
 
 def _queue_runner(config: Config, reactor: Any, upstream: Upstreams,
                   connector: IUpstreamConnector, parent: MultiService,
-                  statistics: IStatistics | None = None) -> QueueRunner | None:
-    """The spool and its runner, unless every listener's spool mode is "never"."""
+                  statistics: IStatistics | None = None,
+                  worker: int | None = None) -> QueueRunner | None:
+    """The spool and its runner, unless every listener's spool mode is "never".
+
+    Worker C{worker} of several has a spool of its own in the configured directory, with
+    its share of max_size."""
     settings = config.spool
     if all((listener.spool or settings.mode) == "never" for listener in config.listeners):
         return None
     threads = BoundedThreadPool(reactor, 4, 100_000, "smtpbridge-spool",
                                 busy=OSError(errno.EBUSY, "too many spool writes at once"))
     threads.setServiceParent(parent)
+    directory, max_size = settings.directory, settings.max_size
+    if worker is not None:
+        directory = worker_directory(settings.directory, worker)
+        max_size //= config.server.workers
     runner = QueueRunner(
-        Spool(settings.directory, settings.max_size), connector, upstream.accounts,
+        Spool(directory, max_size), connector, upstream.accounts,
         reactor, RetrySettings(first_retry=settings.first_retry, max_retry=settings.max_retry,
                                max_age=settings.max_age, concurrency=settings.concurrency),
         config.server.hostname, threads.run, statistics,
-        on_flush=upstream.connector.forget_down)
+        on_flush=upstream.connector.forget_down,
+        adopt=orphans(settings.directory, worker, config.server.workers))
     runner.setName("spool")
     if isinstance(statistics, Metrics):
         spool = runner.spool
@@ -272,8 +282,8 @@ def _count_sessions(metrics: Metrics, server: SMTPServerFactory) -> None:
     metrics.sessions.labels(server.settings.name).set(server.open)
 
 
-def make_service(config: Config, reactor: Any,
-                 adopted: Mapping[str, int] | None = None) -> MultiService:
+def make_service(config: Config, reactor: Any, adopted: Mapping[str, int] | None = None,
+                 worker: int | None = None) -> MultiService:
     """The whole bridge as one service: every listener, and the demo upstream if configured.
 
     A worker process passes C{adopted}, the descriptor of each listener's socket (by
@@ -292,7 +302,7 @@ def make_service(config: Config, reactor: Any,
                     upstream.connector.tokens, reactor).setServiceParent(top)
     pool = SessionPool(upstream.connector, reactor)
     StopHook(pool.stop, reactor).setServiceParent(top)
-    runner = _queue_runner(config, reactor, upstream, pool, top, metrics)
+    runner = _queue_runner(config, reactor, upstream, pool, top, metrics, worker)
     limits = _rate_limits(config, reactor, metrics)
     deliveries = {mode: InlineDelivery(upstream.mapper, pool,
                                        runner if mode != "never" else None, mode == "always",

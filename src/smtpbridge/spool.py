@@ -8,6 +8,10 @@ delivery state (replaced atomically at each change).  A message exists once its
 absent.  ``hold/<id>`` marks a message held by the administrator, ``flush/<id>`` (or
 ``flush/all``) one to retry at once.  Files are 0600 in 0700 directories.
 
+One process owns a spool directory: it clears what a crash left there when it starts.
+L{smtpbridge.spooldirs} says which directory each process owns with workers, and which
+it takes over (L{Spool.adopt}).
+
 Only blocking file operations, no reactor: the callers choose the thread.
 """
 
@@ -31,7 +35,6 @@ from smtpbridge.model import ClientInfo, UpstreamAccount
 
 #: The files a spool directory holds.
 SUBDIRECTORIES = ("tmp", "queue", "hold", "flush", "run")
-
 
 @attr.frozen
 class Envelope:
@@ -186,6 +189,31 @@ class Spool:
             elif suffix == "eml":
                 with suppress(OSError):
                     self.stored += os.path.getsize(os.path.join(queue, name))
+
+    def adopt(self, directory: str) -> int:
+        """Move every message of the spool in C{directory}, which no process runs, into
+        this one, held ones still held; how many.  A crash at any point leaves each
+        message whole in one of the two."""
+        other = Spool(directory, 0)
+        other.prepare()
+        moved = other.ids()
+        for message_id in moved:
+            # The data is linked in first: until the envelope moves, this spool holds
+            # data without an envelope (which a start clears) and the other the message.
+            with suppress(FileExistsError):
+                os.link(other.path(message_id), self.path(message_id))
+            _fsync_directory(os.path.join(self.directory, "queue"))
+            os.replace(other.path(message_id, "json"), self.path(message_id, "json"))
+            _fsync_directory(os.path.join(self.directory, "queue"))
+            os.unlink(other.path(message_id))
+            if other.held(message_id):
+                self.hold(message_id)
+                other.hold(message_id, on=False)
+            with suppress(OSError):
+                self.stored += os.path.getsize(self.path(message_id))
+        if moved:
+            _fsync_directory(os.path.join(directory, "queue"))
+        return len(moved)
 
     # Space.
 

@@ -37,7 +37,8 @@ def makeService(options: Options) -> object:  # noqa: N802
         for warning in config.warnings:
             sys.stderr.write(f"smtpbridge: warning: {warning}\n")
         if options["worker"]:
-            service = make_service(config, reactor, adopted=parse_adopted(options["adopt"]))
+            service = make_service(config, reactor, adopted=parse_adopted(options["adopt"]),
+                                   worker=int(options["worker"]))
         elif config.server.workers > 1:
             service = supervisor_service(config, reactor)
         else:

@@ -14,7 +14,8 @@ accepts it first.  The supervisor
 - runs the demo upstream, when one is configured.
 
 Everything else lives in each worker on its own: the AUTH throttle, the login cache,
-the pool of upstream sessions.  A worker ends when its supervisor does.
+the pool of upstream sessions, and the spool (``worker-K/`` in the spool directory, with
+its share of max_size; see L{smtpbridge.spool}).  A worker ends when its supervisor does.
 """
 
 from __future__ import annotations
