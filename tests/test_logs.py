@@ -9,9 +9,21 @@ import smtplib
 import subprocess
 import time
 
-from twisted.logger import Logger, LogLevel, eventsFromJSONLogFile
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.logger import (
+    Logger,
+    LogLevel,
+    eventAsJSON,
+    eventFromJSON,
+    eventsFromJSONLogFile,
+    formatEventAsClassicLogText,
+    formatTime,
+    timeFormatRFC3339,
+)
+from twisted.python.failure import Failure
 
-from smtpbridge.logs import log_observer
+from smtpbridge.logs import ClassicText, log_observer
 from tests.conftest import client_context, stored_messages
 from tests.test_twistd import TWISTD, demo_copy
 
@@ -95,3 +107,78 @@ def test_twistd_writes_json_lines(tmp_path) -> None:
         "sent", "device", "printer@example.com")
     assert summary["recipients"] == ["office@example.com"] and summary["code"] == 250
     assert secret not in "".join(lines)
+
+
+# The text lines: what Twisted's own text observer writes, faster.
+
+def twisted_text(event: dict) -> str | None:
+    return formatEventAsClassicLogText(event, lambda when: formatTime(when, timeFormatRFC3339))
+
+
+class Source:
+    name = "listener"
+
+    def __repr__(self) -> str:
+        return "<Source>"
+
+    def method(self) -> str:
+        return "called"
+
+
+FORMATS = st.sampled_from([
+    "{session} status={status}", "plain text", "", "{session!r} {size:>8}",
+    "{source.name} and {source!r}", "{items[0]} of {items}", "{source.method()}",
+    "{missing}", "{0} positional", "{} empty", "{{braces}} {session}",
+    "two\nlines {session}", "{size:.2f}", "{status!s:^9}",
+])
+
+
+@st.composite
+def events(draw: st.DrawFn) -> dict:
+    event = {"log_format": draw(FORMATS), "session": draw(st.text(max_size=12)),
+             "status": draw(st.sampled_from(["sent", "spooled", "é\n", ""])),
+             "size": draw(st.integers(-5, 10**9) | st.floats(allow_nan=False)),
+             "source": Source(), "items": draw(st.lists(st.integers(), min_size=1,
+                                                         max_size=3))}
+    if isinstance(event["size"], float) and not 0 <= event["size"] < 1e12:
+        event["size"] = 1.5
+    for key, values in (("log_time", st.floats(0, 4e9) | st.none()),
+                        ("log_level", st.sampled_from(list(LogLevel.iterconstants()))),
+                        ("log_namespace", st.sampled_from(["smtpbridge.server", "x"])),
+                        ("log_system", st.sampled_from(["-", "worker 1", 7]))):
+        if draw(st.booleans()):
+            event[key] = draw(values)
+    if draw(st.integers(0, 9)) == 0:
+        event["log_format"] = draw(st.sampled_from([b"bytes {session}", None, 5]))
+    return event
+
+
+@given(st.lists(events(), min_size=1, max_size=4))
+def test_text_lines_are_twisteds_for_any_event(batch: list[dict]) -> None:
+    text = ClassicText()
+    for event in batch:  # one formatter, events in any order of time
+        assert text(event) == twisted_text(event)
+
+
+def test_text_lines_with_a_traceback_or_read_back_from_json_are_twisteds() -> None:
+    try:
+        1 / 0  # noqa: B018
+    except ZeroDivisionError:
+        failure = Failure()
+    event = {"log_format": "{session} failed", "session": "abc", "log_failure": failure,
+             "log_time": 1_800_000_000.5, "log_namespace": "n",
+             "log_level": LogLevel.error}
+    line = ClassicText()(event)
+    assert line == twisted_text(event) and "ZeroDivisionError" in (line or "")
+    flat = eventFromJSON(eventAsJSON({"log_format": "{source.method()} {session}",
+                                      "session": "abc", "source": Source(),
+                                      "log_time": 1_800_000_000.0}))
+    assert ClassicText()(flat) == twisted_text(flat) == (
+        f"{formatTime(1_800_000_000.0, timeFormatRFC3339)} [-#-] called abc\n")
+
+
+def test_the_time_stamp_changes_with_the_second() -> None:
+    text = ClassicText()
+    for when in (1_800_000_000.0, 1_800_000_000.999, 1_800_000_001.0, 1_799_999_999.5):
+        event = {"log_format": "x", "log_time": when}
+        assert text(event) == twisted_text(event)

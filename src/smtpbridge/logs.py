@@ -14,6 +14,7 @@ C{--syslog} or C{--logger}, twistd's choice stands.
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from collections.abc import Mapping
@@ -21,14 +22,17 @@ from typing import IO, Any
 
 from twisted.application.service import MultiService
 from twisted.logger import (
+    FileLogObserver,
     FilteringLogObserver,
     ILogFilterPredicate,
     ILogObserver,
     LogEvent,
     PredicateResult,
     formatEvent,
+    formatEventAsClassicLogText,
+    formatTime,
     jsonFileLogObserver,
-    textFileLogObserver,
+    timeFormatRFC3339,
 )
 from twisted.python.components import Componentized
 from twisted.python.logfile import LogFile
@@ -64,10 +68,54 @@ class _JSONLines:
                         level=getattr(level, "name", None)))
 
 
+class ClassicText:
+    """Twisted's classic text line for an event (``TIME [namespace#level] text``, as
+    C{textFileLogObserver} writes it), at a fraction of its cost: the time stamp is
+    formatted once a second, and a plain format string goes through C{str.format_map}.
+    Anything else (a traceback, a call in the format, a field that is missing, an event
+    read back from JSON) goes through Twisted's own formatter."""
+
+    def __init__(self) -> None:
+        self._second: int | None = None
+        self._stamp = ""
+
+    def _time(self, when: float | None) -> str:
+        if when is None:
+            return formatTime(when)
+        second = math.floor(when)
+        if second != self._second:  # the format has no fraction of a second
+            self._second, self._stamp = second, formatTime(when, timeFormatRFC3339)
+        return self._stamp
+
+    def __call__(self, event: LogEvent) -> str | None:
+        text = self._plain_text(event)
+        system = event.get("log_system")
+        if text is None or not (system is None or type(system) is str):
+            return formatEventAsClassicLogText(event, self._time)
+        if not text:
+            return None
+        if system is None:
+            level = event.get("log_level")
+            system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+        line = f"{self._time(event.get('log_time'))} [{system}] {text}"
+        return line.replace("\n", "\n\t") + "\n"
+
+    @staticmethod
+    def _plain_text(event: LogEvent) -> str | None:
+        """The event's text when C{str.format_map} can make it as Twisted would."""
+        format = event.get("log_format")
+        if type(format) is not str or "log_failure" in event or "log_flattened" in event:
+            return None
+        try:
+            return format.format_map(event)
+        except Exception:
+            return None  # Twisted's formatter says what went wrong
+
+
 def log_observer(format: str, output: IO[Any]) -> ILogObserver:
     """The observer for C{[log] format} ("text" or "json"), writing to C{output}."""
     inner: ILogObserver = (_JSONLines(output) if format == "json"
-                           else textFileLogObserver(output))
+                           else FileLogObserver(output, ClassicText()))
     return FilteringLogObserver(inner, [_NotPortNoise()])
 
 
