@@ -13,10 +13,11 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
 from smtpbridge import dsn
+from smtpbridge.bodypump import message_lines
 from smtpbridge.model import Assignment, ClientInfo, Reply, Route, UpstreamAccount
 from smtpbridge.queuerunner import QueueRunner, RetrySettings
 from smtpbridge.secret import Secret
-from smtpbridge.spool import Envelope, Spool, message_lines
+from smtpbridge.spool import Envelope, Spool, SpoolWriter
 from smtpbridge.spooldirs import orphans, spool_directories, worker_directory
 from smtpbridge.testing import FakeUpstream, unreachable
 
@@ -72,12 +73,56 @@ def test_a_discarded_message_leaves_nothing(spool: Spool) -> None:
     assert os.listdir(os.path.join(spool.directory, "tmp")) == []
 
 
+def tmp_files(spool: Spool) -> list[str]:
+    return os.listdir(os.path.join(spool.directory, "tmp"))
+
+
+def test_a_small_message_touches_the_disk_only_when_it_is_kept(spool: Spool) -> None:
+    dropped, kept = spool.writer(), spool.writer()
+    for writer in (dropped, kept):
+        writer.write(BODY)
+        writer.write([b"x" * 1000] * 30)
+    assert tmp_files(spool) == []
+    dropped.discard()
+    kept.commit(Envelope(kept.id, "", ("b@example.com",), "office", 0.0, kept.size))
+    assert spool.ids() == [kept.id] and tmp_files(spool) == []
+    with open(spool.path(kept.id), "rb") as f:
+        assert f.read() == b"".join(line + b"\r\n" for line in BODY + [b"x" * 1000] * 30)
+
+
+def test_a_large_message_goes_to_a_file_as_it_arrives(spool: Spool) -> None:
+    writer = spool.writer()
+    lines = [b"%06d" % n + b"y" * 994 for n in range(200)]
+    for n in range(0, 200, 7):
+        writer.write(lines[n:n + 7])
+        on_disk = os.path.getsize(os.path.join(spool.directory, "tmp", f"{writer.id}.eml")) \
+            if tmp_files(spool) else 0
+        assert writer.size - on_disk <= SpoolWriter.MEMORY  # the rest is in the file
+    assert tmp_files(spool) == [f"{writer.id}.eml"]
+    writer.commit(Envelope(writer.id, "", ("b@example.com",), "office", 0.0, writer.size))
+    with open(spool.path(writer.id), "rb") as f:
+        assert f.read() == b"".join(line + b"\r\n" for line in lines)
+    assert tmp_files(spool) == []
+
+
+def test_a_failed_write_is_raised_by_the_commit(spool: Spool) -> None:
+    os.rmdir(os.path.join(spool.directory, "tmp"))  # no file can be made now
+    writer = spool.writer()
+    writer.write([b"z" * 1000] * 40)  # past MEMORY: the write fails, and says nothing yet
+    writer.write([b"more"])
+    with pytest.raises(FileNotFoundError):
+        writer.commit(Envelope(writer.id, "", ("b@example.com",), "office", 0.0,
+                               writer.size))
+    assert spool.ids() == [] and spool.writing == 0 and spool.stored == 0
+
+
 def test_what_a_crash_leaves_is_cleared_at_start(spool: Spool) -> None:
     kept = spool.writer()
     kept.write([b"kept"])
     kept.commit(Envelope(kept.id, "", ("b@example.com",), "office", 0.0, kept.size))
     half = spool.writer()
-    half.write([b"half written"])  # a crash: never committed
+    half.write([b"half written"] * SpoolWriter.MEMORY)  # a crash: never committed
+    assert len(os.listdir(os.path.join(spool.directory, "tmp"))) == 1
     with open(spool.path("0000000000000000"), "wb") as f:  # data renamed, envelope not
         f.write(b"orphan\r\n")
     again = Spool(spool.directory, spool.max_size)

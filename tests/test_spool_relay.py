@@ -136,9 +136,10 @@ def wait_for(condition: Callable[[], bool], seconds: float = 20) -> None:
         time.sleep(0.05)
 
 
-def test_upstream_down_then_up_delivers_byte_for_byte(setup: Setup) -> None:
+@pytest.mark.parametrize("size", [20_000, 300_000])  # in memory, then in a file
+def test_upstream_down_then_up_delivers_byte_for_byte(setup: Setup, size: int) -> None:
     setup.start_bridge()
-    data = message(1, 20000)
+    data = message(1, size)
     reply = setup.send(data)
     assert reply.startswith("2.0.0 Ok: queued as ")
     [queue_id] = setup.spooled()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, BinaryIO
 
 from twisted.internet.defer import Deferred
@@ -9,7 +10,6 @@ from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from smtpbridge.interfaces import IUpstreamSession
-from smtpbridge.spool import message_lines
 
 
 @implementer(IPushProducer)
@@ -61,3 +61,21 @@ class BodyPump:
     def stopProducing(self) -> None:  # noqa: N802
         self._stopped = True
         self.resumeProducing()
+
+
+def message_lines(f: BinaryIO, chunk: int = 64 * 1024) -> Iterator[list[bytes]]:
+    """A spooled message's lines, without their CRLF, in batches of about C{chunk} bytes."""
+    rest = b""
+    while True:
+        data = f.read(chunk)
+        if not data:
+            break
+        data = rest + data
+        cut = data.rfind(b"\r\n")
+        if cut < 0:
+            rest = data
+            continue
+        rest = data[cut + 2:]
+        yield data[:cut].split(b"\r\n")
+    if rest:
+        yield [rest]

@@ -32,6 +32,7 @@ from smtpbridge.errors import SMTPReplyError
 from smtpbridge.interfaces import IStatistics, IUpstreamConnector, IUpstreamSession, Params
 from smtpbridge.model import Assignment, ClientInfo, MessageOutcome, Reply, UpstreamAccount
 from smtpbridge.spool import Envelope, Spool, SpoolWriter
+from smtpbridge.spooldirs import adopt
 from smtpbridge.summary import MessageSummary, log_summary
 from smtpbridge.wire import reply_line
 
@@ -137,7 +138,7 @@ class QueueRunner(Service):
         self._stopping = False
         self.spool.prepare()
         for directory in self._adopt:
-            moved = self.spool.adopt(directory)
+            moved = adopt(self.spool, directory)
             if moved:
                 log.info("spool: {count} message(s) taken over from {directory}",
                          count=moved, directory=directory)

@@ -9,8 +9,8 @@ absent.  ``hold/<id>`` marks a message held by the administrator, ``flush/<id>``
 ``flush/all``) one to retry at once.  Files are 0600 in 0700 directories.
 
 One process owns a spool directory: it clears what a crash left there when it starts.
-L{smtpbridge.spooldirs} says which directory each process owns with workers, and which
-it takes over (L{Spool.adopt}).
+L{smtpbridge.spooldirs} says which directory each process owns with workers, and moves
+the messages of those no process owns any more.
 
 Only blocking file operations, no reactor: the callers choose the thread.
 """
@@ -75,7 +75,7 @@ def new_id(now: float) -> str:
     return f"{int(now):08X}{secrets.token_hex(4).upper()}"
 
 
-def _fsync_directory(path: str) -> None:
+def fsync_directory(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -95,47 +95,86 @@ class SpoolWriter:
     """One message being written into the spool; nothing is in the queue until
     L{commit}, and L{discard} leaves no trace.
 
-    Writes are sequential and not synced: a message that is kept is fsynced at commit.
+    The first L{MEMORY} bytes stay in memory: a small message (most are) touches the
+    disk only when it is kept, in the thread that commits it.  Beyond, writes go to a
+    file in ``tmp/``, sequential and not synced; a message that is kept is fsynced at
+    commit.  A write that fails is not raised: the commit raises it.
     """
+
+    #: Bytes of a message held in memory before it goes to a file.
+    MEMORY = 32 * 1024
 
     def __init__(self, spool: Spool, message_id: str) -> None:
         self._spool = spool
         self.id = message_id
         self._path = os.path.join(spool.directory, "tmp", f"{message_id}.eml")
-        fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self._file: BinaryIO | None = os.fdopen(fd, "wb")
+        self._file: BinaryIO | None = None
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._error: OSError | None = None
+        self._done = False  # committed or discarded
         self.size = 0
         spool.reserve(0)
 
     def write(self, lines: Sequence[bytes]) -> None:
         """Body lines, unstuffed and without line endings."""
-        if self._file is None or not lines:
+        if self._done or not lines:
             return
         data = b"\r\n".join(lines) + b"\r\n"
-        self._file.write(data)
         self.size += len(data)
         self._spool.reserve(len(data))
+        if self._error is not None:
+            return
+        self._buffer.append(data)
+        self._buffered += len(data)
+        if self._file is None and self._buffered <= self.MEMORY:
+            return
+        try:
+            self._write_out()
+        except OSError as e:
+            self._error = e
+            self._close()
+
+    def _write_out(self) -> None:
+        """The file, created if need be, gets what the buffer holds."""
+        if self._file is None:
+            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            self._file = os.fdopen(fd, "wb", buffering=0)  # writes come in batches
+        self._file.write(b"".join(self._buffer))
+        self._buffer.clear()
+        self._buffered = 0
+
+    def _close(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            with suppress(OSError):
+                f.close()
 
     def commit(self, envelope: Envelope) -> None:
         """Make the message durable in the queue (blocking: fsyncs; run it in a thread).
         Raises OSError when it cannot be stored; then nothing is in the queue."""
-        if self._file is None:
+        if self._done:
             raise OSError(errno.EBADF, "the message was already committed or discarded")
-        f, self._file = self._file, None
+        self._done = True
         spool = self._spool
         queue = os.path.join(spool.directory, "queue")
         try:
+            if self._error is not None:
+                raise self._error
+            self._write_out()
+            f = self._file
+            assert f is not None
             f.flush()
             os.fsync(f.fileno())
+            self._file = None
             f.close()
             os.replace(self._path, os.path.join(queue, f"{self.id}.eml"))
             temporary = os.path.join(spool.directory, "tmp", f"{self.id}.json")
             _write_file(temporary, envelope.to_json().encode("utf-8"))
             os.replace(temporary, os.path.join(queue, f"{self.id}.json"))
-            _fsync_directory(queue)
+            fsync_directory(queue)
         except OSError:
-            with suppress(OSError):
-                f.close()
+            self._close()
             for leftover in (spool.path(self.id, "json"), spool.path(self.id), self._path,
                              os.path.join(spool.directory, "tmp", f"{self.id}.json")):
                 with suppress(OSError):
@@ -146,13 +185,14 @@ class SpoolWriter:
 
     def discard(self) -> None:
         """Forget the message: nothing of it stays."""
-        if self._file is None:
+        if self._done:
             return
-        f, self._file = self._file, None
-        with suppress(OSError):
-            f.close()
-        with suppress(OSError):
-            os.unlink(self._path)
+        self._done = True
+        self._buffer.clear()
+        if self._file is not None or self._error is not None:  # a file may exist
+            self._close()
+            with suppress(OSError):
+                os.unlink(self._path)
         self._spool.release(self.size)
 
 
@@ -189,31 +229,6 @@ class Spool:
             elif suffix == "eml":
                 with suppress(OSError):
                     self.stored += os.path.getsize(os.path.join(queue, name))
-
-    def adopt(self, directory: str) -> int:
-        """Move every message of the spool in C{directory}, which no process runs, into
-        this one, held ones still held; how many.  A crash at any point leaves each
-        message whole in one of the two."""
-        other = Spool(directory, 0)
-        other.prepare()
-        moved = other.ids()
-        for message_id in moved:
-            # The data is linked in first: until the envelope moves, this spool holds
-            # data without an envelope (which a start clears) and the other the message.
-            with suppress(FileExistsError):
-                os.link(other.path(message_id), self.path(message_id))
-            _fsync_directory(os.path.join(self.directory, "queue"))
-            os.replace(other.path(message_id, "json"), self.path(message_id, "json"))
-            _fsync_directory(os.path.join(self.directory, "queue"))
-            os.unlink(other.path(message_id))
-            if other.held(message_id):
-                self.hold(message_id)
-                other.hold(message_id, on=False)
-            with suppress(OSError):
-                self.stored += os.path.getsize(self.path(message_id))
-        if moved:
-            _fsync_directory(os.path.join(directory, "queue"))
-        return len(moved)
 
     # Space.
 
@@ -367,21 +382,3 @@ class SafetyNet(Protocol):
         """Make the message durable and queue it; fires with its queue id, or fails with
         OSError (then nothing is queued).  C{tried}: the upstream was just tried, so the
         first delivery waits for the first retry."""
-
-
-def message_lines(f: BinaryIO, chunk: int = 64 * 1024) -> Iterator[list[bytes]]:
-    """A spooled message's lines, without their CRLF, in batches of about C{chunk} bytes."""
-    rest = b""
-    while True:
-        data = f.read(chunk)
-        if not data:
-            break
-        data = rest + data
-        cut = data.rfind(b"\r\n")
-        if cut < 0:
-            rest = data
-            continue
-        rest = data[cut + 2:]
-        yield data[:cut].split(b"\r\n")
-    if rest:
-        yield [rest]

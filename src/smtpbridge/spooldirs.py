@@ -5,7 +5,7 @@ worker K owns ``worker-K/`` inside it (L{worker_directory}).  When the number of
 changes, some directories are owned by no process any more: at its start worker 1 takes
 over the top directory's messages (from a single process before) and those of workers
 beyond the count, and a single process takes over every worker's (L{orphans}, with
-L{smtpbridge.spool.Spool.adopt}).  The queue command acts on them all
+L{adopt}).  The queue command acts on them all
 (L{spool_directories}).
 """
 
@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import re
 from contextlib import suppress
+
+from smtpbridge.spool import Spool, fsync_directory
 
 _WORKER = re.compile(r"worker-([1-9][0-9]*)")
 
@@ -47,3 +49,29 @@ def orphans(directory: str, worker: int | None, workers: int) -> list[str]:
     beyond = [path for path in found
               if int(os.path.basename(path).removeprefix("worker-")) > workers]
     return ([directory] if os.path.isdir(os.path.join(directory, "queue")) else []) + beyond
+
+
+def adopt(spool: Spool, directory: str) -> int:
+    """Move every message of the spool in C{directory}, which no process runs, into
+    C{spool}, held ones still held; how many.  A crash at any point leaves each
+    message whole in one of the two."""
+    other = Spool(directory, 0)
+    other.prepare()
+    moved = other.ids()
+    for message_id in moved:
+        # The data is linked in first: until the envelope moves, C{spool} holds
+        # data without an envelope (which a start clears) and the other the message.
+        with suppress(FileExistsError):
+            os.link(other.path(message_id), spool.path(message_id))
+        fsync_directory(os.path.join(spool.directory, "queue"))
+        os.replace(other.path(message_id, "json"), spool.path(message_id, "json"))
+        fsync_directory(os.path.join(spool.directory, "queue"))
+        os.unlink(other.path(message_id))
+        if other.held(message_id):
+            spool.hold(message_id)
+            other.hold(message_id, on=False)
+        with suppress(OSError):
+            spool.stored += os.path.getsize(spool.path(message_id))
+    if moved:
+        fsync_directory(os.path.join(directory, "queue"))
+    return len(moved)
