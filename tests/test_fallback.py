@@ -103,8 +103,11 @@ def test_a_5xx_at_the_dot_passes_through_and_nothing_is_kept(tmp_path, reply):
 def test_a_4xx_at_the_dot_is_spooled_and_acknowledged(tmp_path):
     bridge = Bridge(tmp_path)
     bridge.upstream.replies["end_data"] = Reply(451, "4.3.0", "Try again later")
-    replies = send(bridge.transaction(), (ONE, TWO))
+    t = bridge.transaction()
+    replies = send(t, (ONE, TWO))
     assert queued(replies[-1])
+    assert t.outcome is not None and t.outcome.status == "spooled"
+    assert t.outcome.why == Reply(451, "4.3.0", "Try again later")  # the summary says why
     assert bridge.spooled() == [(SENDER, (ONE, TWO), ON_DISK)]
     [envelope] = bridge.spool.envelopes()
     assert replies[-1].text.endswith(envelope.id) and envelope.account == "office"

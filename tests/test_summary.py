@@ -105,6 +105,17 @@ def test_a_delivery_reports_its_own_status(summaries: list[dict[str, Any]],
         status, "scanner", "m365", "S123")
     text = formatEvent(event)
     assert f"status={status} " in text and "queue_id=S123 " in text
+    assert "why" not in text and event["why"] is None
+
+
+def test_a_spooled_message_says_why(summaries: list[dict[str, Any]]) -> None:
+    s = Session()
+    why = Reply(451, "4.4.1", "Upstream smtp.example.com:587 unreachable: connection refused")
+    s.factory.delivery = SpoolLike(MessageOutcome("spooled", queue_id="S123", why=why))
+    assert send_in_memory(s)[0].startswith("250")
+    [event] = summaries
+    assert event["why"] == f"451 4.4.1 {why.text}"
+    assert formatEvent(event).endswith(f"(250 2.0.0 Ok: queued; upstream: 451 4.4.1 {why.text})")
 
 
 def test_delays_split_client_and_upstream_time(summaries: list[dict[str, Any]]) -> None:

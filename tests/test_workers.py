@@ -159,7 +159,7 @@ def test_each_worker_delivers_from_a_spool_of_its_own(supervised: Supervised,
     assert sorted(int(s) for s in subjects) == list(range(sent))  # each message once
     for worker in (1, 2):
         assert list((spool / f"worker-{worker}" / "queue").iterdir()) == []
-        assert re.search(rf"\[worker {worker}\] \w+ queued as ", supervised.log())
+        assert re.search(rf"\[worker {worker}\] \w+ status=spooled ", supervised.log())
     listing = subprocess.run([SMTPBRIDGE, "queue", "--config", str(tmp_path / "demo.toml"),
                               "list"], capture_output=True, text=True, timeout=60)
     assert listing.returncode == 0 and "0 message(s)" in listing.stdout, listing.stderr

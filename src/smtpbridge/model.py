@@ -127,3 +127,4 @@ class MessageOutcome:
     reply: Reply | None = None  # the upstream's (or the delivery's) verdict
     queue_id: str | None = None  # the upstream's id of the message, when its reply names one
     upstream_time: float | None = None  # seconds spent upstream, when measured apart
+    why: Reply | None = None  # spooled: what the upstream said (or why it could not say)

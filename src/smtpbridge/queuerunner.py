@@ -122,10 +122,11 @@ class QueueRunner(Service):
             bounce=bounce)
 
         def kept(_: object) -> str:
-            log.info("{session} queued as {id}: <{sender}> to {count} recipient(s), "
-                     "{size} bytes, account {account}", session=envelope.session,
-                     id=envelope.id, sender=sender, count=len(recipients),
-                     size=envelope.size, account=account.name)
+            if bounce:  # a device's message has its summary line (status=spooled)
+                log.info("{session} bounce queued as {id}: <{sender}> to {count} "
+                         "recipient(s), {size} bytes, account {account}",
+                         session=envelope.session, id=envelope.id, sender=sender,
+                         count=len(recipients), size=envelope.size, account=account.name)
             self._schedule(envelope.id, first)
             return envelope.id
 

@@ -85,6 +85,7 @@ class InlineTransaction:
         self._accepted: list[str] = []  # recipients the upstream took
         self._deferred: list[str] = []  # recipients for the spool
         self._writer: SpoolWriter | None = None
+        self._why: Reply | None = None  # why the message went to the spool
         self._data_sent = False  # DATA went upstream: only an abort may end the session now
         self._refusal: SMTPReplyError | None = None  # the body was refused on its way
         self._lost: UpstreamError | None = None  # how the upstream session failed
@@ -94,7 +95,7 @@ class InlineTransaction:
     # The outcome, for the summary line and the metrics.
 
     def _note(self, reply: Reply, upstream: bool, status: str | None = None,
-              queue_id: str | None = None) -> None:
+              queue_id: str | None = None, why: Reply | None = None) -> None:
         """Note how the message (or its transaction) ended; C{upstream}: the reply is the
         upstream's own."""
         session = self._session
@@ -103,7 +104,7 @@ class InlineTransaction:
         if queue_id is None and reply.positive and upstream:
             queue_id = upstream_queue_id(reply)
         self.outcome = MessageOutcome(status or status_for(reply), account, self._route,
-                                      relay, reply, queue_id)
+                                      relay, reply, queue_id, why=why)
         if self._quota is not None:
             self._quota.settle(sent=reply.positive)
 
@@ -177,10 +178,9 @@ class InlineTransaction:
         return reply
 
     def _to_spool(self, why: Reply) -> Reply:
-        """The upstream is out of this transaction: what it took so far goes to the spool."""
-        log.info("{session} upstream cannot take the message now ({code} {text}); it goes "
-                 "to the spool", session=self._client.session_id, code=why.code,
-                 text=why.text)
+        """The upstream is out of this transaction: what it took so far goes to the spool
+        (the summary line says C{why})."""
+        self._why = why
         self._spooling = True
         self._deferred = self._accepted + self._deferred
         self._accepted = []
@@ -321,15 +321,12 @@ class InlineTransaction:
         except UpstreamError as e:
             if self._writer is None:
                 raise
-            log.info("{session} upstream lost at the final dot ({text}); the message goes "
-                     "to the spool", session=self._client.session_id, text=e.reply.text)
+            self._why = e.reply  # lost at the final dot
             return await self._keep(self._accepted + self._deferred)
         finally:
             session.quit()
         if reply.transient and self._writer is not None:
-            log.info("{session} upstream deferred the message ({code} {text}); it goes to "
-                     "the spool", session=self._client.session_id, code=reply.code,
-                     text=reply.text)
+            self._why = reply
             return await self._keep(self._accepted + self._deferred)
         if reply.positive and self._deferred:
             queued = await self._keep(self._deferred)
@@ -356,7 +353,7 @@ class InlineTransaction:
             self._note(QUEUE_FAILED, upstream=False)
             return QUEUE_FAILED
         reply = Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
-        self._note(reply, upstream=False, status="spooled", queue_id=queue_id)
+        self._note(reply, upstream=False, status="spooled", queue_id=queue_id, why=self._why)
         return reply
 
     def _discard(self) -> None:

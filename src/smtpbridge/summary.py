@@ -93,7 +93,9 @@ def log_summary(summary: MessageSummary, logger: Logger | None = None) -> None:
         queue_id_text=outcome.queue_id or "-",
         delay=summary.client_time + summary.upstream_time,
         client_time=summary.client_time, upstream_time=summary.upstream_time,
-        reply=_reply_text(reply),
+        why=None if outcome.why is None else _reply_text(outcome.why),
+        reply=_reply_text(reply) + ("" if outcome.why is None else
+                                    f"; upstream: {_reply_text(outcome.why)}"),
     )
 
 
