@@ -213,6 +213,24 @@ def test_connections_per_client_address_are_limited(hostile_bridge, certificate)
             sock.close()
 
 
+def test_refused_silent_connections_take_no_ones_place(hostile_bridge, certificate):
+    bridge = hostile_bridge(max_connections=4, max_connections_per_client=2)
+    silent = [connect(bridge, "smtps", source="127.0.0.1") for _ in range(2)]
+    # Over its address's limit, and more than the listener takes: each is dropped at
+    # once (it never sent a ClientHello, so it could not read a 421 anyway).
+    silent += [connect(bridge, "smtps", source="127.0.0.1") for _ in range(6)]
+    try:
+        for refused in silent[2:]:
+            assert closed_within(refused, 5) == b""
+        with smtplib.SMTP_SSL("127.0.0.1", bridge.ports["smtps"], timeout=10,
+                              context=client_context(certificate),
+                              source_address=("127.0.0.2", 0)) as other:
+            assert other.noop()[0] == 250
+    finally:
+        for sock in silent:
+            sock.close()
+
+
 def test_the_open_file_limit_is_raised_at_start(hostile_bridge):
     import resource
 

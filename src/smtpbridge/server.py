@@ -148,7 +148,14 @@ class SMTPServerProtocol(AuthCommands, MailCommands):
         refusal = self.services.opened(self._counted, self)
         if refusal is not None:
             self.note("refused: {text}", text=refusal.text)
-            self.close(refusal)
+            # A refused connection holds no one's place while it closes; one that has not
+            # done its TLS handshake could not even read why, and is dropped at once.
+            self.services.closed(self._counted, self)
+            self._counted = None
+            if self._tls_active and not self._handshake_done:
+                self.abort("refused before its TLS handshake")
+            else:
+                self.close(refusal)
             return
         self.reply(Reply(220, None, f"{self.settings.hostname} ESMTP smtpbridge"))
 
