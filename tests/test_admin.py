@@ -97,6 +97,9 @@ def test_metrics_after_real_traffic(admin_bridge: RunningBridge, upstream: Upstr
     assert found[("smtpbridge_auth_attempts_total",
                   (("listener", "smtps"), ("result", "failed")))] == 2
     assert found[("smtpbridge_auth_blocked_addresses", ())] == 0
+    assert found[("smtpbridge_pool_sessions_opened", ())] == 1
+    assert found[("smtpbridge_pool_sessions_reused", ())] == 0
+    assert found[("smtpbridge_pool_idle_sessions", ())] == 1  # kept for the next message
     tls = [labels for (name, labels), value in found.items()
            if name == "smtpbridge_tls_handshakes_total" and value == 2]
     assert [dict(labels)["version"] for labels in tls] == ["TLSv1.3"]

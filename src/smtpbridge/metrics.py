@@ -17,6 +17,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from smtpbridge.interfaces import IStatistics
+from smtpbridge.pool import SessionPool
+from smtpbridge.spool import Spool
 from smtpbridge.summary import MessageSummary
 
 log = Logger()
@@ -111,6 +113,25 @@ class Metrics:
 
         self.watch(refresh)
         return gauge
+
+    def watch_pool(self, pool: SessionPool) -> None:
+        """The figures of the pool of logged-in upstream sessions."""
+        self.gauge("smtpbridge_pool_idle_sessions",
+                   "Logged-in upstream sessions kept idle for the next message.", (),
+                   lambda: {(): float(pool.idle())})
+        self.gauge("smtpbridge_pool_sessions_opened",
+                   "Upstream sessions opened since the start.", (),
+                   lambda: {(): float(pool.opened)})
+        self.gauge("smtpbridge_pool_sessions_reused",
+                   "Transactions served by a kept upstream session since the start.", (),
+                   lambda: {(): float(pool.reused)})
+
+    def watch_spool(self, spool: Spool) -> None:
+        """The figures of the spool (this process's, with workers)."""
+        self.gauge("smtpbridge_spool_messages", "Messages waiting in the spool.", (),
+                   lambda: {(): float(len(spool.ids()))})
+        self.gauge("smtpbridge_spool_bytes", "Bytes of the messages in the spool.", (),
+                   lambda: {(): float(spool.stored)})
 
     def refresh(self) -> None:
         """Bring the state figures up to date (before a scrape, in the reactor's thread)."""

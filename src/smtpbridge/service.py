@@ -246,11 +246,7 @@ def _queue_runner(config: Config, reactor: Any, upstream: Upstreams,
         adopt=orphans(settings.directory, worker, config.server.workers))
     runner.setName("spool")
     if isinstance(statistics, Metrics):
-        spool = runner.spool
-        statistics.gauge("smtpbridge_spool_messages", "Messages waiting in the spool.", (),
-                         lambda: {(): float(len(spool.ids()))})
-        statistics.gauge("smtpbridge_spool_bytes", "Bytes of the messages in the spool.", (),
-                         lambda: {(): float(spool.stored)})
+        statistics.watch_spool(runner.spool)
     runner.setServiceParent(parent)
     return runner
 
@@ -302,6 +298,8 @@ def make_service(config: Config, reactor: Any, adopted: Mapping[str, int] | None
                     upstream.connector.tokens, reactor).setServiceParent(top)
     pool = SessionPool(upstream.connector, reactor)
     StopHook(pool.stop, reactor).setServiceParent(top)
+    if metrics is not None:
+        metrics.watch_pool(pool)
     runner = _queue_runner(config, reactor, upstream, pool, top, metrics, worker)
     limits = _rate_limits(config, reactor, metrics)
     deliveries = {mode: InlineDelivery(upstream.mapper, pool,
