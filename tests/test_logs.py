@@ -179,6 +179,7 @@ def test_text_lines_with_a_traceback_or_read_back_from_json_are_twisteds() -> No
 
 def test_the_time_stamp_changes_with_the_second() -> None:
     text = ClassicText()
-    for when in (1_800_000_000.0, 1_800_000_000.999, 1_800_000_001.0, 1_799_999_999.5):
+    for when in (1_800_000_000.0, 1_800_000_000.999, 1_800_000_001.0, 1_799_999_999.5,
+                 1_800_000_099.9999996, 1_800_000_099.5, 1_800_000_100.2):
         event = {"log_format": "x", "log_time": when}
         assert text(event) == twisted_text(event)

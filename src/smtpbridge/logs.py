@@ -82,7 +82,10 @@ class ClassicText:
     def _time(self, when: float | None) -> str:
         if when is None:
             return formatTime(when)
+        # The second Twisted writes: datetime rounds the time to the microsecond first.
         second = math.floor(when)
+        if round((when - second) * 1e6) >= 1_000_000:
+            second += 1
         if second != self._second:  # the format has no fraction of a second
             self._second, self._stamp = second, formatTime(when, timeFormatRFC3339)
         return self._stamp
