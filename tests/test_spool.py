@@ -18,7 +18,7 @@ from smtpbridge.model import Assignment, ClientInfo, Reply, Route, UpstreamAccou
 from smtpbridge.queuerunner import QueueRunner, RetrySettings
 from smtpbridge.secret import Secret
 from smtpbridge.spool import Envelope, Spool, SpoolWriter
-from smtpbridge.spooldirs import orphans, spool_directories, worker_directory
+from smtpbridge.spooldirs import adopt, orphans, spool_directories, worker_directory
 from smtpbridge.testing import FakeUpstream, unreachable
 
 ROUTE = Route("smtp.example.com", 587)
@@ -436,6 +436,21 @@ def test_what_no_process_owns_any_more_is_taken_over_at_start(tmp_path: Any) -> 
         single.runner.stopService()
 
 
+def test_a_message_whose_id_is_taken_stays_where_it_is(tmp_path: Any) -> None:
+    base = str(tmp_path / "spool")
+    top, [kept] = kept_in(base)
+    first, [mine] = kept_in(worker_directory(base, 1))
+    os.rename(top.path(kept), top.path(mine))  # the same id in both spools
+    os.rename(top.path(kept, "json"), top.path(mine, "json"))
+    top.hold(mine)
+    moved, problems = adopt(first, base)
+    assert moved == 0 and len(problems) == 1 and mine in problems[0]
+    assert top.ids() == [mine] == first.ids() and not first.held(mine)
+    with open(first.path(mine), "rb") as a, open(top.path(mine), "rb") as b:
+        assert a.read() == b.read()  # (the same body here; each kept its own)
+    assert first.load(mine) is not None and top.load(mine) is not None
+
+
 def test_a_take_over_cut_short_leaves_each_message_whole_once(tmp_path: Any) -> None:
     base = str(tmp_path / "spool")
     top, [kept] = kept_in(base)
@@ -480,6 +495,10 @@ directory = "{base}"
     monkeypatch.setenv("UPSTREAM_PASSWORD", "secret")
     first, [one] = kept_in(worker_directory(str(base), 1))
     second, [two, three] = kept_in(worker_directory(str(base), 2), 2)
+    first.register(1001)  # the workers' processes, as their runners register them
+    second.register(1002)
+    signalled: list[int] = []
+    monkeypatch.setattr(os, "kill", lambda pid, number: signalled.append(pid))
 
     def queue(*args: str) -> tuple[int, str]:
         code = main(["queue", "--config", str(config), *args])
@@ -493,6 +512,45 @@ directory = "{base}"
     assert queue("delete", two)[0] == 0 and second.ids() == [three]
     assert queue("flush")[0] == 0
     assert first.take_flush_requests() == {"all"} == second.take_flush_requests()
+    assert sorted(signalled) == [1001, 1002]
+    signalled.clear()
     assert queue("flush", one)[0] == 0
     assert first.take_flush_requests() == {one} and second.take_flush_requests() == set()
+    assert signalled == [1001]  # to worker 2, a signal alone would mean "flush all"
     assert queue("show", "NOSUCHMESSAGE")[0] == 1
+    first.prepare()  # worker 1 starts again: the process ids it finds are gone
+    assert first.runners() == [] and second.runners() == [1002]
+
+
+def test_a_message_the_disk_cannot_hold_whole_is_not_kept(tmp_path: Any) -> None:
+    """A write cut short (a full disk, a quota, here a file size limit) fails the
+    commit: never a message kept truncated."""
+    script = f"""
+import resource, signal
+from smtpbridge.spool import Envelope, Spool
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
+spool = Spool({str(tmp_path / "spool")!r}, 10**8)
+spool.prepare()
+resource.setrlimit(resource.RLIMIT_FSIZE,
+                   (20000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+for lines in ([b"x" * 998] * 30, [b"y" * 998] * 10, [b"z" * 998] * 10):  # 30, 10, 10 KB
+    w = spool.writer()
+    for line in lines:
+        w.write([line])
+    try:
+        w.commit(Envelope(w.id, "", ("b@example.com",), "office", 0.0, w.size))
+        print("kept", w.size)
+    except OSError as e:
+        print("refused", e.errno)
+for message_id in spool.ids():
+    print("queued", len(open(spool.path(message_id), "rb").read()))
+"""
+    import errno
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:5] == [
+        f"refused {errno.EFBIG}", "kept 10000", "kept 10000", "queued 10000", "queued 10000"]

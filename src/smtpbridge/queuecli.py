@@ -135,6 +135,7 @@ def _flush(spools: list[Spool], args: argparse.Namespace) -> int:
         if found is None:
             return 1
         found[1].request_flush(args.id)
+        spools = [found[1]]  # only its runner: to the others a signal means "flush all"
     told = _signal(spools)
     print(f"flush requested for {args.id or 'every message'}; " + (
         f"{told} running bridge(s) told" if told else "no bridge running: it is tried "

@@ -139,10 +139,12 @@ class QueueRunner(Service):
         self._stopping = False
         self.spool.prepare()
         for directory in self._adopt:
-            moved = adopt(self.spool, directory)
+            moved, problems = adopt(self.spool, directory)
             if moved:
                 log.info("spool: {count} message(s) taken over from {directory}",
                          count=moved, directory=directory)
+            for problem in problems:
+                log.error("spool: not taken over: {problem}", problem=problem)
         now = self._reactor.seconds()
         for envelope in self.spool.envelopes():
             self._schedule(envelope.id, max(now, envelope.next_attempt))

@@ -348,8 +348,11 @@ class InlineTransaction:
             queue_id = await net.keep(writer, self._sender, recipients, account, self._params,
                                       self._client, tried=not self._always)
         except OSError as e:
-            log.error("{session} the message could not be spooled: {error}",
-                      session=self._client.session_id, error=e)
+            why = self._why
+            log.error("{session} the message could not be spooled: {error}{upstream}",
+                      session=self._client.session_id, error=e,
+                      upstream="" if why is None else " (the upstream: " + " ".join(
+                          filter(None, (str(why.code), why.enhanced, why.text))) + ")")
             self._note(QUEUE_FAILED, upstream=False)
             return QUEUE_FAILED
         reply = Reply(250, "2.0.0", f"Ok: queued as {queue_id}")

@@ -112,6 +112,7 @@ class SpoolWriter:
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._error: OSError | None = None
+        self._created = False  # the file in tmp/ is ours (not another's of the same id)
         self._done = False  # committed or discarded
         self.size = 0
         spool.reserve(0)
@@ -139,7 +140,10 @@ class SpoolWriter:
         """The file, created if need be, gets what the buffer holds."""
         if self._file is None:
             fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            self._file = os.fdopen(fd, "wb", buffering=0)  # writes come in batches
+            self._created = True
+            # Buffered: its write() writes everything or raises (a raw one may write
+            # part of the data, on a full disk or at a file size limit).
+            self._file = os.fdopen(fd, "wb")
         self._file.write(b"".join(self._buffer))
         self._buffer.clear()
         self._buffered = 0
@@ -158,6 +162,8 @@ class SpoolWriter:
         self._done = True
         spool = self._spool
         queue = os.path.join(spool.directory, "queue")
+        temporary = os.path.join(spool.directory, "tmp", f"{self.id}.json")
+        made: list[str] = []  # what this commit made, to remove if it fails
         try:
             if self._error is not None:
                 raise self._error
@@ -168,15 +174,18 @@ class SpoolWriter:
             os.fsync(f.fileno())
             self._file = None
             f.close()
-            os.replace(self._path, os.path.join(queue, f"{self.id}.eml"))
-            temporary = os.path.join(spool.directory, "tmp", f"{self.id}.json")
+            os.replace(self._path, spool.path(self.id))
+            made.append(spool.path(self.id))
+            made.append(temporary)
             _write_file(temporary, envelope.to_json().encode("utf-8"))
-            os.replace(temporary, os.path.join(queue, f"{self.id}.json"))
+            os.replace(temporary, spool.path(self.id, "json"))
+            made.append(spool.path(self.id, "json"))
             fsync_directory(queue)
         except OSError:
             self._close()
-            for leftover in (spool.path(self.id, "json"), spool.path(self.id), self._path,
-                             os.path.join(spool.directory, "tmp", f"{self.id}.json")):
+            if self._created:
+                made.append(self._path)
+            for leftover in reversed(made):  # the envelope first: without it, no message
                 with suppress(OSError):
                     os.unlink(leftover)
             spool.release(self.size)
@@ -189,8 +198,8 @@ class SpoolWriter:
             return
         self._done = True
         self._buffer.clear()
-        if self._file is not None or self._error is not None:  # a file may exist
-            self._close()
+        self._close()
+        if self._created:
             with suppress(OSError):
                 os.unlink(self._path)
         self._spool.release(self.size)
@@ -210,14 +219,18 @@ class Spool:
         self.writing = 0  # bytes of messages being written
 
     def prepare(self) -> None:
-        """Create the directories (0700); clear what a crash left in ``tmp/`` and message
-        data without an envelope; count what is stored."""
+        """Create the directories (0700); clear what a crash left in ``tmp/`` and ``run/``
+        and message data without an envelope; count what is stored.  Only the one process
+        that owns the directory does this, when it starts."""
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         for name in SUBDIRECTORIES:
             os.makedirs(os.path.join(self.directory, name), mode=0o700, exist_ok=True)
-        for name in os.listdir(os.path.join(self.directory, "tmp")):
-            with suppress(OSError):
-                os.unlink(os.path.join(self.directory, "tmp", name))
+        # What a crash left: files half written, and the process ids of runners gone
+        # (one of them reused by another process must not get the queue's SIGUSR1).
+        for name in ("tmp", "run"):
+            for entry in os.listdir(os.path.join(self.directory, name)):
+                with suppress(OSError):
+                    os.unlink(os.path.join(self.directory, name, entry))
         queue = os.path.join(self.directory, "queue")
         names = set(os.listdir(queue))
         self.stored = 0

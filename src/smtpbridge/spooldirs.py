@@ -11,6 +11,7 @@ L{adopt}).  The queue command acts on them all
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from contextlib import suppress
@@ -51,27 +52,44 @@ def orphans(directory: str, worker: int | None, workers: int) -> list[str]:
     return ([directory] if os.path.isdir(os.path.join(directory, "queue")) else []) + beyond
 
 
-def adopt(spool: Spool, directory: str) -> int:
+def adopt(spool: Spool, directory: str) -> tuple[int, list[str]]:
     """Move every message of the spool in C{directory}, which no process runs, into
-    C{spool}, held ones still held; how many.  A crash at any point leaves each
-    message whole in one of the two."""
+    C{spool}, held ones still held.  How many moved, and why any did not (they stay where
+    they are, for the queue command and the next start).  A crash at any point leaves
+    each message whole in one of the two."""
     other = Spool(directory, 0)
-    other.prepare()
-    moved = other.ids()
-    for message_id in moved:
-        # The data is linked in first: until the envelope moves, C{spool} holds
-        # data without an envelope (which a start clears) and the other the message.
-        with suppress(FileExistsError):
-            os.link(other.path(message_id), spool.path(message_id))
-        fsync_directory(os.path.join(spool.directory, "queue"))
-        os.replace(other.path(message_id, "json"), spool.path(message_id, "json"))
-        fsync_directory(os.path.join(spool.directory, "queue"))
-        os.unlink(other.path(message_id))
-        if other.held(message_id):
-            spool.hold(message_id)
-            other.hold(message_id, on=False)
-        with suppress(OSError):
-            spool.stored += os.path.getsize(spool.path(message_id))
+    try:
+        other.prepare()
+        ids = other.ids()
+    except OSError as e:
+        return 0, [f"{directory}: {e.strerror or e}"]
+    moved, problems = 0, []
+    for message_id in ids:
+        try:
+            _move(other, spool, message_id)
+        except OSError as e:
+            problems.append(f"{directory}: message {message_id}: {e.strerror or e}")
+        else:
+            moved += 1
     if moved:
-        fsync_directory(os.path.join(directory, "queue"))
-    return len(moved)
+        with suppress(OSError):
+            fsync_directory(os.path.join(directory, "queue"))
+    return moved, problems
+
+
+def _move(other: Spool, spool: Spool, message_id: str) -> None:
+    if os.path.exists(spool.path(message_id, "json")) or os.path.exists(spool.path(message_id)):
+        raise FileExistsError(errno.EEXIST, f"a message of that id is in {spool.directory}")
+    if other.held(message_id):  # held before it arrives, so that it is never sent
+        spool.hold(message_id)
+    queue = os.path.join(spool.directory, "queue")
+    # The data is linked in first: until the envelope moves, C{spool} holds data without
+    # an envelope (which a start clears) and the other spool the whole message.
+    os.link(other.path(message_id), spool.path(message_id))
+    fsync_directory(queue)
+    os.replace(other.path(message_id, "json"), spool.path(message_id, "json"))
+    fsync_directory(queue)
+    os.unlink(other.path(message_id))
+    other.hold(message_id, on=False)
+    with suppress(OSError):
+        spool.stored += os.path.getsize(spool.path(message_id))
