@@ -11,6 +11,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import attr
 import pytest
 
 from smtpbridge.config import ConfigError, parse_config
+from smtpbridge.spool import Envelope, Spool
 from smtpbridge.workers import parse_adopted
 from tests.conftest import stored_messages
 from tests.test_twistd import TWISTD, demo_copy
@@ -97,11 +100,16 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture
 def supervised(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Supervised]:
-    """The demo with two workers; an indirect parameter adds lines to its [spool]."""
+    """The demo with two workers; an indirect parameter adds lines to its [spool], or a
+    table when it starts with one."""
     path = demo_copy(tmp_path)
     text = Path(path).read_text().replace('hostname = "localhost"',
                                           'hostname = "localhost"\nworkers = 2', 1)
-    text = text.replace("[spool]\n", f"[spool]\n{getattr(request, 'param', '')}\n", 1)
+    extra = getattr(request, "param", "")
+    if extra.startswith("["):  # a table of its own
+        text += f"\n{extra}\n"
+    else:
+        text = text.replace("[spool]\n", f"[spool]\n{extra}\n", 1)
     Path(path).write_text(text)
     log_path = tmp_path / "bridge.log"
     process = subprocess.Popen([TWISTD, "--nodaemon", "--pidfile=", f"--logfile={log_path}",
@@ -163,6 +171,48 @@ def test_each_worker_delivers_from_a_spool_of_its_own(supervised: Supervised,
     listing = subprocess.run([SMTPBRIDGE, "queue", "--config", str(tmp_path / "demo.toml"),
                               "list"], capture_output=True, text=True, timeout=60)
     assert listing.returncode == 0 and "0 message(s)" in listing.stdout, listing.stderr
+
+
+@pytest.mark.parametrize("supervised", ['mode = "always"'], indirect=True)
+def test_a_worker_started_again_counts_the_supervisors_workers(supervised: Supervised,
+                                                               tmp_path: Path) -> None:
+    """The file says 1 worker now, but 2 still run: worker 1, started again, must not
+    take over worker 2's spool."""
+    second = Spool(str(tmp_path / "var" / "spool" / "worker-2"), 10**8)
+    writer = second.writer()
+    writer.write([b"Subject: held", b"", b"hi"])
+    writer.commit(Envelope(writer.id, "a@example.com", ("b@example.com",), "default",
+                           time.time(), writer.size))
+    second.hold(writer.id)  # (worker 2 does not know of it: it stays)
+    config = tmp_path / "demo.toml"
+    config.write_text(config.read_text().replace("workers = 2", "workers = 1"))
+    old = supervised.workers()[1]
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: supervised.workers()[1] != old)
+    wait_for(lambda: len(re.findall(r"\[worker 1\] \d+ start-up objects frozen",
+                                    supervised.log())) == 2)
+    assert second.ids() == [writer.id]
+    assert "taken over" not in supervised.log()
+
+
+@pytest.mark.parametrize(
+    "supervised", ['[admin]\nendpoint = "tcp:0:interface=127.0.0.1"\nprobe_interval = 1'],
+    indirect=True)
+def test_the_supervisor_serves_health_and_readiness_but_not_metrics(
+        supervised: Supervised) -> None:
+    port = int(re.findall(r"\] admin listening on 127.0.0.1:(\d+)", supervised.log())[0])
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    assert get("/healthz") == (200, "ok\n")
+    wait_for(lambda: get("/readyz")[0] == 200)  # the supervisor probes the upstream
+    status, text = get("/metrics")
+    assert status == 501 and "workers" in text
 
 
 def test_a_dead_worker_is_started_again(supervised: Supervised) -> None:

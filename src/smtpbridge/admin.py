@@ -50,6 +50,10 @@ def probe_targets(assignments: Sequence[Assignment]) -> list[ProbeTarget]:
             for a in assignments]
 
 
+#: The readiness probe's service name.
+READINESS = "readiness"
+
+
 class ReadinessProbe(TimerService):
     """Logs in on every route every C{interval} seconds and keeps the last result."""
 
@@ -182,9 +186,15 @@ class AdminSite(Site):
         """No access log: Prometheus asks every few seconds."""
 
 
-def admin_site(metrics: Metrics, probe: ReadinessProbe, token: Secret | None) -> AdminSite:
+#: /metrics with [server] workers above 1, where the supervisor serves the admin listener.
+NO_METRICS = ("/metrics is not served with [server] workers above 1: each worker counts "
+              "its own messages, sessions, pool and spool.  /healthz and /readyz are.\n")
+
+
+def admin_site(metrics: Metrics, probe: ReadinessProbe, token: Secret | None,
+               workers: int = 1) -> AdminSite:
     root = _Root(token)
-    root.putChild(b"metrics", _Metrics(metrics))
+    root.putChild(b"metrics", _Metrics(metrics) if workers == 1 else _Text(501, NO_METRICS))
     root.putChild(b"healthz", _Text(200, "ok\n"))
     root.putChild(b"readyz", _Ready(probe))
     return AdminSite(root)

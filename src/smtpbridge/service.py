@@ -222,11 +222,11 @@ def _throttle(config: Config, reactor: Any) -> AuthThrottle:
 def _queue_runner(config: Config, reactor: Any, upstream: Upstreams,
                   connector: IUpstreamConnector, parent: MultiService,
                   statistics: IStatistics | None = None,
-                  worker: int | None = None) -> QueueRunner | None:
+                  worker: int | None = None, workers: int = 1) -> QueueRunner | None:
     """The spool and its runner, unless every listener's spool mode is "never".
 
-    Worker C{worker} of several has a spool of its own in the configured directory, with
-    its share of max_size."""
+    Worker C{worker} of C{workers} has a spool of its own in the configured directory,
+    with its share of max_size."""
     settings = config.spool
     if all((listener.spool or settings.mode) == "never" for listener in config.listeners):
         return None
@@ -236,14 +236,14 @@ def _queue_runner(config: Config, reactor: Any, upstream: Upstreams,
     directory, max_size = settings.directory, settings.max_size
     if worker is not None:
         directory = worker_directory(settings.directory, worker)
-        max_size //= config.server.workers
+        max_size //= workers
     runner = QueueRunner(
         Spool(directory, max_size), connector, upstream.accounts,
         reactor, RetrySettings(first_retry=settings.first_retry, max_retry=settings.max_retry,
                                max_age=settings.max_age, concurrency=settings.concurrency),
         config.server.hostname, threads.run, statistics,
         on_flush=upstream.connector.forget_down,
-        adopt=orphans(settings.directory, worker, config.server.workers))
+        adopt=orphans(settings.directory, worker, workers))
     runner.setName("spool")
     if isinstance(statistics, Metrics):
         statistics.watch_spool(runner.spool)
@@ -263,15 +263,17 @@ def _rate_limits(config: Config, reactor: Any,
 def _admin(config: Config, reactor: Any, upstream: Upstreams, metrics: Metrics,
            throttle: AuthThrottle, top: MultiService) -> None:
     """The admin listener and the readiness probe behind it."""
-    from smtpbridge.admin import ReadinessProbe, admin_site, probe_targets
+    from smtpbridge.admin import READINESS, ReadinessProbe, admin_site, probe_targets
 
     assert config.admin is not None
     metrics.watch(lambda: metrics.blocked_addresses.set(throttle.blocking()))
     probe = ReadinessProbe(config.admin.probe_interval, upstream.connector,
                            probe_targets(upstream.checked()), reactor, metrics)
+    probe.setName(READINESS)
     probe.setServiceParent(top)
+    site = admin_site(metrics, probe, config.admin.token, config.server.workers)
     _endpoint_service(reactor, config, "admin.endpoint", "admin", config.admin.endpoint,
-                      admin_site(metrics, probe, config.admin.token)).setServiceParent(top)
+                      site).setServiceParent(top)
 
 
 def _count_sessions(metrics: Metrics, server: SMTPServerFactory) -> None:
@@ -279,11 +281,12 @@ def _count_sessions(metrics: Metrics, server: SMTPServerFactory) -> None:
 
 
 def make_service(config: Config, reactor: Any, adopted: Mapping[str, int] | None = None,
-                 worker: int | None = None) -> MultiService:
+                 worker: int | None = None, workers: int | None = None) -> MultiService:
     """The whole bridge as one service: every listener, and the demo upstream if configured.
 
     A worker process passes C{adopted}, the descriptor of each listener's socket (by
-    listener name) that its supervisor holds; the supervisor runs the demo upstream.
+    listener name) that its supervisor holds, its number C{worker} and the supervisor's
+    count of C{workers}; the supervisor runs the demo upstream.
     """
     top = BridgeService(reactor, config.spool.drain_timeout)
     tls = config.tls
@@ -300,7 +303,8 @@ def make_service(config: Config, reactor: Any, adopted: Mapping[str, int] | None
     StopHook(pool.stop, reactor).setServiceParent(top)
     if metrics is not None:
         metrics.watch_pool(pool)
-    runner = _queue_runner(config, reactor, upstream, pool, top, metrics, worker)
+    runner = _queue_runner(config, reactor, upstream, pool, top, metrics, worker,
+                           workers or config.server.workers)
     limits = _rate_limits(config, reactor, metrics)
     deliveries = {mode: InlineDelivery(upstream.mapper, pool,
                                        runner if mode != "never" else None, mode == "always",

@@ -16,6 +16,7 @@ class Options(usage.Options):
         ["config", "c", "/etc/smtpbridge/smtpbridge.toml", "The configuration file."],
         # Set by the supervisor of [server] workers for the processes it starts.
         ["worker", None, None, "Run as worker N of a supervisor (set by the supervisor)."],
+        ["worker-count", None, None, "How many workers the supervisor runs (set by it)."],
         ["adopt", None, "", "NAME=FD,...: the listening sockets a worker adopts."],
     ]
 
@@ -37,8 +38,10 @@ def makeService(options: Options) -> object:  # noqa: N802
         for warning in config.warnings:
             sys.stderr.write(f"smtpbridge: warning: {warning}\n")
         if options["worker"]:
+            # The supervisor's count, not the file's: the file may have changed since.
+            count = int(options["worker-count"] or config.server.workers)
             service = make_service(config, reactor, adopted=parse_adopted(options["adopt"]),
-                                   worker=int(options["worker"]))
+                                   worker=int(options["worker"]), workers=count)
         elif config.server.workers > 1:
             service = supervisor_service(config, reactor)
         else:

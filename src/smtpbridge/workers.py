@@ -259,12 +259,14 @@ def _how(reason: Failure) -> str:
 _WORKER_MAIN = "from twisted.scripts.twistd import run; run()"
 
 
-def worker_command(config_path: str) -> Callable[[int, Mapping[str, int]], list[str]]:
+def worker_command(config_path: str,
+                   count: int) -> Callable[[int, Mapping[str, int]], list[str]]:
     """How a worker is started: this Python running twistd, logging to its supervisor."""
     def command(number: int, adopt: Mapping[str, int]) -> list[str]:
         return [sys.executable, "-c", _WORKER_MAIN, "--nodaemon", "--pidfile=",
                 "--logger=smtpbridge.workers.worker_log", "smtpbridge",
                 "--config", os.path.abspath(config_path), "--worker", str(number),
+                "--worker-count", str(count),
                 "--adopt", ",".join(f"{name}={fd}" for name, fd in adopt.items())]
     return command
 
@@ -273,18 +275,21 @@ def supervisor_service(config: Config, reactor: Any) -> MultiService:
     """The supervisor of C{config.server.workers} workers: the whole bridge is built as a
     single process would build it (every check, every file read, so that a bad
     configuration stops the start here), and only its listeners are kept, to open the
-    sockets the workers adopt (and the demo upstream, which the supervisor serves)."""
+    sockets the workers adopt (and the demo upstream and the admin listener with its
+    readiness probe, which the supervisor serves)."""
+    from smtpbridge.admin import READINESS  # (twisted.web: only where it serves)
+
     single = make_service(config, reactor)
     top = MultiService()
     listeners = []
     for child in list(single):
-        if isinstance(child, ListenerService):
+        if isinstance(child, ListenerService) or child.name == READINESS:
             child.disownServiceParent()
             child.setServiceParent(top)
             if str(child.name).startswith("listener "):
                 listeners.append(child)
     supervisor = Supervisor(reactor, listeners, config.server.workers,
-                            worker_command(config.path))
+                            worker_command(config.path, config.server.workers))
     supervisor.setName("workers")
     supervisor.setServiceParent(top)
     return top
