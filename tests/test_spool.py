@@ -14,10 +14,10 @@ from twisted.internet.task import Clock
 
 from smtpbridge import dsn
 from smtpbridge.bodypump import message_lines
-from smtpbridge.model import Assignment, ClientInfo, Reply, Route, UpstreamAccount
+from smtpbridge.model import Assignment, ClientInfo, Envelope, Reply, Route, UpstreamAccount
 from smtpbridge.queuerunner import QueueRunner, RetrySettings
 from smtpbridge.secret import Secret
-from smtpbridge.spool import Envelope, Spool, SpoolWriter
+from smtpbridge.spool import Spool, SpoolWriter
 from smtpbridge.spooldirs import adopt, orphans, spool_directories, worker_directory
 from smtpbridge.testing import FakeUpstream, unreachable
 
@@ -527,7 +527,8 @@ def test_a_message_the_disk_cannot_hold_whole_is_not_kept(tmp_path: Any) -> None
     commit: never a message kept truncated."""
     script = f"""
 import resource, signal
-from smtpbridge.spool import Envelope, Spool
+from smtpbridge.model import Envelope
+from smtpbridge.spool import Spool
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
 spool = Spool({str(tmp_path / "spool")!r}, 10**8)
 spool.prepare()
@@ -554,3 +555,20 @@ for message_id in spool.ids():
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:5] == [
         f"refused {errno.EFBIG}", "kept 10000", "kept 10000", "queued 10000", "queued 10000"]
+
+
+def test_a_commit_the_threads_refuse_leaves_no_reserved_bytes(spool: Spool) -> None:
+    import errno
+
+    from twisted.internet.defer import fail
+
+    busy = QueueRunner(spool, FakeUpstream(), {ACCOUNT.name: Assignment((ROUTE,), ACCOUNT)},
+                       Clock(), RetrySettings(), "bridge.example.net",
+                       lambda f, *args: fail(OSError(errno.EBUSY, "too many spool writes")))
+    writer = busy.writer()
+    writer.write([b"x" * 1000] * 40)  # past MEMORY: a file in tmp/ as well
+    assert spool.writing == writer.size
+    refused = result(busy.keep(writer, "a@example.com", ["b@example.com"], ACCOUNT, {},
+                               CLIENT))
+    assert refused.check(OSError)
+    assert spool.writing == 0 and spool.ids() == [] and tmp_files(spool) == []

@@ -20,7 +20,8 @@ import attr
 import pytest
 
 from smtpbridge.config import ConfigError, parse_config
-from smtpbridge.spool import Envelope, Spool
+from smtpbridge.model import Envelope
+from smtpbridge.spool import Spool
 from smtpbridge.workers import parse_adopted
 from tests.conftest import stored_messages
 from tests.test_twistd import TWISTD, demo_copy

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import attr
 
 from smtpbridge.secret import Secret
@@ -128,3 +130,37 @@ class MessageOutcome:
     queue_id: str | None = None  # the upstream's id of the message, when its reply names one
     upstream_time: float | None = None  # seconds spent upstream, when measured apart
     why: Reply | None = None  # spooled: what the upstream said (or why it could not say)
+
+
+@attr.frozen
+class Envelope:
+    """A spooled message's envelope and delivery state (never a secret: the account is
+    named, its credentials stay in the configuration)."""
+
+    id: str
+    sender: str  # as it goes upstream (after a sender rewrite); "" for a bounce
+    recipients: tuple[str, ...]  # those still to deliver
+    account: str  # the name of the upstream account that delivers it
+    created: float
+    size: int
+    params: tuple[tuple[str, str | None], ...] = ()  # MAIL parameters: SIZE, BODY, SMTPUTF8
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_error: str = ""
+    client: str = ""  # the device's address and session, for the logs and DSNs
+    session: str = ""
+    bounce: bool = False  # a bounce the bridge made: it never bounces itself
+
+    def to_json(self) -> str:
+        data = attr.asdict(self)
+        data["recipients"] = list(self.recipients)
+        data["params"] = [list(item) for item in self.params]
+        return json.dumps(data, ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Envelope:
+        data = json.loads(text)
+        data["recipients"] = tuple(data["recipients"])
+        data["params"] = tuple((key, value) for key, value in data.get("params", ()))
+        known = {field.name for field in attr.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})

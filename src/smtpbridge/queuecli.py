@@ -15,7 +15,8 @@ import time
 from typing import Any
 
 from smtpbridge.errors import ConfigError
-from smtpbridge.spool import Envelope, Spool
+from smtpbridge.model import Envelope
+from smtpbridge.spool import Spool
 from smtpbridge.spooldirs import spool_directories
 
 PROG = "smtpbridge: queue"

@@ -23,6 +23,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from smtpbridge import dsn
 from smtpbridge.bodypump import BodyPump
@@ -30,8 +31,15 @@ from smtpbridge.client import where
 from smtpbridge.connector import connect_first
 from smtpbridge.errors import SMTPReplyError
 from smtpbridge.interfaces import IStatistics, IUpstreamConnector, IUpstreamSession, Params
-from smtpbridge.model import Assignment, ClientInfo, MessageOutcome, Reply, UpstreamAccount
-from smtpbridge.spool import Envelope, Spool, SpoolWriter
+from smtpbridge.model import (
+    Assignment,
+    ClientInfo,
+    Envelope,
+    MessageOutcome,
+    Reply,
+    UpstreamAccount,
+)
+from smtpbridge.spool import Spool, SpoolWriter
 from smtpbridge.spooldirs import adopt
 from smtpbridge.summary import MessageSummary, log_summary
 from smtpbridge.wire import reply_line
@@ -130,7 +138,11 @@ class QueueRunner(Service):
             self._schedule(envelope.id, first)
             return envelope.id
 
-        return self._run_blocking(writer.commit, envelope).addCallback(kept)
+        def failed(failure: Failure) -> Failure:
+            writer.discard()  # (when the commit never ran: the thread pool was full)
+            return failure
+
+        return self._run_blocking(writer.commit, envelope).addCallbacks(kept, failed)
 
     # Service.
 

@@ -19,56 +19,21 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import BinaryIO, Protocol
 
-import attr
 from twisted.internet.defer import Deferred
 
 from smtpbridge.interfaces import Params
-from smtpbridge.model import ClientInfo, UpstreamAccount
+from smtpbridge.model import ClientInfo, Envelope, UpstreamAccount
 
 #: The files a spool directory holds.
 SUBDIRECTORIES = ("tmp", "queue", "hold", "flush", "run")
-
-@attr.frozen
-class Envelope:
-    """A spooled message's envelope and delivery state (never a secret: the account is
-    named, its credentials stay in the configuration)."""
-
-    id: str
-    sender: str  # as it goes upstream (after a sender rewrite); "" for a bounce
-    recipients: tuple[str, ...]  # those still to deliver
-    account: str  # the name of the upstream account that delivers it
-    created: float
-    size: int
-    params: tuple[tuple[str, str | None], ...] = ()  # MAIL parameters: SIZE, BODY, SMTPUTF8
-    attempts: int = 0
-    next_attempt: float = 0.0
-    last_error: str = ""
-    client: str = ""  # the device's address and session, for the logs and DSNs
-    session: str = ""
-    bounce: bool = False  # a bounce the bridge made: it never bounces itself
-
-    def to_json(self) -> str:
-        data = attr.asdict(self)
-        data["recipients"] = list(self.recipients)
-        data["params"] = [list(item) for item in self.params]
-        return json.dumps(data, ensure_ascii=False, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> Envelope:
-        data = json.loads(text)
-        data["recipients"] = tuple(data["recipients"])
-        data["params"] = tuple((key, value) for key, value in data.get("params", ()))
-        known = {field.name for field in attr.fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in known})
-
 
 def new_id(now: float) -> str:
     """A queue id: sortable by time, unique by its random part (16 hex digits)."""
@@ -217,6 +182,7 @@ class Spool:
         self.max_size = max_size
         self.stored = 0  # bytes of committed messages
         self.writing = 0  # bytes of messages being written
+        self._lock = threading.Lock()
 
     def prepare(self) -> None:
         """Create the directories (0700); clear what a crash left in ``tmp/`` and ``run/``
@@ -249,15 +215,30 @@ class Spool:
         """True when C{more} bytes would not fit in C{max_size}."""
         return self.stored + self.writing + more >= self.max_size
 
+    # (Commits run in threads: the counts change under a lock.)
+
     def reserve(self, size: int) -> None:
-        self.writing += size
+        with self._lock:
+            self.writing += size
 
     def release(self, size: int) -> None:
-        self.writing = max(0, self.writing - size)
+        with self._lock:
+            self.writing = max(0, self.writing - size)
 
     def committed(self, size: int) -> None:
-        self.release(size)
-        self.stored += size
+        with self._lock:
+            self.writing = max(0, self.writing - size)
+            self.stored += size
+
+    def forget(self, size: int) -> None:
+        """C{size} bytes of stored messages are gone."""
+        with self._lock:
+            self.stored = max(0, self.stored - size)
+
+    def counted(self, size: int) -> None:
+        """C{size} bytes of stored messages arrived (taken over from another spool)."""
+        with self._lock:
+            self.stored += size
 
     # Messages.
 
@@ -307,7 +288,7 @@ class Spool:
         with suppress(FileNotFoundError):
             size = os.path.getsize(self.path(message_id))
             os.unlink(self.path(message_id))
-            self.stored = max(0, self.stored - size)
+            self.forget(size)
         for marker in ("hold", "flush"):
             with suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.directory, marker, message_id))

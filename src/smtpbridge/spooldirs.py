@@ -92,4 +92,4 @@ def _move(other: Spool, spool: Spool, message_id: str) -> None:
     os.unlink(other.path(message_id))
     other.hold(message_id, on=False)
     with suppress(OSError):
-        spool.stored += os.path.getsize(spool.path(message_id))
+        spool.counted(os.path.getsize(spool.path(message_id)))
