@@ -234,6 +234,8 @@ def test_sighup_reaches_every_worker(supervised: Supervised) -> None:
     os.kill(supervised.process.pid, signal.SIGHUP)
     wait_for(lambda: all(f"[worker {n}] certificates reloaded" in supervised.log()
                          for n in (1, 2)))
+    # The supervisor too: its readiness probe verifies upstreams with fresh TLS settings.
+    wait_for(lambda: re.search(r"#info\] certificates reloaded", supervised.log()))
     assert supervised.process.poll() is None and supervised.workers() == workers
 
 
@@ -291,3 +293,13 @@ password_env = "UPSTREAM_PASSWORD"
     with pytest.raises(ConfigError, match="server.workers"):
         parse_config('[server]\nhostname = "h"\nworkers = 0\n' + base, "/x.toml")
     assert parse_adopted("smtps=3,legacy=4") == {"smtps": 3, "legacy": 4}
+    from twisted.python.usage import UsageError
+
+    from smtpbridge.tap import Options
+
+    options = Options()
+    options.parseOptions(["--worker", "2", "--worker-count", "3"])
+    assert (options["worker"], options["worker-count"]) == ("2", "3")
+    for bad in (["--worker", "0"], ["--worker-count", "two"], ["--worker-count", "-1"]):
+        with pytest.raises(UsageError, match="from 1 up"):
+            Options().parseOptions(bad)

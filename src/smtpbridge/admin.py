@@ -50,7 +50,7 @@ def probe_targets(assignments: Sequence[Assignment]) -> list[ProbeTarget]:
             for a in assignments]
 
 
-#: The readiness probe's service name.
+#: The readiness probe's service name (the supervisor of workers keeps it by this name).
 READINESS = "readiness"
 
 

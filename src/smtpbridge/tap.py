@@ -20,6 +20,12 @@ class Options(usage.Options):
         ["adopt", None, "", "NAME=FD,...: the listening sockets a worker adopts."],
     ]
 
+    def postOptions(self) -> None:  # noqa: N802
+        for name in ("worker", "worker-count"):
+            value = self[name]
+            if value is not None and not (value.isdigit() and int(value) >= 1):
+                raise usage.UsageError(f"--{name} wants a number from 1 up, not {value!r}")
+
 
 def makeService(options: Options) -> object:  # noqa: N802
     """Read the configuration and build the bridge; a bad one stops the start in one line."""

@@ -145,7 +145,9 @@ class Supervisor(Service):
     """Starts C{count} workers on the sockets of C{listeners}, and keeps them running."""
 
     def __init__(self, reactor: Any, listeners: list[ListenerService], count: int,
-                 command: Callable[[int, Mapping[str, int]], list[str]]) -> None:
+                 command: Callable[[int, Mapping[str, int]], list[str]],
+                 on_hangup: Callable[[], object] | None = None) -> None:
+        self._on_hangup = on_hangup
         self.clock = reactor
         self._reactor = reactor
         self._listeners = listeners
@@ -218,6 +220,8 @@ class Supervisor(Service):
         """SIGHUP: every worker reloads its certificates and drops its idle sessions."""
         log.info("SIGHUP passed on to {count} worker(s)", count=len(self._workers))
         self.signal_workers("HUP")
+        if self._on_hangup is not None:  # what the supervisor serves itself (the probe)
+            self._on_hangup()
 
     def pids(self) -> dict[int, int]:
         """The process of each running worker, by number."""
@@ -277,19 +281,20 @@ def supervisor_service(config: Config, reactor: Any) -> MultiService:
     configuration stops the start here), and only its listeners are kept, to open the
     sockets the workers adopt (and the demo upstream and the admin listener with its
     readiness probe, which the supervisor serves)."""
-    from smtpbridge.admin import READINESS  # (twisted.web: only where it serves)
-
     single = make_service(config, reactor)
     top = MultiService()
     listeners = []
+    reloader = single.getServiceNamed("certificates")
     for child in list(single):
-        if isinstance(child, ListenerService) or child.name == READINESS:
+        # (admin.READINESS, not imported: twisted.web is only for who serves it)
+        if isinstance(child, ListenerService) or child.name == "readiness":
             child.disownServiceParent()
             child.setServiceParent(top)
             if str(child.name).startswith("listener "):
                 listeners.append(child)
     supervisor = Supervisor(reactor, listeners, config.server.workers,
-                            worker_command(config.path, config.server.workers))
+                            worker_command(config.path, config.server.workers),
+                            on_hangup=reloader.reload)
     supervisor.setName("workers")
     supervisor.setServiceParent(top)
     return top
