@@ -8,6 +8,7 @@ import os
 import stat
 from typing import Any
 
+import attr
 import pytest
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
@@ -408,6 +409,7 @@ def test_what_no_process_owns_any_more_is_taken_over_at_start(tmp_path: Any) -> 
     base = str(tmp_path / "spool")
     top, from_single = kept_in(base, 2)  # from a single process before
     top.hold(from_single[0])
+    top.request_flush(from_single[1])
     _, from_third = kept_in(worker_directory(base, 3))  # from a third worker before
     _, from_second = kept_in(worker_directory(base, 2))
     assert orphans(base, 2, 2) == []  # only worker 1 takes over
@@ -419,6 +421,8 @@ def test_what_no_process_owns_any_more_is_taken_over_at_start(tmp_path: Any) -> 
     try:
         assert first.ids() == sorted(from_single + from_third)
         assert first.held(from_single[0]) and not top.held(from_single[0])
+        assert top.take_flush_requests() == set()
+        assert first.take_flush_requests() == {from_single[1]}  # still to try at once
         assert first.stored == sum(os.path.getsize(first.path(i)) for i in first.ids())
         assert top.ids() == [] and os.listdir(os.path.join(base, "queue")) == []
         t.run(RetrySettings().max_retry)
@@ -572,3 +576,44 @@ def test_a_commit_the_threads_refuse_leaves_no_reserved_bytes(spool: Spool) -> N
                                CLIENT))
     assert refused.check(OSError)
     assert spool.writing == 0 and spool.ids() == [] and tmp_files(spool) == []
+
+
+def test_a_message_never_replaces_another_of_the_same_id(spool: Spool) -> None:
+    first = spool.writer()
+    first.write([b"first"])
+    envelope = Envelope(first.id, "a@example.com", ("b@example.com",), "office", 0.0,
+                        first.size)
+    first.commit(envelope)
+    second = SpoolWriter(spool, first.id)  # the same random id, once in four billion
+    second.write([b"second"])
+    with pytest.raises(FileExistsError):
+        second.commit(attr.evolve(envelope, recipients=("c@example.com",)))
+    assert spool.ids() == [first.id] and spool.load(first.id) == envelope
+    with open(spool.path(first.id), "rb") as f:
+        assert f.read() == b"first\r\n"
+    assert tmp_files(spool) == [] and spool.stored == first.size and spool.writing == 0
+
+
+def test_a_writer_removes_only_files_it_made(spool: Spool) -> None:
+    writing = spool.writer()
+    writing.write([b"a" * 1000] * 40)  # past MEMORY: its file in tmp/
+    clash = SpoolWriter(spool, writing.id)
+    clash.write([b"b" * 1000] * 40)  # its file cannot be made: the same name
+    clash.discard()
+    writing.commit(Envelope(writing.id, "", ("b@example.com",), "office", 0.0,
+                            writing.size))
+    assert spool.ids() == [writing.id]
+    with open(spool.path(writing.id), "rb") as f:
+        assert f.read() == (b"a" * 1000 + b"\r\n") * 40
+
+
+def test_a_take_over_that_fails_leaves_no_hold_marker_behind(tmp_path: Any) -> None:
+    base = str(tmp_path / "spool")
+    top, [kept] = kept_in(base)
+    top.hold(kept)
+    os.unlink(top.path(kept))  # its data is gone: the move fails at the link
+    first = Spool(worker_directory(base, 1), 10 * 1024 * 1024)
+    first.prepare()
+    moved, problems = adopt(first, base)
+    assert (moved, len(problems)) == (0, 1) and kept in problems[0]
+    assert not first.held(kept) and top.held(kept) and top.load(kept) is not None

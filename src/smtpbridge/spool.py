@@ -139,12 +139,16 @@ class SpoolWriter:
             os.fsync(f.fileno())
             self._file = None
             f.close()
-            os.replace(self._path, spool.path(self.id))
+            # Linked, not renamed: a message of the same id (ids are random) is never
+            # replaced; this one fails instead, and the device tries again.
+            os.link(self._path, spool.path(self.id))
             made.append(spool.path(self.id))
+            os.unlink(self._path)
             made.append(temporary)
             _write_file(temporary, envelope.to_json().encode("utf-8"))
-            os.replace(temporary, spool.path(self.id, "json"))
+            os.link(temporary, spool.path(self.id, "json"))
             made.append(spool.path(self.id, "json"))
+            os.unlink(temporary)
             fsync_directory(queue)
         except OSError:
             self._close()

@@ -80,16 +80,29 @@ def adopt(spool: Spool, directory: str) -> tuple[int, list[str]]:
 def _move(other: Spool, spool: Spool, message_id: str) -> None:
     if os.path.exists(spool.path(message_id, "json")) or os.path.exists(spool.path(message_id)):
         raise FileExistsError(errno.EEXIST, f"a message of that id is in {spool.directory}")
-    if other.held(message_id):  # held before it arrives, so that it is never sent
+    held = other.held(message_id)
+    if held:  # held before it arrives, so that it is never sent
         spool.hold(message_id)
     queue = os.path.join(spool.directory, "queue")
-    # The data is linked in first: until the envelope moves, C{spool} holds data without
-    # an envelope (which a start clears) and the other spool the whole message.
-    os.link(other.path(message_id), spool.path(message_id))
-    fsync_directory(queue)
-    os.replace(other.path(message_id, "json"), spool.path(message_id, "json"))
-    fsync_directory(queue)
-    os.unlink(other.path(message_id))
-    other.hold(message_id, on=False)
+    try:
+        # The data is linked in first: until the envelope moves, C{spool} holds data
+        # without an envelope (which a start clears) and the other spool the message.
+        os.link(other.path(message_id), spool.path(message_id))
+        fsync_directory(queue)
+        os.replace(other.path(message_id, "json"), spool.path(message_id, "json"))
+    except OSError:
+        if held:
+            spool.hold(message_id, on=False)
+        raise
+    # Moved.  What is left in the other spool is cleared by its next start if not here.
+    with suppress(OSError):
+        fsync_directory(queue)
+        os.unlink(other.path(message_id))
     with suppress(OSError):
         spool.counted(os.path.getsize(spool.path(message_id)))
+    flush = os.path.join(other.directory, "flush", message_id)
+    with suppress(OSError):
+        other.hold(message_id, on=False)
+        if os.path.exists(flush):  # asked to be tried at once: still so
+            spool.request_flush(message_id)
+            os.unlink(flush)
