@@ -21,6 +21,7 @@ from smtpbridge.secret import Secret
 from smtpbridge.spool import Spool, SpoolWriter
 from smtpbridge.spooldirs import adopt, orphans, spool_directories, worker_directory
 from smtpbridge.testing import FakeUpstream, unreachable
+from tests.test_config import MINIMAL
 
 ROUTE = Route("smtp.example.com", 587)
 ACCOUNT = UpstreamAccount("relay@example.com", Secret("pw"), name="office")
@@ -479,24 +480,9 @@ def test_the_queue_command_acts_on_every_workers_spool(
 
     base = tmp_path / "spool"
     config = tmp_path / "smtpbridge.toml"
-    config.write_text(f"""
-[server]
-hostname = "h"
-workers = 2
-[[listener]]
-name = "legacy"
-endpoint = "tcp:0"
-tls = "none"
-auth = "optional"
-[upstream]
-host = "smtp.example.com"
-[credentials]
-username = "u"
-password_env = "UPSTREAM_PASSWORD"
-[spool]
-directory = "{base}"
-""")
-    monkeypatch.setenv("UPSTREAM_PASSWORD", "secret")
+    config.write_text(f'[server]\nhostname = "h"\nworkers = 2\n[spool]\ndirectory = "{base}"\n'
+                      + MINIMAL)
+    monkeypatch.setenv("SMTPBRIDGE_TEST_PASSWORD", "secret")
     first, [one] = kept_in(worker_directory(str(base), 1))
     second, [two, three] = kept_in(worker_directory(str(base), 2), 2)
     first.register(1001)  # the workers' processes, as their runners register them

@@ -24,6 +24,7 @@ from smtpbridge.model import Envelope
 from smtpbridge.spool import Spool
 from smtpbridge.workers import parse_adopted
 from tests.conftest import stored_messages
+from tests.test_config import MINIMAL
 from tests.test_twistd import TWISTD, demo_copy
 
 SMTPBRIDGE = os.path.join(os.path.dirname(sys.executable), "smtpbridge")
@@ -274,19 +275,8 @@ def test_workers_end_with_their_supervisor(supervised: Supervised) -> None:
 
 
 def test_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("UPSTREAM_PASSWORD", "secret")
-    base = """
-[[listener]]
-name = "legacy"
-endpoint = "tcp:0"
-tls = "none"
-auth = "optional"
-[upstream]
-host = "smtp.example.com"
-[credentials]
-username = "u"
-password_env = "UPSTREAM_PASSWORD"
-"""
+    monkeypatch.setenv("SMTPBRIDGE_TEST_PASSWORD", "secret")
+    base = MINIMAL
     assert parse_config(base, "/x.toml").server.workers == 1
     config = parse_config('[server]\nhostname = "h"\nworkers = 4\n' + base, "/x.toml")
     assert config.server.workers == 4
