@@ -9,8 +9,8 @@ the bridge's peak RSS while the attack lasts:
 - idle-tls: 3,000 idle TLS sessions (handshake done, greeting read);
 - silent-tcp: 1,000 TCP connections that never send a byte (no TLS ClientHello);
 - pipelining: one client that pipelines EHLO commands and never reads a reply;
-- auth-storm: 1,000 clients, each from its own address in 127.0.0.0/8, failing
-  AUTH LOGIN over and over;
+- auth-storm: 1,000 clients, each from its own address in 127.1.0.0/16 onwards (outside
+  the trusted 127.0.0.0/16), failing AUTH LOGIN over and over;
 - endless-reply: a client whose sender is mapped (per-sender) to an upstream
   route whose server sends a 220- greeting that never ends.
 
@@ -364,7 +364,12 @@ default = "default"
 [credentials.map]
 {q(ATTACKER)} = "hostile"
 """
-    return harness.bridge_config(directory, tls, sink_port, users=users, upstream=upstream)
+    config = harness.bridge_config(directory, tls, sink_port, users=users, upstream=upstream)
+    # The normal client (127.0.0.2) and the attackers that need no AUTH (127.0.0.1) are
+    # trusted; the AUTH storm's addresses (127.1.0.1 onwards) are not, as on the Internet.
+    config.write_text(config.read_text().replace('trusted_networks = ["127.0.0.0/8"]',
+                                                 'trusted_networks = ["127.0.0.0/16"]'))
+    return config
 
 
 def normal_client(port: int, tls: Certificates, body: bytes, give_up: float) -> dict[str, Any]:

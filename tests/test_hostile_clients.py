@@ -37,19 +37,27 @@ Start = Callable[..., RunningBridge]
 def hostile_bridge(reactor, certificate, users_file, tmp_path,
                    demo_upstream: DemoUpstream) -> Iterator[Start]:
     """Starts a bridge relaying to the demo upstream, with [server] and [[listener]] keys
-    (keyword arguments; listener_* ones go to both listeners) set for the test."""
+    (keyword arguments; listener_* ones go to both listeners, access_* ones to
+    [access]) set for the test."""
     running: list[RunningBridge] = []
 
     def start(**keys: object) -> RunningBridge:
         (tmp_path / "upstream-password").write_text(UPSTREAM_PASSWORD + "\n")
         server = "".join(f"{key} = {value!r}\n".replace("'", '"').replace("True", "true")
                          .replace("False", "false") for key, value in keys.items()
-                         if not key.startswith("listener_"))
+                         if not key.startswith(("listener_", "access_")))
+        access = "".join(f"{key[7:]} = {value!r}\n".replace("'", '"')
+                         for key, value in keys.items() if key.startswith("access_"))
         listener = "".join(f"{key[9:]} = {value!r}\n" for key, value in keys.items()
                            if key.startswith("listener_"))
         toml = front_toml(certificate, users_file).replace("[server]\n", "[server]\n" + server)
         toml = toml.replace('tls = "implicit"\n', 'tls = "implicit"\n' + listener)
         toml = toml.replace('tls = "starttls"\n', 'tls = "starttls"\n' + listener)
+        if access:  # its keys replace those of front_toml's [access]
+            toml = toml.replace("[access]\n", "[access]\n" + access)
+            toml = "\n".join(line for line in toml.split("\n")
+                              if not line.startswith("trusted_networks = [\"127.0.0.0/8\"]")
+                              or "access_trusted_networks" not in keys)
         toml += f"""
 [upstream]
 host = "localhost"
@@ -371,6 +379,31 @@ def test_parallel_guesses_from_one_address_respect_the_failure_limit(
     assert len(checked) <= 10, len(checked)
     assert replies.count(b"535") == len(checked)
     assert set(replies) <= {b"535", b"454"}
+
+
+def test_an_address_refused_auth_is_cut_off_before_its_handshake(hostile_bridge,
+                                                                  certificate):
+    """After a 454 (here auth_rate), the guesser's next connections are closed as soon
+    as they are accepted, for auth_cool_down seconds; trusted clients are not."""
+    bridge = hostile_bridge(access_auth_rate=0.1,  # one costly check per 10 s
+                            access_trusted_networks=["127.0.0.1/32", "127.0.0.2/32"])
+    guess = "PLAIN " + base64.b64encode(b"\0device\0wrong").decode()
+    for source, code in (("127.0.0.3", 535), ("127.0.0.3", 454), ("127.0.0.2", 454)):
+        with smtplib.SMTP_SSL("127.0.0.1", bridge.ports["smtps"], timeout=10,
+                              context=client_context(certificate),
+                              source_address=(source, 0)) as client:
+            client.ehlo()
+            assert client.docmd("AUTH", guess)[0] == code
+    with connect(bridge, "smtps", source="127.0.0.3") as shed:
+        assert closed_within(shed, 2) == b""  # no TLS handshake, no greeting
+    with connect(bridge, "smtps", source="127.0.0.4") as other:  # another address
+        tls = client_context(certificate).wrap_socket(other, server_hostname="localhost")
+        assert read_reply(tls).startswith(b"220 ")
+    trusted = client_context(certificate).wrap_socket(
+        connect(bridge, "smtps", source="127.0.0.2"), server_hostname="localhost")
+    with trusted:
+        assert read_reply(trusted).startswith(b"220 ")  # refused too, but trusted
+    assert normal_message(bridge, certificate) < 2
 
 
 def test_the_password_checks_have_their_own_bounded_pool(hostile_bridge, certificate):

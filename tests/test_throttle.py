@@ -291,3 +291,40 @@ def test_the_bridge_wide_ceiling_of_attempts_per_second(clock: Clock) -> None:
     assert [throttle.begin(f"198.51.100.{n}") for n in range(3)] == [None, None, "rate"]
     clock.advance(10)  # the bucket holds at most one second's attempts
     assert [throttle.begin(f"203.0.113.{n}") for n in range(6)].count(None) == 5
+
+
+def test_an_address_refused_auth_is_shed_for_the_cool_down(clock: Clock) -> None:
+    throttle = AuthThrottle(clock, ThrottleSettings(failure_limit=2, rate=1, cool_down=10))
+    assert throttle.begin("192.0.2.1") is None  # the one costly check of this second
+    assert not throttle.shedding("192.0.2.1")
+    assert throttle.begin("192.0.2.2") == "rate"
+    assert throttle.shedding("192.0.2.2") and not throttle.shedding("192.0.2.1")
+    clock.advance(9.9)
+    assert throttle.shedding("192.0.2.2")
+    clock.advance(0.1)
+    assert not throttle.shedding("192.0.2.2")
+    throttle.end("192.0.2.1", ok=False)  # a plain failure is no reason to shed
+    assert not throttle.shedding("192.0.2.1")
+    off = AuthThrottle(clock, ThrottleSettings(rate=1, cool_down=0))
+    off.begin("192.0.2.3")
+    assert off.begin("192.0.2.3") == "rate" and not off.shedding("192.0.2.3")
+
+
+def test_the_shed_addresses_are_bounded(clock: Clock) -> None:
+    throttle = AuthThrottle(clock, ThrottleSettings(rate=0.001, cool_down=60),
+                            max_addresses=3)
+    throttle.begin("198.51.100.250")  # takes the only token
+    for n in range(5):
+        assert throttle.begin(f"198.51.100.{n}") == "rate"
+    assert [throttle.shedding(f"198.51.100.{n}") for n in range(5)] == [
+        False, False, True, True, True]
+
+
+def test_a_rate_below_one_a_second_still_lets_attempts_through(clock: Clock) -> None:
+    throttle = AuthThrottle(clock, ThrottleSettings(failure_limit=0, rate=0.1))
+    assert throttle.begin("192.0.2.1") is None
+    assert throttle.begin("192.0.2.1") == "rate"
+    clock.advance(9.9)
+    assert throttle.begin("192.0.2.2") == "rate"
+    clock.advance(0.1)
+    assert throttle.begin("192.0.2.2") is None

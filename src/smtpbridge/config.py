@@ -109,6 +109,7 @@ class AccessConfig:
     auth_threads: int = 2  # password checks (scrypt, 32 MiB each) at once
     auth_queue: int = 32  # checks that may wait for a thread; beyond, 454 at once
     auth_rate: float = 20.0  # AUTH attempts per second for the whole bridge
+    auth_cool_down: float = 10.0  # seconds an address refused AUTH is closed at connect
     login_cache_time: int = 3600  # seconds a verified password is taken without scrypt
 
 
@@ -241,6 +242,7 @@ def _access(t: Table) -> AccessConfig:
         auth_threads=t.integer("auth_threads", 2, minimum=1, maximum=64),
         auth_queue=t.integer("auth_queue", 32, minimum=0),
         auth_rate=t.number("auth_rate", 20.0, minimum=0.1),
+        auth_cool_down=t.number("auth_cool_down", 10.0),
         login_cache_time=t.integer("login_cache_time", 3600, minimum=0),
     )
 

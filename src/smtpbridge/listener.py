@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from typing import Any, Protocol
 
 from OpenSSL import SSL
@@ -59,6 +59,37 @@ def adopted_endpoint(reactor: Any, fd: int, description: str) -> IStreamServerEn
     if description.startswith("haproxy:"):
         endpoint = proxyEndpoint(endpoint)
     return endpoint
+
+
+@implementer(IProtocolFactory)
+class SheddingFactory:
+    """Closes a connection from an address C{shed(host)} names at once, before any TLS or
+    SMTP object is made for it (L{AuthThrottle.shedding}: one refused AUTH a moment ago,
+    in a guessing storm), unless it is in C{exempt} (the trusted networks, whose devices
+    keep their connections); passes every other to C{factory}."""
+
+    def __init__(self, factory: IProtocolFactory, shed: Callable[[str], bool],
+                 exempt: Container[str] = ()) -> None:
+        self._factory = factory
+        self._shed = shed
+        self._exempt = exempt
+        self.shed = 0  # connections closed so far
+
+    def buildProtocol(self, addr: Any) -> Any:  # noqa: N802
+        host = getattr(addr, "host", None)
+        if isinstance(host, str) and self._shed(host) and host not in self._exempt:
+            self.shed += 1
+            return None  # the port closes the socket
+        return self._factory.buildProtocol(addr)
+
+    def doStart(self) -> None:  # noqa: N802
+        self._factory.doStart()
+
+    def doStop(self) -> None:  # noqa: N802
+        self._factory.doStop()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._factory, name)
 
 
 class ListenerService(Service):

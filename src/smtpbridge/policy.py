@@ -53,14 +53,14 @@ class AccessPolicy:
     sender rules limit the envelope senders either may use."""
 
     def __init__(self, trusted: NetworkSet, senders: SenderRules | None = None) -> None:
-        self._trusted = trusted
+        self.trusted = trusted
         self._senders = senders or SenderRules({}, ())
 
     def may_submit(self, client: ClientInfo, auth_required: bool) -> Reply | None:
         """None when C{client} may start a transaction, else the reply refusing it."""
         if client.login:
             return None
-        if not auth_required and client.peer_host in self._trusted:
+        if not auth_required and client.peer_host in self.trusted:
             return None
         return REPLY_AUTH_REQUIRED
 

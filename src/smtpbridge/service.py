@@ -38,6 +38,7 @@ from smtpbridge.listener import (
     BridgeService,
     CertificateReloader,
     ListenerService,
+    SheddingFactory,
     StopHook,
     adopted_endpoint,
 )
@@ -216,7 +217,7 @@ def _throttle(config: Config, reactor: Any) -> AuthThrottle:
     return AuthThrottle(reactor, ThrottleSettings(
         failure_limit=access.auth_failure_limit, window=access.auth_failure_window,
         block_time=access.auth_block_time, delay_step=access.auth_failure_delay,
-        rate=access.auth_rate))
+        rate=access.auth_rate, cool_down=access.auth_cool_down))
 
 
 def _queue_runner(config: Config, reactor: Any, upstream: Upstreams,
@@ -368,6 +369,8 @@ def make_service(config: Config, reactor: Any, adopted: Mapping[str, int] | None
         if endpoint.startswith("haproxy:"):  # the session starts once the header is read
             endpoint = endpoint.removeprefix("haproxy:")
             factory = ProxyHeaderFactory(factory, reactor, config.server.handshake_timeout)
+        elif throttle.settings.cool_down:  # (behind HAProxy, every peer is HAProxy)
+            factory = SheddingFactory(factory, throttle.shedding, policy.trusted)
         if adopted is not None:
             ListenerService(f"listener {listener.name}", listener.endpoint,
                             adopted_endpoint(reactor, adopted[listener.name], endpoint),

@@ -43,6 +43,10 @@ class ThrottleSettings:
     max_delay: float = attr.field(default=10.0, validator=_non_negative_time)
     #: AUTH attempts per second for all clients together; 0 means no ceiling.
     rate: float = attr.field(default=20.0, validator=_non_negative_time)
+    #: Seconds after an attempt refused (blocked, busy, rate) during which the address's
+    #: new connections are closed before their TLS handshake (L{AuthThrottle.shedding});
+    #: 0 never closes them.
+    cool_down: float = attr.field(default=10.0, validator=_non_negative_time)
 
 
 class AuthThrottle:
@@ -75,8 +79,11 @@ class AuthThrottle:
         # Attempts being checked now, per address: they count against the limit before
         # their verdict, so parallel guesses cannot pass it.
         self._in_flight: dict[str, int] = {}
+        # Until when each address (its peer host string) has its connections closed.
+        self._cooling: OrderedDict[str, float] = OrderedDict()
         # The global ceiling: a token bucket of one second's attempts.
-        self._tokens = settings.rate
+        # (At least one: a rate below one a second still lets an attempt through.)
+        self._tokens = self._capacity = max(1.0, settings.rate)
         self._refilled = clock.seconds()
 
     def begin(self, address: str, costly: bool = True) -> str | None:
@@ -85,6 +92,15 @@ class AuthThrottle:
         "busy" (its attempts under way would reach the limit) or "rate" (the bridge's
         ceiling of attempts per second, which only C{costly} checks count against: a
         login verified a short while ago costs no hash)."""
+        refused = self._refusal(address, costly)
+        if refused is not None:
+            self._cool(address)
+            return refused
+        key = normalise_address(address)
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        return None
+
+    def _refusal(self, address: str, costly: bool) -> str | None:
         if self.blocked(address):
             return "blocked"
         key = normalise_address(address)
@@ -94,8 +110,27 @@ class AuthThrottle:
             return "busy"
         if costly and not self._take_token():
             return "rate"
-        self._in_flight[key] = self._in_flight.get(key, 0) + 1
         return None
+
+    def _cool(self, address: str) -> None:
+        if not self.settings.cool_down:
+            return
+        self._cooling.pop(address, None)
+        if len(self._cooling) >= self._max_addresses:
+            self._cooling.popitem(last=False)
+        self._cooling[address] = self._clock.seconds() + self.settings.cool_down
+
+    def shedding(self, host: str) -> bool:
+        """True while connections from C{host} (a peer host string) are to be closed at
+        once: it was refused AUTH within the last C{cool_down} seconds.  A guessing storm
+        that reconnects after each refusal then costs an accept, not a TLS handshake."""
+        until = self._cooling.get(host)
+        if until is None:
+            return False
+        if until > self._clock.seconds():
+            return True
+        del self._cooling[host]
+        return False
 
     def end(self, address: str, ok: bool | None) -> float:
         """The attempt C{begin} allowed has its verdict (None: it could not be checked);
@@ -118,7 +153,7 @@ class AuthThrottle:
         if not rate:
             return True
         now = self._clock.seconds()
-        self._tokens = min(rate, self._tokens + (now - self._refilled) * rate)
+        self._tokens = min(self._capacity, self._tokens + (now - self._refilled) * rate)
         self._refilled = now
         if self._tokens < 1:
             return False
