@@ -216,10 +216,12 @@ def test_a_clients_own_login_is_never_spooled(tmp_path):
     assert bridge.spooled() == []
 
 
-def test_a_spool_that_cannot_write_answers_451(tmp_path):
+def test_a_spool_that_cannot_write_answers_451(tmp_path, logged):
     bridge = Bridge(tmp_path, commit_fails=True)
     bridge.upstream.replies["end_data"] = Reply(451, "4.3.0", "Try again later")
     reply = send(bridge.transaction())[-1]
     assert (reply.code, reply.enhanced) == (451, "4.3.0")
     assert bridge.spooled() == []
+    assert "s9 the message could not be spooled: [Errno 28] No space left on device " \
+        "(the upstream: 451 4.3.0 Try again later)" in logged
 

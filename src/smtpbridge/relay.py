@@ -47,6 +47,7 @@ from smtpbridge.replies import (
 )
 from smtpbridge.spool import SafetyNet, SpoolWriter
 from smtpbridge.summary import queue_id as upstream_queue_id
+from smtpbridge.wire import reply_line
 
 log = Logger()
 
@@ -348,11 +349,10 @@ class InlineTransaction:
             queue_id = await net.keep(writer, self._sender, recipients, account, self._params,
                                       self._client, tried=not self._always)
         except OSError as e:
-            why = self._why
             log.error("{session} the message could not be spooled: {error}{upstream}",
                       session=self._client.session_id, error=e,
-                      upstream="" if why is None else " (the upstream: " + " ".join(
-                          filter(None, (str(why.code), why.enhanced, why.text))) + ")")
+                      upstream="" if self._why is None else
+                      f" (the upstream: {reply_line(self._why)})")
             self._note(QUEUE_FAILED, upstream=False)
             return QUEUE_FAILED
         reply = Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
