@@ -24,6 +24,7 @@ from twisted.web.server import Request, Site
 from smtpbridge.client import where
 from smtpbridge.errors import SMTPReplyError
 from smtpbridge.interfaces import IUpstreamConnector
+from smtpbridge.listener import READINESS
 from smtpbridge.metrics import Metrics
 from smtpbridge.model import Assignment
 from smtpbridge.secret import Secret
@@ -50,10 +51,6 @@ def probe_targets(assignments: Sequence[Assignment]) -> list[ProbeTarget]:
             for a in assignments]
 
 
-#: The readiness probe's service name (the supervisor of workers keeps it by this name).
-READINESS = "readiness"
-
-
 class ReadinessProbe(TimerService):
     """Logs in on every route every C{interval} seconds and keeps the last result."""
 
@@ -61,6 +58,7 @@ class ReadinessProbe(TimerService):
                  targets: Sequence[ProbeTarget], clock: Any,
                  metrics: Metrics | None = None) -> None:
         super().__init__(interval, self.probe)
+        self.setName(READINESS)  # the supervisor of workers keeps it by this name
         self.clock = clock
         self._connector = connector
         self._targets = list(targets)

@@ -61,6 +61,11 @@ def adopted_endpoint(reactor: Any, fd: int, description: str) -> IStreamServerEn
     return endpoint
 
 
+#: The service name of the admin listener's readiness probe, which the supervisor of
+#: workers keeps beside the listeners (see L{smtpbridge.workers}).
+READINESS = "readiness"
+
+
 @implementer(IProtocolFactory)
 class SheddingFactory:
     """Closes a connection from an address C{shed(host)} names at once, before any TLS or

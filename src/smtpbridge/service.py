@@ -264,13 +264,12 @@ def _rate_limits(config: Config, reactor: Any,
 def _admin(config: Config, reactor: Any, upstream: Upstreams, metrics: Metrics,
            throttle: AuthThrottle, top: MultiService) -> None:
     """The admin listener and the readiness probe behind it."""
-    from smtpbridge.admin import READINESS, ReadinessProbe, admin_site, probe_targets
+    from smtpbridge.admin import ReadinessProbe, admin_site, probe_targets
 
     assert config.admin is not None
     metrics.watch(lambda: metrics.blocked_addresses.set(throttle.blocking()))
     probe = ReadinessProbe(config.admin.probe_interval, upstream.connector,
                            probe_targets(upstream.checked()), reactor, metrics)
-    probe.setName(READINESS)
     probe.setServiceParent(top)
     site = admin_site(metrics, probe, config.admin.token, config.server.workers)
     _endpoint_service(reactor, config, "admin.endpoint", "admin", config.admin.endpoint,

@@ -38,7 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smtpbridge.config import Config
-from smtpbridge.listener import ListenerService
+from smtpbridge.listener import READINESS, ListenerService
 from smtpbridge.service import make_service
 
 log = Logger()
@@ -286,8 +286,7 @@ def supervisor_service(config: Config, reactor: Any) -> MultiService:
     listeners = []
     reloader = single.getServiceNamed("certificates")
     for child in list(single):
-        # (admin.READINESS, not imported: twisted.web is only for who serves it)
-        if isinstance(child, ListenerService) or child.name == "readiness":
+        if isinstance(child, ListenerService) or child.name == READINESS:
             child.disownServiceParent()
             child.setServiceParent(top)
             if str(child.name).startswith("listener "):
