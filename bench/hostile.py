@@ -81,8 +81,14 @@ async def attack_idle_tls(args: argparse.Namespace, target: Target,
                           context: Any) -> dict[str, Any]:
     sessions, errors = await harness.open_idle(target, context, args.count,
                                                timeout=args.timeout)
-    emit("ready", detail=f"{len(sessions)}/{args.count} TLS sessions open",
-         errors=dict(errors))
+    return await hold_open(sessions, errors, f"{len(sessions)}/{args.count} TLS sessions open")
+
+
+async def hold_open(sessions: list[harness.Session], errors: Counter,
+                    detail: str) -> dict[str, Any]:
+    """Say the attack is in place, keep C{sessions} open until it is stopped, then count
+    those the bridge closed meanwhile."""
+    emit("ready", detail=detail, errors=dict(errors))
     await until_stdin_closes()
     closed = sum(1 for reader, _ in sessions if closed_by_peer(reader))
     harness.abort_all(sessions)
@@ -105,12 +111,8 @@ async def attack_silent_tcp(args: argparse.Namespace, target: Target,
                 errors[harness.describe(e)] += 1
 
     await asyncio.gather(*(opener() for _ in range(64)))
-    emit("ready", detail=f"{len(sessions)}/{args.count} silent connections open",
-         errors=dict(errors))
-    await until_stdin_closes()
-    closed = sum(1 for reader, _ in sessions if closed_by_peer(reader))
-    harness.abort_all(sessions)
-    return {"open": len(sessions), "errors": dict(errors), "closed_by_bridge": closed}
+    return await hold_open(sessions, errors,
+                           f"{len(sessions)}/{args.count} silent connections open")
 
 
 async def attack_pipelining(args: argparse.Namespace, target: Target,

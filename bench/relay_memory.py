@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import re
-import shutil
 import smtplib
 import ssl
 import subprocess
@@ -45,6 +44,7 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+from harness import twistd_command
 
 from smtpbridge.tls import create_self_signed
 from smtpbridge.users import hash_password
@@ -271,16 +271,6 @@ username = {q(UPSTREAM_USER)}
 password_file = {q(str(secret))}
 """)
     return path
-
-
-def twistd_command() -> str:
-    beside = Path(sys.executable).parent / "twistd"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("twistd")
-    if found is None:
-        raise SystemExit("relay_memory: twistd not found beside the Python or on PATH")
-    return found
 
 
 class Bridge:
