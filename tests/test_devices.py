@@ -166,17 +166,7 @@ allow_plaintext_auth = true
 trusted_networks = ["127.0.0.0/8"]
 users_file = "{users_file}"
 
-[upstream]
-host = "{upstream.host}"
-port = {upstream.port}
-tls = "{upstream.tls}"
-ca_certificates = "{upstream.ca_file}"
-timeout = 60
-
-[credentials]
-username = "{upstream.username}"
-password_file = "{password_file}"
-"""
+{upstream.tables(password_file)}"""
 
 
 @pytest.fixture(scope="module")

@@ -162,6 +162,21 @@ class Upstream:
     sni: list[str | None] = attr.Factory(list)  # the server name of each TLS handshake
     lock: threading.Lock = attr.Factory(threading.Lock)
 
+    def tables(self, password_file: Any, timeout: int = 60) -> str:
+        """The bridge's [upstream] and [credentials] tables for this upstream, its password
+        in C{password_file}."""
+        return f"""[upstream]
+host = "{self.host}"
+port = {self.port}
+tls = "{self.tls}"
+ca_certificates = "{self.ca_file}"
+timeout = {timeout}
+
+[credentials]
+username = "{self.username}"
+password_file = "{password_file}"
+"""
+
     def route(self, **changes: Any) -> Route:
         """A route to this upstream that trusts its CA."""
         values = {"host": self.host, "port": self.port, "tls": self.tls,
