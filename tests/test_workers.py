@@ -18,11 +18,13 @@ from pathlib import Path
 
 import attr
 import pytest
+from twisted.internet.task import Clock
+from twisted.logger import Logger
 
 from smtpbridge.config import ConfigError, parse_config
 from smtpbridge.model import Envelope
 from smtpbridge.spool import Spool
-from smtpbridge.workers import parse_adopted
+from smtpbridge.workers import _ToSupervisor, parse_adopted
 from tests.conftest import stored_messages
 from tests.test_config import MINIMAL
 from tests.test_twistd import TWISTD, demo_copy
@@ -293,3 +295,60 @@ def test_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     for bad in (["--worker", "0"], ["--worker-count", "two"], ["--worker-count", "-1"]):
         with pytest.raises(UsageError, match="from 1 up"):
             Options().parseOptions(bad)
+
+
+# A worker's log lines, on their way to the supervisor.
+
+class _Reactor(Clock):
+    running = True
+
+
+def _read_all(fd: int) -> bytes:
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 65536)
+    except BlockingIOError:
+        return b""
+
+
+def test_a_workers_lines_of_one_turn_go_out_in_one_write() -> None:
+    read, write = os.pipe()
+    reactor = _Reactor()
+    observer = _ToSupervisor(write, reactor)
+    log = Logger(observer=observer, namespace="t")
+    log.info("connect from {peer}", peer="[192.0.2.1]")
+    log.warn("two\nlines")
+    assert _read_all(read) == b""  # not before the turn ends
+    reactor.advance(0)
+    assert _read_all(read) == (b"info\tconnect from [192.0.2.1]\n"
+                               b"warn\ttwo\nwarn\tlines\n")
+    reactor.advance(0)
+    assert _read_all(read) == b""
+    assert reactor.getDelayedCalls() == []
+    try:
+        raise ZeroDivisionError("division by zero")
+    except ZeroDivisionError:
+        log.failure("it broke")
+    reactor.advance(0)
+    written = _read_all(read).decode()
+    assert written.startswith("critical\tit broke\n") and "ZeroDivisionError" in written
+    assert all(line.startswith("critical\t") for line in written.splitlines())
+    os.close(read)
+    os.close(write)
+
+
+def test_a_workers_line_from_another_thread_or_a_stopped_reactor_goes_out_at_once(
+        ) -> None:
+    read, write = os.pipe()
+    reactor = _Reactor()
+    log = Logger(observer=_ToSupervisor(write, reactor), namespace="t")
+    thread = threading.Thread(target=lambda: log.error("from a thread"))
+    thread.start()
+    thread.join()
+    assert _read_all(read) == b"error\tfrom a thread\n"
+    reactor.running = False
+    log.info("after the reactor stopped")
+    assert _read_all(read) == b"info\tafter the reactor stopped\n"
+    assert reactor.getDelayedCalls() == []
+    os.close(read)
+    os.close(write)

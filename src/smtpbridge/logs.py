@@ -91,7 +91,7 @@ class ClassicText:
         return self._stamp
 
     def __call__(self, event: LogEvent) -> str | None:
-        text = self._plain_text(event)
+        text = plain_text(event)
         system = event.get("log_system")
         if text is None or not (system is None or type(system) is str):
             return formatEventAsClassicLogText(event, self._time)
@@ -103,16 +103,17 @@ class ClassicText:
         line = f"{self._time(event.get('log_time'))} [{system}] {text}"
         return line.replace("\n", "\n\t") + "\n"
 
-    @staticmethod
-    def _plain_text(event: LogEvent) -> str | None:
-        """The event's text when C{str.format_map} can make it as Twisted would."""
-        format = event.get("log_format")
-        if type(format) is not str or "log_failure" in event or "log_flattened" in event:
-            return None
-        try:
-            return format.format_map(event)
-        except Exception:
-            return None  # Twisted's formatter says what went wrong
+
+def plain_text(event: LogEvent) -> str | None:
+    """The event's text when C{str.format_map} can make it as Twisted would (None: ask
+    Twisted's formatter)."""
+    format = event.get("log_format")
+    if type(format) is not str or "log_failure" in event or "log_flattened" in event:
+        return None
+    try:
+        return format.format_map(event)
+    except Exception:
+        return None  # Twisted's formatter says what went wrong
 
 
 def log_observer(format: str, output: IO[Any]) -> ILogObserver:

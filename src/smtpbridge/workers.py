@@ -20,6 +20,7 @@ its share of max_size; see L{smtpbridge.spool}).  A worker ends when its supervi
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import signal
@@ -39,6 +40,7 @@ from zope.interface import implementer
 
 from smtpbridge.config import Config
 from smtpbridge.listener import READINESS, ListenerService
+from smtpbridge.logs import plain_text
 from smtpbridge.service import make_service
 
 log = Logger()
@@ -57,24 +59,61 @@ FIRST_FD = 3
 @implementer(ILogObserver)
 class _ToSupervisor:
     """A worker's log: "LEVEL<tab>text" lines on its standard output, which the
-    supervisor reads."""
+    supervisor reads.  The lines of one turn of the reactor go out together, in one write
+    when the turn ends: a write per line cost the supervisor a read and a turn of its
+    own for each line.  A line from another thread, or while the reactor is not running,
+    goes out at once."""
 
-    def __init__(self) -> None:
-        self._out = sys.__stdout__ or sys.stdout
+    def __init__(self, fd: int, reactor: Any) -> None:
+        self._fd = fd
+        self._reactor = reactor
+        self._lock = threading.Lock()
+        self._pending: list[str] = []
+        self._scheduled = False
 
     def __call__(self, event: LogEvent) -> None:
-        text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+        text = plain_text(event)
+        if text is None:
+            text = eventAsText(event, includeTimestamp=False, includeSystem=False)
         if not text:
             return
         level = event.get("log_level", LogLevel.info)
         name = level.name if isinstance(level, type(LogLevel.info)) else "info"
-        self._out.write("".join(f"{name}\t{line}\n" for line in text.splitlines()))
-        self._out.flush()
+        with self._lock:
+            self._pending.extend(f"{name}\t{line}\n" for line in text.splitlines())
+            if self._scheduled:
+                return
+            now = (not self._reactor.running
+                   or threading.current_thread() is not threading.main_thread())
+            self._scheduled = not now
+        if now:
+            self.flush()
+        else:
+            self._reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Write what is pending."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+            self._scheduled = False
+            data = "".join(pending).encode("utf-8", "replace")
+            while data:
+                try:
+                    data = data[os.write(self._fd, data):]
+                except InterruptedError:
+                    continue
+                except OSError:
+                    return  # the supervisor is gone: so is this worker, soon
 
 
 def worker_log() -> ILogObserver:
     """The log observer of a worker (twistd ``--logger smtpbridge.workers.worker_log``)."""
-    return _ToSupervisor()
+    from twisted.internet import reactor
+
+    out = sys.__stdout__ or sys.stdout
+    observer = _ToSupervisor(out.fileno(), reactor)
+    atexit.register(observer.flush)
+    return observer
 
 
 def become_worker() -> None:
@@ -102,6 +141,9 @@ def parse_adopted(text: str) -> dict[str, int]:
     return adopted
 
 
+_LEVELS = {level.name: level for level in LogLevel.iterconstants()}
+
+
 class _Worker(ProcessProtocol):
     """One worker process, as its supervisor sees it."""
 
@@ -123,10 +165,11 @@ class _Worker(ProcessProtocol):
         name, tab, text = line.partition("\t")
         level = LogLevel.error  # what a worker writes to stderr itself
         if fd == 1 and tab:
-            try:
-                level = LogLevel.lookupByName(name)
-            except ValueError:
+            found = _LEVELS.get(name)
+            if found is None:
                 text = line
+            else:
+                level = found
         elif line:
             text = line
         else:
