@@ -8,6 +8,7 @@ the body and the final dot.  A L{Script} makes it misbehave where a test wants i
 - C{silent}: a step it never answers (it keeps reading, so only a timeout helps);
 - C{endless}: a step answered by a multi-line reply that never ends;
 - C{endless_line}: a step answered by one line that never ends (no CRLF, ever);
+- C{refuse_data}: a reply line (such as "554 5.7.1 No") that DATA gets instead of 354;
 - C{body}: after 354, C{"stall"} stops reading the socket (its receive buffer is made
   small first, so the bridge's writes block) and keeps the connection open; C{"reset"}
   takes C{reset_after} bytes of the body, then resets the connection (RST).
@@ -63,6 +64,7 @@ class Script:
     body: Body = "read"
     reset_after: int = 256 * 1024  # body bytes taken before a "reset"
     smtputf8: bool = False
+    refuse_data: str | None = None
 
     def __attrs_post_init__(self) -> None:
         for step in (self.silent, self.endless, self.endless_line):
@@ -326,6 +328,9 @@ class _Session:
                 self.reply("MAIL", 250, ["2.1.0 Ok"])
             elif verb == b"RCPT":
                 self.reply("RCPT", 250, ["2.1.5 Ok"])
+            elif verb == b"DATA" and self.script.refuse_data is not None:
+                code, _, text = self.script.refuse_data.partition(" ")
+                self.reply("DATA", int(code), [text])
             elif verb == b"DATA":
                 self.reply("DATA", 354, ["End data with <CR><LF>.<CR><LF>"])
                 self._body()

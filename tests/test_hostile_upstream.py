@@ -246,6 +246,41 @@ def test_silent_upstream_end_of_data(scripted_upstream: Upstreams,
     assert connection.body_bytes > len(MESSAGE)  # the whole message and the final dot came
 
 
+def test_data_refused_after_the_bridges_354(scripted_upstream: Upstreams,
+                                            bridge_to: Bridges) -> None:
+    """The device hears the bridge's 354 while DATA is on its way upstream; the upstream's
+    refusal of DATA is the reply to the final dot, and no body went upstream."""
+    upstream = scripted_upstream(refuse_data="554 5.7.1 No mail from you today")
+    bridge = bridge_to(upstream)
+    with device(bridge) as client:
+        assert client.mail(SENDER)[0] == 250
+        assert client.rcpt(RECIPIENT)[0] == 250
+        code, text, _ = timed(lambda: client.data(MESSAGE))
+        assert (code, text) == (554, "5.7.1 No mail from you today")
+        # The upstream session was handed back whole (no body, no final dot, no abort):
+        # the device's next transaction goes over it.
+        assert client.mail(SENDER)[0] == 250
+        [connection] = upstream.connections
+    assert connection.commands[-3:] == [b"DATA", b"RSET", f"MAIL FROM:<{SENDER}>".encode()]
+    assert connection.body_bytes == 0 and connection.how is None
+
+
+def test_silent_upstream_data(scripted_upstream: Upstreams, bridge_to: Bridges) -> None:
+    """No answer to DATA: the device sends its body to the bridge's 354, and the final dot
+    gets 451 4.4.2 "timed out during DATA" after the route's timeout."""
+    upstream = scripted_upstream(silent="DATA")
+    bridge = bridge_to(upstream, timeout=2)
+    with device(bridge) as client:
+        assert client.mail(SENDER)[0] == 250
+        assert client.rcpt(RECIPIENT)[0] == 250
+        code, text, seconds = timed(lambda: client.data(MESSAGE))
+    assert (code, text) == (451, "4.4.2 " + upstream_named(upstream)
+                            + "timed out during DATA")
+    assert 1.5 < seconds < 5
+    connection = upstream.wait_ended(1, timeout=2)
+    assert connection.closed_by_bridge and connection.body_bytes == 0
+
+
 # A body the upstream stops taking.
 
 def test_upstream_stops_reading_the_body(scripted_upstream: Upstreams,

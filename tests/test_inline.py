@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
+from smtpbridge.earlybody import LIMIT as EARLY_LIMIT
 from smtpbridge.errors import LoginRejected, SMTPReplyError, UpstreamError
 from smtpbridge.interfaces import ITransaction
 from smtpbridge.mapping import StaticMapper
@@ -105,25 +106,49 @@ def test_a_transaction_is_relayed_as_it_comes() -> None:
     assert not session.aborted and len(upstream.messages) == 1
 
 
-@pytest.mark.parametrize("end", ["finish", "abort"])
-def test_the_producer_is_registered_on_354_and_dropped_at_the_end(end: str) -> None:
-    upstream = FakeUpstream()
+class CountingProducer(Producer):
+    """Whether the client is paused now."""
+
+    paused = False
+
+    def pauseProducing(self) -> None:  # noqa: N802
+        self.paused = True
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        self.paused = False
+
+
+def held_to_data(upstream: FakeUpstream, producer: Producer) -> tuple[InlineTransaction,
+                                                                       FakeUpstreamSession]:
+    """MAIL and RCPT accepted; DATA sent, the upstream's 354 not come yet."""
     upstream.hold_replies = True
     t = transaction(upstream)
     mail = t.mail(SENDER, {})
     session = the_session(upstream)
     session.release_all()
     assert outcome(mail) == SENDER_OK
-    t.rcpt(RECIPIENT, {})
+    rcpt = t.rcpt(RECIPIENT, {})
     session.release()
-    producer = Producer()
-    data = t.data(producer)
-    assert session.producer is None and not data.called
-    session.release()
-    assert outcome(data).code == 354
-    assert session.producer is producer
+    assert outcome(rcpt) == RECIPIENT_OK
+    # The client hears the bridge's own 354 at once, and starts on the body.
+    assert outcome(t.data(producer)) == START_DATA
+    assert session.commands[-1] == "DATA" and session.producer is None
+    return t, session
+
+
+@pytest.mark.parametrize("end", ["finish", "abort"])
+def test_the_producer_is_registered_on_354_and_dropped_at_the_end(end: str) -> None:
+    upstream = FakeUpstream()
+    producer = CountingProducer()
+    t, session = held_to_data(upstream, producer)
+    session.release()  # the upstream's 354
+    registered = session.producer
+    assert registered is not None  # the upstream's back-pressure reaches the client
+    registered.pauseProducing()
+    assert producer.paused
+    registered.resumeProducing()
+    assert not producer.paused
     t.write([b"body"])
-    assert session.producer is producer
     if end == "finish":
         done = t.finish()
         assert session.producer is None
@@ -132,6 +157,113 @@ def test_the_producer_is_registered_on_354_and_dropped_at_the_end(end: str) -> N
     else:
         t.abort()
         assert session.producer is None
+
+
+def test_lines_before_the_upstreams_354_follow_it_in_order() -> None:
+    upstream = FakeUpstream()
+    t, session = held_to_data(upstream, Producer())
+    t.write([b"Subject: early", b""])
+    t.write([b"first"])
+    assert session.transmissions == []  # nothing before the upstream's 354
+    session.release()
+    t.write([b"second"])
+    done = t.finish()
+    assert not done.called
+    session.release_all()
+    assert outcome(done) == QUEUED
+    assert upstream.messages == [UpstreamMessage(
+        SENDER, [RECIPIENT], b"Subject: early\r\n\r\nfirst\r\nsecond\r\n", QUEUED)]
+
+
+def test_the_final_dot_before_the_upstreams_354_waits_for_it() -> None:
+    upstream = FakeUpstream()
+    t, session = held_to_data(upstream, Producer())
+    t.write([b"Subject: short", b"", b"x"])
+    done = t.finish()
+    assert not done.called and "." not in session.commands
+    session.release_all()
+    assert outcome(done) == QUEUED
+    assert session.commands[-2:] == [".", "QUIT"]
+    assert upstream.messages[0].body == b"Subject: short\r\n\r\nx\r\n"
+
+
+@pytest.mark.parametrize("answer", [Reply(554, "5.7.1", "Not now, not ever"),
+                                    Reply(451, "4.3.0", "Try later")])
+def test_data_refused_after_the_bridges_354_is_the_final_dots_reply(answer: Reply) -> None:
+    upstream = FakeUpstream()
+    upstream.replies["data"] = answer
+    t, session = held_to_data(upstream, Producer())
+    t.write([b"Subject: refused", b""])
+    session.release()  # the refusal
+    t.write([b"the rest goes nowhere"])
+    assert error_of(t.finish()) == answer  # (no spool here: a 4xx too)
+    assert session.transmissions == [] and upstream.messages == []
+    assert "." not in session.commands
+    assert session.commands[-1] == "QUIT" and not session.aborted  # handed back whole
+    assert t.outcome is not None and t.outcome.reply == answer
+
+
+def test_a_session_lost_before_its_354_fails_the_final_dot() -> None:
+    upstream = FakeUpstream()
+    t, session = held_to_data(upstream, Producer())
+    t.write([b"Subject: lost", b""])
+    session.fail()
+    t.write([b"more"])
+    assert error_of(t.finish()) == lost("closed the connection during DATA")
+    assert upstream.messages == []
+
+
+def test_a_body_held_for_the_354_is_bounded() -> None:
+    upstream = FakeUpstream()
+    producer = CountingProducer()
+    t, session = held_to_data(upstream, producer)
+    line = b"x" * 998
+    for _ in range(EARLY_LIMIT // 1000):
+        t.write([line])
+    assert not producer.paused
+    t.write([line, line])
+    assert producer.paused  # the client waits for the upstream's 354
+    session.release()
+    assert not producer.paused
+    assert len(session.transmissions[0].body) == (EARLY_LIMIT // 1000 + 2) * 1000
+
+
+def test_the_end_of_the_wait_for_354_keeps_the_upstreams_own_pause() -> None:
+    producer = CountingProducer()
+    t, session = held_to_data(FakeUpstream(), producer)
+    for _ in range(EARLY_LIMIT // 1000 + 2):
+        t.write([b"z" * 998])
+    assert producer.paused
+    write_lines = session.write_lines
+
+    def filling(lines: Any) -> None:  # the held lines fill the upstream's buffer
+        write_lines(lines)
+        assert session.producer is not None
+        session.producer.pauseProducing()
+
+    session.write_lines = filling  # type: ignore[method-assign]
+    session.release()  # the 354: the held lines go, and the upstream pauses the client
+    assert producer.paused
+    session.producer.resumeProducing()  # its buffer drained
+    assert not producer.paused
+    t.abort()
+
+
+def test_abort_before_the_upstreams_354_delivers_nothing() -> None:
+    upstream = FakeUpstream()
+    producer = CountingProducer()
+    t, session = held_to_data(upstream, producer)
+    for _ in range(EARLY_LIMIT // 1000 + 2):
+        t.write([b"y" * 998])
+    assert producer.paused
+    t.abort()
+    assert not producer.paused  # (the session ends: nothing holds the client for it)
+    assert session.aborted and "QUIT" not in session.commands
+    session.release_all()
+    t.write([b"too late"])
+    assert error_of(t.finish()) == GONE
+    assert "." not in session.commands and not session.usable and session.producer is None
+    assert upstream.messages == []
 
 
 # The client goes away.
@@ -173,24 +305,6 @@ def test_abort_before_mail_connects_nowhere() -> None:
     t.abort()
     assert error_of(t.rcpt(RECIPIENT, {})) == GONE
     assert upstream.attempts == []
-
-
-def test_abort_while_data_waits_for_its_reply_delivers_nothing() -> None:
-    upstream = FakeUpstream()
-    t = transaction(upstream)
-    assert outcome(t.mail(SENDER, {})).positive
-    assert outcome(t.rcpt(RECIPIENT, {})).positive
-    session = the_session(upstream)
-    session.hold_replies = True
-    data = t.data(Producer())
-    t.abort()  # the session is dropped at once: a QUIT now would become body text
-    assert session.aborted and "QUIT" not in session.commands
-    session.release_all()
-    t.write([b"too late"])
-    assert isinstance(outcome(data), Failure)
-    assert "." not in session.commands
-    assert not session.usable and session.producer is None
-    assert upstream.messages == []
 
 
 def test_client_gone_while_connecting() -> None:

@@ -1,16 +1,16 @@
 """Delivery: each transaction is carried out upstream while the client waits, with the
 spool as the safety net when the upstream cannot take the message now.
 
-The client hears the upstream's own replies to MAIL, RCPT, DATA and the final dot
-whenever the upstream gives one, so the bridge never says 250 to a message the
-upstream has not taken, unless the message is in the spool, fsynced: then the client
+The client hears the upstream's own replies to MAIL, RCPT and the final dot (DATA gets
+the bridge's 354 once DATA went upstream; a refusal of DATA comes at the final dot), so
+the bridge never says 250 to a message the upstream has not taken, unless the message
+is in the spool, fsynced: then the client
 hears ``250 2.0.0 Ok: queued as <id>``.  That happens (spool mode "fallback") when the
-upstream cannot be reached or set up before MAIL FROM, answers MAIL or the final dot
-with 4xx, or is lost; a recipient it refuses with 4xx is spooled alone.  A 5xx always
-passes through.  In mode "always" every message is spooled first; in mode "never" (no
-safety net) the upstream's verdict is all there is.  The body streams through with
-back-pressure; a transaction abandoned in the middle of DATA drops the upstream
-connection without the final dot, and leaves nothing in the spool.
+upstream cannot be reached or set up before MAIL FROM, answers MAIL, DATA or the final
+dot with 4xx, or is lost; a recipient it refuses with 4xx is spooled alone.  A 5xx
+passes through.  Mode "always" spools every message first; in mode "never" the upstream's
+verdict is all there is.  The body streams through with back-pressure; a transaction
+abandoned in the middle of DATA drops the upstream connection without the final dot.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from smtpbridge.bodyfilter import BodyFilter
 from smtpbridge.connector import connect_first
+from smtpbridge.earlybody import EarlyBody
 from smtpbridge.errors import SMTPReplyError, UpstreamError
 from smtpbridge.interfaces import (
     ICredentialMapper,
@@ -89,6 +90,9 @@ class InlineTransaction(TransactionRecord):
         self._lost: UpstreamError | None = None  # how the upstream session failed
         self._in_data = False
         self._over = False
+        self._early: EarlyBody | None = None  # the body, until the upstream's 354
+        self._settled: Deferred[None] | None = None  # fires once the upstream answered DATA
+        self._data_refusal: SMTPReplyError | None = None  # the upstream refused DATA
 
     # MAIL.
 
@@ -228,25 +232,63 @@ class InlineTransaction(TransactionRecord):
             return START_DATA
         session = self._current()
         self._data_sent = True
+        early = EarlyBody(session, producer)
+        answer = session.data(early.producer)
+        if not answer.called:  # the client starts on the body while the upstream answers
+            self._early = early
+            self._settled = answer.addBoth(self._early_answer)
+            self._in_data = True
+            return START_DATA
         try:
-            reply = await session.data(producer)
+            reply = self._data_answer(await answer)
         except UpstreamError as e:
-            if self._writer is None:
-                self._lost = e
-                raise
-            self._to_spool(e.reply)
-            reply = START_DATA
-        if reply.code != 354:
-            self._data_sent = False
-            if reply.transient and self._writer is not None:
-                self._to_spool(reply)
-                reply = START_DATA
-            else:
-                self._discard()
-                return reply
-        if not self._over:
+            reply = self._data_answer(e)
+        if reply.code == 354 and not self._over:
             self._in_data = True
         return reply
+
+    def _data_answer(self, answer: Reply | UpstreamError) -> Reply:
+        """What the client hears for the upstream's answer to DATA; raises when the
+        upstream session is lost and the spool cannot keep the message."""
+        if isinstance(answer, UpstreamError):
+            if self._writer is None:
+                self._lost = answer
+                raise answer
+            self._to_spool(answer.reply)
+            return START_DATA
+        if answer.code == 354:
+            return answer
+        self._data_sent = False
+        if answer.transient and self._writer is not None:
+            self._to_spool(answer)
+            return START_DATA
+        self._discard()
+        return answer
+
+    def _early_answer(self, result: Reply | Failure) -> None:
+        """The upstream's answer to DATA, after the client heard the bridge's 354."""
+        early = self._early
+        if early is None:  # the transaction was aborted meanwhile
+            return
+        if isinstance(result, Failure) and not isinstance(result.value, UpstreamError):
+            log.failure("{session} DATA failed", result, session=self._client.session_id)
+        answer = (result if isinstance(result, Reply) else result.value
+                  if isinstance(result.value, UpstreamError) else UpstreamError(GONE))
+        refusal: SMTPReplyError | None = None
+        try:
+            reply = self._data_answer(answer)
+        except UpstreamError as e:
+            reply, refusal = e.reply, e
+        if reply.code == 354 and self._session is not None:
+            early.send()
+        else:
+            early.drop()
+        self._early = None
+        if reply.code != 354:  # refused: the final dot gets the refusal
+            self._data_refusal = refusal or SMTPReplyError(reply)
+            session, self._session = self._session, None
+            if session is not None:
+                session.quit()
 
     def write(self, lines: Sequence[bytes]) -> None:
         if not self._in_data or self._over:
@@ -263,7 +305,9 @@ class InlineTransaction(TransactionRecord):
         """Lines ready to go: into the spool file and upstream."""
         if self._writer is not None:
             self._writer.write(lines)
-        if self._session is not None and lines:
+        if self._early is not None:
+            self._early.write(lines)
+        elif self._session is not None and lines:
             self._session.write_lines(lines)
 
     # The final dot.
@@ -286,10 +330,15 @@ class InlineTransaction(TransactionRecord):
         return Deferred.fromCoroutine(self._finish()).addErrback(failed)
 
     async def _finish(self) -> Reply:
+        if self._settled is not None:
+            await self._settled  # the upstream's answer to DATA
+        if self._data_refusal is not None:
+            raise self._data_refusal
         if self._spooling:
             return await self._keep(self._deferred)
         session = self._session
-        assert session is not None, "in-line DATA has a session"
+        if session is None:  # aborted meanwhile
+            raise self._lost or SMTPReplyError(GONE)
         try:
             reply = await session.end_data()
         except UpstreamError as e:
@@ -320,6 +369,9 @@ class InlineTransaction(TransactionRecord):
             return
         self._over = True
         self._discard()
+        early, self._early = self._early, None
+        if early is not None:
+            early.drop()
         session, self._session = self._session, None
         if session is None:
             return
