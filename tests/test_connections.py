@@ -13,10 +13,13 @@ from typing import Any
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IResolutionReceiver
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import blockingCallFromThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.test.iosim import connectedServerAndClient
 from zope.interface import implementer
 
 from smtpbridge import connector as connector_module
@@ -24,7 +27,7 @@ from smtpbridge.client import UpstreamProtocol
 from smtpbridge.connector import UpstreamConnector, set_up
 from smtpbridge.errors import Unreachable, UpstreamError
 from smtpbridge.lines import no_delay
-from smtpbridge.listener import CertificateReloader, HeapFreezer
+from smtpbridge.listener import CertificateReloader, HeapFreezer, ImplicitTLSFactory
 from smtpbridge.model import Route
 from smtpbridge.names import CachingResolver
 from smtpbridge.networks import NetworkSet
@@ -70,7 +73,7 @@ def listening(reactor: Any, certificate: tuple[str, str]) -> Iterator[Any]:
                                    MemoryDelivery(), AccessPolicy(NetworkSet.parse([])), None,
                                    reactor, server_tls)
         factory.built = []
-        wrapped: Any = TLSMemoryBIOFactory(server_tls, False, factory) \
+        wrapped: Any = ImplicitTLSFactory(server_tls, False, factory) \
             if tls == "implicit" else factory
         port = blockingCallFromThread(reactor, reactor.listenTCP, 0, wrapped,
                                       interface="127.0.0.1")
@@ -114,6 +117,24 @@ def test_no_delay_is_harmless_without_tcp() -> None:
     assert no_delay(StringTransport()) is False
 
 
+def test_an_implicit_tls_write_leaves_at_once(certificate: tuple[str, str]) -> None:
+    """A reply becomes its TLS record when it is written, not on the reactor's next turn
+    (Twisted's own TLS transport waits for that turn, to gather small writes)."""
+    clock = Clock()
+    server_side = ImplicitTLSFactory(ServerTLS(server_context(*certificate)), False,
+                                     Factory.forProtocol(Protocol), clock)
+    client_side = TLSMemoryBIOFactory(CertificateOptions(), True,
+                                      Factory.forProtocol(Protocol), clock)
+    client, server, pump = connectedServerAndClient(
+        lambda: server_side.buildProtocol(None), lambda: client_side.buildProtocol(None),
+        greet=False)
+    pump.flush()  # the handshake
+    assert server.transport.stream == []
+    server.write(b"220 bridge.test ESMTP\r\n")
+    assert len(server.transport.stream) == 1  # a record, with the clock where it was
+    assert clock.getDelayedCalls() == []
+
+
 # One write per reply and per batch of body lines.
 
 class CountingTransport(StringTransport):
@@ -140,6 +161,54 @@ def test_a_multi_line_reply_is_one_write() -> None:
     protocol.dataReceived(b"EHLO device.example\r\n")
     assert transport.writes == 2
     assert transport.value().count(b"\r\n250") >= 5  # of six lines
+
+
+class TLSRecordingTransport(CountingTransport):
+    """What had been written when STARTTLS began, and when the connection was closed."""
+
+    at_starttls: bytes | None = None
+    at_close: bytes | None = None
+
+    def startTLS(self, options: object) -> None:  # noqa: N802
+        self.at_starttls = self.value()
+
+    def loseConnection(self) -> None:  # noqa: N802
+        self.at_close = self.value()
+        super().loseConnection()
+
+
+def session_on(transport: CountingTransport, tls: str = "none") -> SMTPServerProtocol:
+    settings = ListenerSettings("test", "bridge.test", auth_required=False, tls=tls)
+    factory = SMTPServerFactory(settings, MemoryDelivery(), AccessPolicy(NetworkSet.parse([])),
+                                None, Clock(), object() if tls != "none" else None)
+    protocol = factory.buildProtocol(None)
+    protocol.makeConnection(transport)
+    return protocol
+
+
+def test_the_replies_to_one_read_are_one_write() -> None:
+    transport = CountingTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    protocol = session_on(transport)
+    transport.clear()
+    protocol.dataReceived(b"NOOP\r\nHELO device.example\r\nNOOP\r\nRSET\r\n")
+    assert transport.writes == 2  # the greeting, then the four replies together
+    assert [line[:3] for line in transport.value().splitlines()] == [b"250"] * 4
+    protocol.dataReceived(b"NOOP\r\n")
+    assert transport.writes == 3
+
+
+def test_gathered_replies_leave_before_starttls_and_before_the_close() -> None:
+    transport = TLSRecordingTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    protocol = session_on(transport, tls="starttls")
+    protocol.dataReceived(b"EHLO device.example\r\nSTARTTLS\r\n")
+    assert transport.at_starttls is not None
+    assert transport.at_starttls.endswith(b"\r\n220 2.0.0 Ready to start TLS\r\n")
+    transport = TLSRecordingTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    protocol = session_on(transport)
+    protocol.dataReceived(b"NOOP\r\nQUIT\r\nNOOP\r\n")
+    assert transport.at_close is not None
+    assert [line[:3] for line in transport.at_close.splitlines()] == [b"220", b"250", b"221"]
+    assert transport.value() == transport.at_close  # nothing after QUIT
 
 
 def test_a_batch_of_body_lines_is_one_write() -> None:

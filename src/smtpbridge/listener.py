@@ -25,6 +25,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.protocols.haproxy import proxyEndpoint
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -64,6 +65,15 @@ def adopted_endpoint(reactor: Any, fd: int, description: str) -> IStreamServerEn
 #: The service name of the admin listener's readiness probe, which the supervisor of
 #: workers keeps beside the listeners (see L{smtpbridge.workers}).
 READINESS = "readiness"
+
+
+class ImplicitTLSFactory(TLSMemoryBIOFactory):
+    """TLS from the first byte (port 465).  Each write becomes its TLS record at once:
+    Twisted's default TLS transport holds small writes until the next turn of the
+    reactor, to gather them, but a session's replies are gathered already (those to one
+    read leave in one write), so the wait only cost a timer and a turn per reply."""
+
+    protocol = TLSMemoryBIOProtocol
 
 
 @implementer(IProtocolFactory)

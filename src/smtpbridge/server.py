@@ -246,6 +246,7 @@ class SMTPServerProtocol(AuthCommands, MailCommands):
         self._tls_active = True
         self.handshake.start()
         self.unwatch_output()
+        self.flush_replies()  # the 220 leaves in clear text
         self.connection.startTLS(self.services.tls)
         return None
 

@@ -102,7 +102,7 @@ class AuthCommands(ServerSession):
             return AUTH_UNDECODABLE
         if isinstance(result, sasl.Challenge):
             self._continuation = lambda line: self._auth_answer(exchange, line)
-            self.connection.write(b"334 " + result.text.encode("ascii") + b"\r\n")
+            self.send(b"334 " + result.text.encode("ascii") + b"\r\n")
             return None
         return self._authenticate(result.username, result.password, exchange.mechanism)
 

@@ -51,6 +51,9 @@ WAITING_ON_US = frozenset({"reply", "body"})
 #: Seconds a closing session gets to send its last reply before it is cut off.
 CLOSE_GRACE = 10.0
 
+#: Bytes of gathered replies that go out without waiting for the end of the read.
+GATHER_LIMIT = 16 * 1024
+
 
 @attr.frozen
 class ListenerSettings:
@@ -159,6 +162,38 @@ class ServerSession(SMTPLineReceiver):
         self.lifetime = Deadline(clock, settings.max_session_time, self._session_timeout)
         self._cut_off = Deadline(clock, CLOSE_GRACE, self._abort)
 
+    # Replies go out together: those to one read of input (a pipelined group) leave in
+    # one write, so in one TLS record; any other reply leaves at once.
+
+    _gathered: list[bytes] | None = None
+    _gathered_size = 0
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self._gathered is not None:  # (re-entered)
+            super().dataReceived(data)
+            return
+        self._gathered = []
+        try:
+            super().dataReceived(data)
+        finally:
+            self.flush_replies()
+
+    def send(self, data: bytes) -> None:
+        if self._gathered is None:
+            self.connection.write(data)
+            return
+        self._gathered.append(data)
+        self._gathered_size += len(data)
+        if self._gathered_size >= GATHER_LIMIT:
+            self.connection.write(b"".join(self._gathered))
+            self._gathered, self._gathered_size = [], 0
+
+    def flush_replies(self) -> None:
+        """Send the gathered replies now (before TLS starts or the connection closes)."""
+        gathered, self._gathered, self._gathered_size = self._gathered, None, 0
+        if gathered and not self._gone:
+            self.connection.write(b"".join(gathered))
+
     def start_session(self) -> None:
         """The connection is up: the deadlines run."""
         self.idle.start()
@@ -246,7 +281,8 @@ class ServerSession(SMTPLineReceiver):
         if self._gone or self._closing:
             return
         if reply is not None:
-            self.connection.write(format_reply(reply))
+            self.send(format_reply(reply))
+        self.flush_replies()
         self._closing = True
         self.idle.stop()
         self._end_transaction(abort=True)
@@ -281,7 +317,7 @@ class ServerSession(SMTPLineReceiver):
         """Send one reply; too many errors end the session as Postfix does."""
         if self._gone or self._closing:
             return
-        self.connection.write(format_reply(reply))
+        self.send(format_reply(reply))
         if self._draining and self._transaction is None and reply.code != 354:
             self.close(self._shutting_down())
             return

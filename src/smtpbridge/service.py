@@ -18,7 +18,6 @@ import attr
 from OpenSSL import SSL
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from smtpbridge.config import DEFAULT, Config, ListenerConfig
 from smtpbridge.connector import UpstreamConnector, try_login
@@ -37,6 +36,7 @@ from smtpbridge.limits import BoundedThreadPool, ConnectionGovernor, raise_file_
 from smtpbridge.listener import (
     BridgeService,
     CertificateReloader,
+    ImplicitTLSFactory,
     ListenerService,
     SheddingFactory,
     StopHook,
@@ -363,7 +363,7 @@ def make_service(config: Config, reactor: Any, adopted: Mapping[str, int] | None
             metrics.watch(functools.partial(_count_sessions, metrics, server))
         factory: Any = server
         if listener_tls is not None and listener.tls == "implicit":
-            factory = TLSMemoryBIOFactory(listener_tls, False, factory)
+            factory = ImplicitTLSFactory(listener_tls, False, factory)
         endpoint = listener.endpoint
         if endpoint.startswith("haproxy:"):  # the session starts once the header is read
             endpoint = endpoint.removeprefix("haproxy:")
