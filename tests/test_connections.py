@@ -464,3 +464,31 @@ def test_restarting_a_deadline_moves_it_without_a_timer_each_time() -> None:
     deadline.stop()
     clock.advance(60)
     assert len(fired) == 1 and clock.getDelayedCalls() == []
+
+
+def test_a_paused_deadline_keeps_its_timer_for_the_next_start() -> None:
+    from smtpbridge.deadline import Deadline
+
+    clock, fired = Clock(), []
+    deadline = Deadline(clock, 10, lambda: fired.append(clock.seconds()))
+    deadline.start()
+    [timer] = clock.getDelayedCalls()
+    for _ in range(100):  # a command relayed upstream: paused, then started again
+        deadline.pause()
+        assert not deadline.running
+        clock.advance(0.05)
+        deadline.start()
+        assert clock.getDelayedCalls() == [timer] and deadline.running
+    clock.advance(10)
+    assert fired == [pytest.approx(15.0)]
+    deadline.start()
+    deadline.pause()
+    clock.advance(30)  # paused past its time: it does not fire, and its timer is gone
+    assert len(fired) == 1 and clock.getDelayedCalls() == [] and not deadline.running
+    deadline.ensure()
+    clock.advance(10)
+    assert fired[1:] == [pytest.approx(55.0)]
+    deadline.start()
+    deadline.pause()
+    deadline.stop()  # the session ended: no timer stays behind
+    assert clock.getDelayedCalls() == []

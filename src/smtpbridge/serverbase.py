@@ -230,7 +230,7 @@ class ServerSession(SMTPLineReceiver):
     def hold(self, reason: str) -> None:
         super().hold(reason)
         if reason in WAITING_ON_US:
-            self.idle.stop()  # waiting on us is not the client being idle
+            self.idle.pause()  # waiting on us is not the client being idle
 
     def release(self, reason: str) -> None:
         super().release(reason)

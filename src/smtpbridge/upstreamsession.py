@@ -42,7 +42,7 @@ class _StallWatch:
         self._producer.pauseProducing()
 
     def resumeProducing(self) -> None:  # noqa: N802
-        self._deadline.stop()
+        self._deadline.pause()  # (it starts again at the next pause, on the same timer)
         self._producer.resumeProducing()
 
     def stopProducing(self) -> None:  # noqa: N802
