@@ -229,21 +229,27 @@ def test_silent_upstream_mail(scripted_upstream: Upstreams, bridge_to: Bridges) 
         assert client.rset()[0] == 250
 
 
-def test_silent_upstream_end_of_data(scripted_upstream: Upstreams,
-                                     bridge_to: Bridges) -> None:
-    """No verdict on the message: the final dot gets 451 4.4.2 after the route's timeout."""
-    upstream = scripted_upstream(silent="end of data")
+@pytest.mark.parametrize("step", ["DATA", "end of data"])
+def test_silent_upstream_data_or_end_of_data(scripted_upstream: Upstreams,
+                                             bridge_to: Bridges, step: str) -> None:
+    """No answer to DATA (the device sends its body to the bridge's own 354 meanwhile),
+    or no verdict on the message: the final dot gets 451 4.4.2 after the route's
+    timeout, and only in the second case did the body go upstream."""
+    upstream = scripted_upstream(silent=step)
     bridge = bridge_to(upstream, timeout=2)
     with device(bridge) as client:
         assert client.mail(SENDER)[0] == 250
         assert client.rcpt(RECIPIENT)[0] == 250
         code, text, seconds = timed(lambda: client.data(MESSAGE))
     assert (code, text) == (451, "4.4.2 " + upstream_named(upstream)
-                            + "timed out during end of data")
+                            + f"timed out during {step}")
     assert 1.5 < seconds < 5
     connection = upstream.wait_ended(1, timeout=2)
     assert connection.closed_by_bridge, connection
-    assert connection.body_bytes > len(MESSAGE)  # the whole message and the final dot came
+    if step == "DATA":
+        assert connection.body_bytes == 0
+    else:
+        assert connection.body_bytes > len(MESSAGE)  # the whole message and the final dot
 
 
 def test_data_refused_after_the_bridges_354(scripted_upstream: Upstreams,
@@ -263,22 +269,6 @@ def test_data_refused_after_the_bridges_354(scripted_upstream: Upstreams,
         [connection] = upstream.connections
     assert connection.commands[-3:] == [b"DATA", b"RSET", f"MAIL FROM:<{SENDER}>".encode()]
     assert connection.body_bytes == 0 and connection.how is None
-
-
-def test_silent_upstream_data(scripted_upstream: Upstreams, bridge_to: Bridges) -> None:
-    """No answer to DATA: the device sends its body to the bridge's 354, and the final dot
-    gets 451 4.4.2 "timed out during DATA" after the route's timeout."""
-    upstream = scripted_upstream(silent="DATA")
-    bridge = bridge_to(upstream, timeout=2)
-    with device(bridge) as client:
-        assert client.mail(SENDER)[0] == 250
-        assert client.rcpt(RECIPIENT)[0] == 250
-        code, text, seconds = timed(lambda: client.data(MESSAGE))
-    assert (code, text) == (451, "4.4.2 " + upstream_named(upstream)
-                            + "timed out during DATA")
-    assert 1.5 < seconds < 5
-    connection = upstream.wait_ended(1, timeout=2)
-    assert connection.closed_by_bridge and connection.body_bytes == 0
 
 
 # A body the upstream stops taking.
