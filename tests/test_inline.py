@@ -574,3 +574,50 @@ def test_every_host_unreachable_gives_the_last_ones_error() -> None:
     t = transaction(upstream, routes=(ROUTE, BACKUP))
     assert error_of(t.mail(SENDER, {})) == unreachable(BACKUP).reply
     assert error_of(t.rcpt(RECIPIENT, {})) == GONE
+
+
+class DeliveringProducer(CountingProducer):
+    """A client whose input, held while paused, comes at once when it is let go on: the
+    rest of its message and the final dot, as a line receiver delivers what it had read."""
+
+    def __init__(self) -> None:
+        self.transaction: InlineTransaction | None = None
+        self.finished: list[Deferred[Any]] = []
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        super().resumeProducing()
+        if self.transaction is not None and not self.finished:
+            self.transaction.write([b"the end"])
+            self.finished.append(self.transaction.finish())
+
+
+@pytest.mark.parametrize("answer", [None, Reply(554, "5.7.1", "No"), "lost"])
+def test_the_rest_of_the_message_at_once_when_the_upstream_answers_data(
+        answer: Reply | str | None) -> None:
+    upstream = FakeUpstream()
+    if isinstance(answer, Reply):
+        upstream.replies["data"] = answer
+    producer = DeliveringProducer()
+    t, session = held_to_data(upstream, producer)
+    line = b"w" * 998
+    for _ in range(EARLY_LIMIT // 1000 + 2):  # more than is held: the client is paused
+        t.write([line])
+    assert producer.paused
+    producer.transaction = t
+    if answer == "lost":
+        session.fail()
+    else:
+        session.release()  # the 354, or the refusal
+    [done] = producer.finished
+    session.release_all()
+    if answer is None:
+        assert outcome(done) == QUEUED
+        [message] = upstream.messages
+        assert message.body.endswith(line + b"\r\nthe end\r\n")
+    elif isinstance(answer, Reply):
+        assert error_of(done) == answer
+        assert upstream.messages == [] and session.commands[-1] == "QUIT"
+    else:
+        assert error_of(done) == lost("closed the connection during DATA")
+        assert upstream.messages == []
+    assert "." not in session.commands or answer is None

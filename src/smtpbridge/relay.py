@@ -1,16 +1,15 @@
 """Delivery: each transaction is carried out upstream while the client waits, with the
 spool as the safety net when the upstream cannot take the message now.
 
-The client hears the upstream's own replies to MAIL, RCPT and the final dot (DATA gets
-the bridge's 354 once DATA went upstream; a refusal of DATA comes at the final dot), so
-the bridge never says 250 to a message the upstream has not taken, unless the message
-is in the spool, fsynced: then the client
-hears ``250 2.0.0 Ok: queued as <id>``.  That happens (spool mode "fallback") when the
-upstream cannot be reached or set up before MAIL FROM, answers MAIL, DATA or the final
-dot with 4xx, or is lost; a recipient it refuses with 4xx is spooled alone.  A 5xx
-passes through.  Mode "always" spools every message first; in mode "never" the upstream's
-verdict is all there is.  The body streams through with back-pressure; a transaction
-abandoned in the middle of DATA drops the upstream connection without the final dot.
+The client hears the upstream's own replies to MAIL, RCPT and the final dot (DATA gets the
+bridge's 354 once DATA went upstream; a refusal of DATA comes at the final dot), so the
+bridge never says 250 to a message the upstream has not taken, unless the message is in
+the spool, fsynced: then the client hears ``250 2.0.0 Ok: queued as <id>``.  That happens
+(spool mode "fallback") when the upstream cannot be reached or set up before MAIL FROM,
+answers MAIL, DATA or the final dot with 4xx, or is lost; a recipient it refuses with 4xx
+is spooled alone.  A 5xx passes through.  Mode "always" spools every message first; in
+mode "never" the upstream's verdict is all there is.  The body streams through with
+back-pressure; a client gone in the middle of DATA ends the upstream without a final dot.
 """
 
 from __future__ import annotations
@@ -65,15 +64,11 @@ class InlineTransaction(TransactionRecord):
     def __init__(self, mapper: ICredentialMapper, connector: IUpstreamConnector,
                  client: ClientInfo, net: SafetyNet | None = None, always: bool = False,
                  limits: RateLimits | None = None) -> None:
-        self._mapper = mapper
-        self._limits = limits
+        self._mapper, self._connector, self._client = mapper, connector, client
+        self._net, self._always, self._limits = net, always, limits
         self._quota: Quota | None = None  # what the rate limits reserved for it
         self._route: str | None = None
         self.outcome: MessageOutcome | None = None
-        self._connector = connector
-        self._client = client
-        self._net = net
-        self._always = always
         self._session: IUpstreamSession | None = None
         self._account: UpstreamAccount | None = None
         self._sender = ""
@@ -88,10 +83,9 @@ class InlineTransaction(TransactionRecord):
         self._data_sent = False  # DATA went upstream: only an abort may end the session now
         self._refusal: SMTPReplyError | None = None  # the body was refused on its way
         self._lost: UpstreamError | None = None  # how the upstream session failed
-        self._in_data = False
-        self._over = False
+        self._in_data = self._over = False
         self._early: EarlyBody | None = None  # the body, until the upstream's 354
-        self._settled: Deferred[None] | None = None  # fires once the upstream answered DATA
+        self._settled: Deferred[None] | None = None  # fires once that answer is taken
         self._data_refusal: SMTPReplyError | None = None  # the upstream refused DATA
 
     # MAIL.
@@ -235,8 +229,8 @@ class InlineTransaction(TransactionRecord):
         early = EarlyBody(session, producer)
         answer = session.data(early.producer)
         if not answer.called:  # the client starts on the body while the upstream answers
-            self._early = early
-            self._settled = answer.addBoth(self._early_answer)
+            self._early, self._settled = early, Deferred()
+            answer.addBoth(self._early_answer)
             self._in_data = True
             return START_DATA
         try:
@@ -266,29 +260,35 @@ class InlineTransaction(TransactionRecord):
         return answer
 
     def _early_answer(self, result: Reply | Failure) -> None:
-        """The upstream's answer to DATA, after the client heard the bridge's 354."""
-        early = self._early
-        if early is None:  # the transaction was aborted meanwhile
-            return
+        """The upstream's answer to DATA (the client had the bridge's 354), taken before
+        the client goes on: it may then send its dot at once."""
+        early, self._early, settled = self._early, None, self._settled
+        try:
+            if early is not None:  # (None: the transaction was aborted meanwhile)
+                self._take_answer(early, result)
+        finally:
+            if settled is not None and not settled.called:
+                settled.callback(None)
+
+    def _take_answer(self, early: EarlyBody, result: Reply | Failure) -> None:
         if isinstance(result, Failure) and not isinstance(result.value, UpstreamError):
             log.failure("{session} DATA failed", result, session=self._client.session_id)
         answer = (result if isinstance(result, Reply) else result.value
                   if isinstance(result.value, UpstreamError) else UpstreamError(GONE))
-        refusal: SMTPReplyError | None = None
+        refusal: SMTPReplyError | None = None  # (when the session is lost)
         try:
             reply = self._data_answer(answer)
         except UpstreamError as e:
             reply, refusal = e.reply, e
         if reply.code == 354 and self._session is not None:
             early.send()
-        else:
-            early.drop()
-        self._early = None
+            return
         if reply.code != 354:  # refused: the final dot gets the refusal
             self._data_refusal = refusal or SMTPReplyError(reply)
             session, self._session = self._session, None
             if session is not None:
                 session.quit()
+        early.drop()
 
     def write(self, lines: Sequence[bytes]) -> None:
         if not self._in_data or self._over:
@@ -330,7 +330,7 @@ class InlineTransaction(TransactionRecord):
         return Deferred.fromCoroutine(self._finish()).addErrback(failed)
 
     async def _finish(self) -> Reply:
-        if self._settled is not None:
+        if self._early is not None and self._settled is not None:
             await self._settled  # the upstream's answer to DATA
         if self._data_refusal is not None:
             raise self._data_refusal
