@@ -34,6 +34,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ProcessDone
 from twisted.internet.interfaces import IDelayedCall, IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, eventAsText
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -56,20 +57,31 @@ STEADY = 10.0
 FIRST_FD = 3
 
 
+#: Seconds a worker's log lines may wait to go to the supervisor together.
+LOG_FLUSH_INTERVAL = 0.05
+
+
 @implementer(ILogObserver)
 class _ToSupervisor:
     """A worker's log: "LEVEL<tab>text" lines on its standard output, which the
-    supervisor reads.  The lines of one turn of the reactor go out together, in one write
-    when the turn ends: a write per line cost the supervisor a read and a turn of its
-    own for each line.  A line from another thread, or while the reactor is not running,
-    goes out at once."""
+    supervisor reads.  Lines go out together, every L{LOG_FLUSH_INTERVAL} seconds
+    (L{start}): a write per line cost the supervisor a read and a turn of its reactor for
+    each.  A line from another thread, or while the reactor is not running, goes out at
+    once, and so does everything still waiting when the reactor has stopped.  A line
+    logged in the middle of a write (by a signal handler) follows that write."""
 
     def __init__(self, fd: int, reactor: Any) -> None:
         self._fd = fd
         self._reactor = reactor
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # (a signal handler may log while it is held)
         self._pending: list[str] = []
-        self._scheduled = False
+        self._writing = False
+
+    def start(self, clock: Any, interval: float = LOG_FLUSH_INTERVAL) -> None:
+        """Flush every C{interval} seconds on C{clock}, from now on."""
+        loop = LoopingCall(self.flush)
+        loop.clock = clock
+        loop.start(interval, now=False)
 
     def __call__(self, event: LogEvent) -> None:
         text = plain_text(event)
@@ -81,29 +93,34 @@ class _ToSupervisor:
         name = level.name if isinstance(level, type(LogLevel.info)) else "info"
         with self._lock:
             self._pending.extend(f"{name}\t{line}\n" for line in text.splitlines())
-            if self._scheduled:
+            if self._writing:
                 return
-            now = (not self._reactor.running
-                   or threading.current_thread() is not threading.main_thread())
-            self._scheduled = not now
-        if now:
+        if (not self._reactor.running
+                or threading.current_thread() is not threading.main_thread()):
             self.flush()
-        else:
-            self._reactor.callLater(0, self.flush)
 
     def flush(self) -> None:
         """Write what is pending."""
         with self._lock:
-            pending, self._pending = self._pending, []
-            self._scheduled = False
-            data = "".join(pending).encode("utf-8", "replace")
-            while data:
-                try:
-                    data = data[os.write(self._fd, data):]
-                except InterruptedError:
-                    continue
-                except OSError:
-                    return  # the supervisor is gone: so is this worker, soon
+            if self._writing:
+                return
+            self._writing = True
+            try:
+                while self._pending:
+                    pending, self._pending = self._pending, []
+                    self._write("".join(pending).encode("utf-8", "replace"))
+            finally:
+                self._writing = False
+
+    def _write(self, data: bytes) -> None:
+        while data:
+            try:
+                data = data[os.write(self._fd, data):]
+            except InterruptedError:
+                continue
+            except OSError:
+                self._pending = []
+                return  # the supervisor is gone: so is this worker, soon
 
 
 def worker_log() -> ILogObserver:
@@ -112,6 +129,8 @@ def worker_log() -> ILogObserver:
 
     out = sys.__stdout__ or sys.stdout
     observer = _ToSupervisor(out.fileno(), reactor)
+    reactor.callWhenRunning(observer.start, reactor)
+    reactor.addSystemEventTrigger("after", "shutdown", observer.flush)
     atexit.register(observer.flush)
     return observer
 
