@@ -197,6 +197,31 @@ def test_the_replies_to_one_read_are_one_write() -> None:
     assert transport.writes == 3
 
 
+def test_gathered_replies_are_bounded() -> None:
+    """A long pipelined burst is not held whole: replies leave each GATHER_LIMIT bytes."""
+    from smtpbridge.serverbase import GATHER_LIMIT
+
+    transport = CountingTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    protocol = session_on(transport)
+    protocol.dataReceived(b"HELO device.example\r\n")
+    transport.clear()
+    before = transport.writes
+    sizes: list[int] = []
+    write = transport.write
+
+    def sized(data: bytes) -> None:
+        sizes.append(len(data))
+        write(data)
+
+    transport.write = sized  # type: ignore[method-assign]
+    reply = len(b"250 2.0.0 Ok\r\n")
+    count = 3 * GATHER_LIMIT // reply
+    protocol.dataReceived(b"NOOP\r\n" * count)
+    assert transport.value().count(b"\r\n") == count  # every reply, in order
+    assert transport.writes - before == len(sizes) >= 3
+    assert max(sizes) < GATHER_LIMIT + reply
+
+
 def test_gathered_replies_leave_before_starttls_and_before_the_close() -> None:
     transport = TLSRecordingTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
     protocol = session_on(transport, tls="starttls")

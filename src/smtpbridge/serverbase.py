@@ -184,9 +184,9 @@ class ServerSession(SMTPLineReceiver):
             return
         self._gathered.append(data)
         self._gathered_size += len(data)
-        if self._gathered_size >= GATHER_LIMIT:
-            self.connection.write(b"".join(self._gathered))
-            self._gathered, self._gathered_size = [], 0
+        if self._gathered_size >= GATHER_LIMIT:  # out now, and go on gathering
+            self.flush_replies()
+            self._gathered = []
 
     def flush_replies(self) -> None:
         """Send the gathered replies now (before TLS starts or the connection closes)."""
