@@ -452,6 +452,27 @@ def test_back_pressure_holds_the_client():
     assert s.codes() == ["250"]
 
 
+def test_the_body_producer_of_an_ended_transaction_moves_nothing():
+    s = Session()
+    _to_data(s)
+    old = s.delivery.transactions[0].producer
+    s.send(b"x\r\n.\r\n")
+    assert s.codes() == ["250"]
+    old.pauseProducing()  # a late pause, after the dot: the next command is read
+    assert s.transport.producerState == "producing"
+    _to_data(s)
+    new = s.delivery.transactions[1].producer
+    new.pauseProducing()
+    assert s.transport.producerState == "paused"
+    old.resumeProducing()  # a late resume: the new body stays paused
+    old.stopProducing()
+    assert s.transport.producerState == "paused"
+    new.resumeProducing()
+    assert s.transport.producerState == "producing"
+    s.send(b"y\r\n.\r\n")
+    assert s.codes() == ["250"]
+
+
 def test_rset_aborts_the_transaction():
     s = Session()
     s.command("EHLO c")

@@ -39,19 +39,29 @@ from smtpbridge.wire import DataDecoder, parse_mail_from, parse_rcpt_to
 
 @implementer(IPushProducer)
 class _BodyInput:
-    """Lets a slow delivery pause the client's body without touching the reply holds."""
+    """Lets a slow delivery pause the client's body without touching the reply holds.
 
-    def __init__(self, session: ServerSession) -> None:
+    It speaks for one transaction's body only: once the final dot has come (or the
+    transaction is over), a pause or resume from the delivery does nothing.  The
+    upstream may still pause its producer while the rest of the message goes out after
+    the dot, and no resume follows once the body producer is unregistered: that pause
+    must not hold the session's next command (nor a later transaction's body) for good.
+    """
+
+    def __init__(self, session: MailCommands, transaction: ITransaction) -> None:
         self._session = session
+        self._transaction = transaction
 
     def pauseProducing(self) -> None:  # noqa: N802
-        self._session.hold("body")
+        if self._session.receiving_body(self._transaction):
+            self._session.hold("body")
 
     def resumeProducing(self) -> None:  # noqa: N802
-        self._session.release("body")
+        if self._session.receiving_body(self._transaction):
+            self._session.release("body")
 
     def stopProducing(self) -> None:  # noqa: N802
-        self._session.release("body")
+        self.resumeProducing()
 
 
 class MailCommands(ServerSession):
@@ -178,8 +188,8 @@ class MailCommands(ServerSession):
             self._end_transaction(abort=True, only=transaction)
             return failure
 
-        return self._timed(maybeDeferred(transaction.data, _BodyInput(self))).addCallbacks(
-            answered, failed)
+        body = _BodyInput(self, transaction)
+        return self._timed(maybeDeferred(transaction.data, body)).addCallbacks(answered, failed)
 
     def _start_body(self, transaction: ITransaction) -> None:
         self._decoder = DataDecoder(accept_bare_lf_end=self.settings.accept_bare_lf_end)
@@ -272,6 +282,11 @@ class MailCommands(ServerSession):
         statistics = self.services.statistics
         if statistics is not None:
             statistics.message(summary)
+
+    def receiving_body(self, transaction: ITransaction) -> bool:
+        """Whether C{transaction} is this session's and its body has not ended yet (its
+        DATA is pending or the body is coming in)."""
+        return self._transaction is transaction
 
     def phase(self) -> str:
         if self._decoder is not None:
