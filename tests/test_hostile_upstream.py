@@ -271,6 +271,26 @@ def test_data_refused_after_the_bridges_354(scripted_upstream: Upstreams,
     assert connection.body_bytes == 0 and connection.how is None
 
 
+def test_a_250_to_data_is_no_verdict_on_the_message(scripted_upstream: Upstreams,
+                                                   bridge_to: Bridges) -> None:
+    """An upstream out of step answers DATA with 250 while the device already has the
+    bridge's 354: the device's final dot must not hear that 250 (nothing was delivered),
+    and the session, broken, is not used again."""
+    upstream = scripted_upstream(refuse_data="250 2.0.0 Ok")
+    bridge = bridge_to(upstream)
+    with device(bridge) as client:
+        assert client.mail(SENDER)[0] == 250
+        assert client.rcpt(RECIPIENT)[0] == 250
+        code, text, _ = timed(lambda: client.data(MESSAGE))
+        assert (code, text) == (451, "4.5.0 " + upstream_named(upstream)
+                                + "answered DATA with 250 2.0.0 Ok")
+        first = upstream.wait_ended(1, 10)
+        assert client.mail(SENDER)[0] == 250  # over a new upstream session
+        assert len(upstream.connections) == 2
+    assert first.commands[-1] == b"DATA" and first.body_bytes == 0
+    assert first.closed_by_bridge
+
+
 # A body the upstream stops taking.
 
 def test_upstream_stops_reading_the_body(scripted_upstream: Upstreams,

@@ -188,8 +188,10 @@ class IUpstreamSession(Interface):
         """RCPT TO."""
 
     def data(producer: IPushProducer) -> Deferred[Reply]:
-        """DATA.  On 354, C{producer} (the client's side) is paused whenever the upstream
-        cannot take the body as fast as it comes."""
+        """DATA: fires with the upstream's 354 or its refusal (4xx, 5xx); any other
+        answer breaks the session (an L{UpstreamError}, as if it were lost).  On 354,
+        C{producer} (the client's side) is paused whenever the upstream cannot take the
+        body as fast as it comes."""
 
     def write_lines(lines: Sequence[bytes]) -> None:
         """Body lines, unstuffed and without line endings; sent dot-stuffed with CRLF."""

@@ -18,7 +18,7 @@ from smtpbridge.deadline import Deadline
 from smtpbridge.interfaces import IUpstreamSession
 from smtpbridge.model import Reply
 from smtpbridge.replies import UpstreamFailure
-from smtpbridge.wire import END_OF_DATA, encode_lines
+from smtpbridge.wire import END_OF_DATA, encode_lines, reply_line
 
 log = Logger()
 
@@ -108,6 +108,14 @@ class UpstreamSession:
 
         def answered(reply: Reply) -> Reply:
             self._data_pending = False
+            if reply.code != 354 and reply.code < 400:
+                # A 2xx (or another 3xx) to DATA: the upstream is out of step with the
+                # dialogue.  No reply of it can stand for the message; the session is
+                # broken, like one that was lost.
+                error = protocol.error_for(UpstreamFailure.PROTOCOL,
+                                           f"answered DATA with {reply_line(reply)}")
+                protocol.fail(error)
+                raise error
             protocol.in_data = reply.code == 354
             if protocol.in_data and protocol.error is None:
                 self._watch = _StallWatch(producer, protocol)
