@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("upstream", {"client", "upstreamsession", "clientauth", "connector", "oauthwire", "oauth",
                   "pool", "loan"}),
     ("delivery", {"spool", "spooldirs", "dsn", "bodyfilter", "bodypump", "earlybody", "record",
-                  "relay", "queuerunner"}),
+                  "relay", "spoolsend", "queuerunner"}),
     ("mapper", {"mapping"}),
     ("policy", {"policy"}),
     ("session", {"serverbase", "serverauth", "mailcommands", "server"}),

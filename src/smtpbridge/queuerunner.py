@@ -26,23 +26,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from smtpbridge import dsn
-from smtpbridge.bodypump import BodyPump
-from smtpbridge.client import where
-from smtpbridge.connector import connect_first
-from smtpbridge.errors import SMTPReplyError
 from smtpbridge.interfaces import IStatistics, IUpstreamConnector, IUpstreamSession, Params
-from smtpbridge.model import (
-    Assignment,
-    ClientInfo,
-    Envelope,
-    MessageOutcome,
-    Reply,
-    UpstreamAccount,
-)
+from smtpbridge.model import Assignment, ClientInfo, Envelope, MessageOutcome, UpstreamAccount
 from smtpbridge.spool import Spool, SpoolWriter
 from smtpbridge.spooldirs import adopt
+from smtpbridge.spoolsend import Outcome, attempt
 from smtpbridge.summary import MessageSummary, log_summary
-from smtpbridge.wire import reply_line
 
 log = Logger()
 
@@ -59,17 +48,6 @@ class RetrySettings:
     def delay(self, attempts: int) -> float:
         """Seconds until the next try after C{attempts} tries that failed."""
         return float(min(self.first_retry * 2.0 ** max(0, attempts - 1), self.max_retry))
-
-
-@attr.define
-class _Outcome:
-    """What one delivery attempt achieved."""
-
-    deferred: list[str] = attr.Factory(list)  # recipients to try again
-    failed: list[dsn.Failure] = attr.Factory(list)  # recipients refused for good
-    error: str = ""  # the last temporary failure
-    reply: Reply | None = None  # the upstream's reply to the final dot
-    relay: str | None = None  # host:port of the upstream that answered
 
 
 class QueueRunner(Service):
@@ -249,10 +227,11 @@ class QueueRunner(Service):
                    assignment: Assignment | None) -> None:
         now = self._reactor.seconds()
         if assignment is None:
-            outcome = _Outcome(list(envelope.recipients),
-                               error=f"account {envelope.account} is not configured")
+            outcome = Outcome(list(envelope.recipients),
+                              error=f"account {envelope.account} is not configured")
         else:
-            outcome = await self._send(envelope, data, assignment)
+            outcome = await attempt(self._connector, self._reactor, self._sessions,
+                                    envelope, data, assignment)
         attempts = envelope.attempts + 1
         if outcome.deferred and now - envelope.created >= self.settings.max_age:
             days = self.settings.max_age / 86400
@@ -286,7 +265,7 @@ class QueueRunner(Service):
             self._schedule(envelope.id, later)
 
     def _summarize(self, envelope: Envelope, assignment: Assignment | None,
-                   delivered: list[str], outcome: _Outcome, started: float) -> None:
+                   delivered: list[str], outcome: Outcome, started: float) -> None:
         """The summary lines of a spooled message: sent for those delivered now, bounced
         for those refused for good (the session id is the device's, from long ago)."""
         route = assignment.routes[0].name if assignment is not None else None
@@ -305,71 +284,6 @@ class QueueRunner(Service):
             log_summary(summary)
             if self._statistics is not None:
                 self._statistics.message(summary)
-
-    async def _send(self, envelope: Envelope, data: BinaryIO,
-                    assignment: Assignment) -> _Outcome:
-        """One attempt over the account's routes: who got it, who waits, who never will."""
-        recipients = list(envelope.recipients)
-        try:
-            session = await connect_first(self._connector, assignment.routes,
-                                          assignment.account)
-        except SMTPReplyError as e:
-            return _Outcome(recipients, error=reply_line(e.reply))
-        self._sessions.add(session)
-        try:
-            outcome = await self._transaction(session, envelope, data, recipients)
-            outcome.relay = where(session.route)
-            return outcome
-        except SMTPReplyError as e:  # the session was lost
-            return _Outcome(recipients, error=reply_line(e.reply))
-        finally:
-            self._sessions.discard(session)
-            session.quit()
-
-    async def _transaction(self, session: IUpstreamSession, envelope: Envelope,
-                           data: BinaryIO, recipients: list[str]) -> _Outcome:
-        params = dict(envelope.params)
-        if "SMTPUTF8" in params and "SMTPUTF8" not in session.features and (
-                not envelope.sender.isascii() or not all(r.isascii() for r in recipients)):
-            text = "the upstream does not support SMTPUTF8"
-            return _Outcome(failed=[dsn.Failure(r, "5.6.7", text) for r in recipients])
-        reply = await session.mail(envelope.sender, params)
-        if not reply.positive:
-            return self._verdict(reply, recipients)
-        outcome, accepted = _Outcome(), []
-        for recipient in recipients:
-            reply = await session.rcpt(recipient, {})
-            if reply.positive:
-                accepted.append(recipient)
-            else:
-                verdict = self._verdict(reply, [recipient])
-                outcome.deferred += verdict.deferred
-                outcome.failed += verdict.failed
-                outcome.error = verdict.error or outcome.error
-        if not accepted:
-            return outcome
-        pump = BodyPump(data, session, self._reactor)
-        reply = await session.data(pump)
-        if reply.code != 354:
-            verdict = self._verdict(reply, accepted)
-        else:
-            await pump.run()
-            outcome.reply = await session.end_data()
-            verdict = self._verdict(outcome.reply, accepted)
-        outcome.deferred += verdict.deferred
-        outcome.failed += verdict.failed
-        outcome.error = verdict.error or outcome.error
-        return outcome
-
-    @staticmethod
-    def _verdict(reply: Reply, recipients: list[str]) -> _Outcome:
-        if reply.positive:
-            return _Outcome()
-        if reply.transient:
-            return _Outcome(list(recipients), error=reply_line(reply))
-        status = reply.enhanced or "5.0.0"
-        return _Outcome(failed=[dsn.Failure(r, status, reply_line(reply), reply)
-                                for r in recipients])
 
     async def _bounce(self, envelope: Envelope, failed: list[dsn.Failure], data: BinaryIO,
                       reason: str) -> None:
