@@ -500,6 +500,9 @@ def test_the_queue_command_acts_on_every_workers_spool(
     assert all(i in listing for i in (one, two, three))
     assert queue("hold", three)[0] == 0 and second.held(three)
     assert queue("delete", two)[0] == 0 and second.ids() == [three]
+    # The running worker is told, so that it stops counting the message's space.
+    assert second.take_flush_requests() == {two} and signalled == [1002]
+    signalled.clear()
     assert queue("flush")[0] == 0
     assert first.take_flush_requests() == {"all"} == second.take_flush_requests()
     assert sorted(signalled) == [1001, 1002]
@@ -508,6 +511,9 @@ def test_the_queue_command_acts_on_every_workers_spool(
     assert first.take_flush_requests() == {one} and second.take_flush_requests() == set()
     assert signalled == [1001]  # to worker 2, a signal alone would mean "flush all"
     assert queue("show", "NOSUCHMESSAGE")[0] == 1
+    os.unlink(first.path(one))  # delivered between reading its envelope and its data
+    code, said = queue("show", one)
+    assert code == 1 and said.endswith(f"{one} left the queue just now\n")
     first.prepare()  # worker 1 starts again: the process ids it finds are gone
     assert first.runners() == [] and second.runners() == [1002]
 

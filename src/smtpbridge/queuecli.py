@@ -103,11 +103,16 @@ def _show(spools: list[Spool], args: argparse.Namespace) -> int:
     envelope, spool = found
     print(envelope.to_json())
     print()
-    with open(spool.path(envelope.id), "rb") as f:
-        for line in f.read(64 * 1024).split(b"\r\n"):
-            if not line:
-                break
-            print(line.decode("utf-8", "replace"))
+    try:
+        with open(spool.path(envelope.id), "rb") as f:
+            header = f.read(64 * 1024)
+    except FileNotFoundError:
+        print(f"{PROG}: {args.id} left the queue just now", file=sys.stderr)
+        return 1
+    for line in header.split(b"\r\n"):
+        if not line:
+            break
+        print(line.decode("utf-8", "replace"))
     return 0
 
 
@@ -155,6 +160,8 @@ def _delete(spools: list[Spool], args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         spool.remove(args.id)
+    spool.request_flush(args.id)  # the running bridge sees it gone, and its space free
+    _signal([spool])
     print(f"{args.id} deleted")
     return 0
 

@@ -77,6 +77,7 @@ class QueueRunner(Service):
         self._hostname = hostname
         self._run_blocking = run_blocking
         self._timers: dict[str, IDelayedCall] = {}
+        self._sizes: dict[str, int] = {}  # bytes the spool counts for each queued message
         self._routes: dict[str, DeferredSemaphore] = {}
         self._sessions: set[IUpstreamSession] = set()
         self._busy: set[str] = set()  # messages being tried now
@@ -105,7 +106,7 @@ class QueueRunner(Service):
             id=writer.id, sender=sender, recipients=tuple(recipients), account=account.name,
             created=now, size=writer.size, params=tuple(params.items()),
             next_attempt=first, client=client.peer_host, session=client.session_id,
-            bounce=bounce)
+            bounce=bounce, attempts=1 if tried else 0)
 
         def kept(_: object) -> str:
             if bounce:  # a device's message has its summary line (status=spooled)
@@ -113,6 +114,7 @@ class QueueRunner(Service):
                          "recipient(s), {size} bytes, account {account}",
                          session=envelope.session, id=envelope.id, sender=sender,
                          count=len(recipients), size=envelope.size, account=account.name)
+            self._sizes[envelope.id] = envelope.size
             self._schedule(envelope.id, first)
             return envelope.id
 
@@ -137,6 +139,7 @@ class QueueRunner(Service):
                 log.error("spool: not taken over: {problem}", problem=problem)
         now = self._reactor.seconds()
         for envelope in self.spool.envelopes():
+            self._sizes[envelope.id] = envelope.size
             self._schedule(envelope.id, max(now, envelope.next_attempt))
         self.spool.register(os.getpid())
         if threading.current_thread() is threading.main_thread():
@@ -182,9 +185,20 @@ class QueueRunner(Service):
 
     def _attempt(self, message_id: str) -> None:
         self._timers.pop(message_id, None)
-        Deferred.fromCoroutine(self._deliver(message_id)).addErrback(
-            lambda failure: log.failure("queue {id}: delivery attempt failed", failure,
-                                        id=message_id))
+
+        def failed(failure: Failure) -> None:
+            log.failure("queue {id}: delivery attempt failed", failure, id=message_id)
+            if message_id not in self._timers:  # (a full disk, say) it is tried again later
+                self._schedule(message_id, self._reactor.seconds() + self.settings.delay(1))
+
+        Deferred.fromCoroutine(self._deliver(message_id)).addErrback(failed)
+
+    def _gone(self, message_id: str) -> None:
+        """The message left the queue without this runner (``smtpbridge queue delete``):
+        the spool no longer counts its bytes."""
+        size = self._sizes.pop(message_id, None)
+        if size is not None:
+            self.spool.forget(size)
 
     # Delivery.
 
@@ -207,6 +221,7 @@ class QueueRunner(Service):
     async def _deliver_once(self, message_id: str) -> None:
         envelope = self.spool.load(message_id)
         if envelope is None:
+            self._gone(message_id)
             return
         assignment = self._accounts.get(envelope.account)
         route = assignment.routes[0].host if assignment is not None else "?"
@@ -215,6 +230,10 @@ class QueueRunner(Service):
         try:
             with self.spool.locked(message_id) as data:
                 envelope = self.spool.load(message_id)
+                if envelope is None:
+                    self._gone(message_id)
+                if self.spool.held(message_id):  # held while it waited for its turn
+                    return
                 if data is None or envelope is None or self._stopping:
                     if envelope is not None and not self._stopping:
                         self._schedule(message_id, self._reactor.seconds() + 60)
@@ -243,13 +262,19 @@ class QueueRunner(Service):
             reason = "the upstream refused it"
         if outcome.failed:
             data.seek(0)
-            await self._bounce(envelope, outcome.failed, data, reason)
+            if not await self._bounce(envelope, outcome.failed, data, reason):
+                # The bounce could not be queued: the refused recipients stay in the
+                # message, and their bounce is tried again at its next attempt.
+                outcome.error = f"{outcome.failed[0].diagnostic}; its bounce could not be queued"
+                outcome.deferred += [failure.recipient for failure in outcome.failed]
+                outcome.failed = []
         failed = {failure.recipient for failure in outcome.failed}
         delivered = [r for r in envelope.recipients
                      if r not in failed and r not in outcome.deferred]
         self._summarize(envelope, assignment, delivered, outcome, now)
         if not outcome.deferred:
             self.spool.remove(envelope.id)
+            self._sizes.pop(envelope.id, None)
             log.info("{session} queue {id}: done after {attempts} attempt(s): {delivered} "
                      "delivered, {failed} bounced", session=envelope.session,
                      id=envelope.id, attempts=attempts, delivered=len(delivered),
@@ -286,8 +311,9 @@ class QueueRunner(Service):
                 self._statistics.message(summary)
 
     async def _bounce(self, envelope: Envelope, failed: list[dsn.Failure], data: BinaryIO,
-                      reason: str) -> None:
-        """Tell the envelope sender, through the same account (never for a bounce)."""
+                      reason: str) -> bool:
+        """Tell the envelope sender, through the same account (never for a bounce); False
+        when the bounce could not be queued."""
         for failure in failed:
             log.info("{session} queue {id}: <{recipient}> bounced: {text}",
                      session=envelope.session, id=envelope.id, recipient=failure.recipient,
@@ -295,7 +321,7 @@ class QueueRunner(Service):
         assignment = self._accounts.get(envelope.account)
         if envelope.bounce or not envelope.sender or assignment is None or \
                 assignment.account is None:
-            return
+            return True
         account = assignment.account
         address = account.rewrite_sender or f"MAILER-DAEMON@{self._hostname}"
         lines = dsn.bounce(
@@ -312,3 +338,5 @@ class QueueRunner(Service):
         except OSError as e:
             log.error("{session} queue {id}: the bounce could not be queued: {error}",
                       session=envelope.session, id=envelope.id, error=e)
+            return False
+        return True

@@ -212,6 +212,11 @@ class Spool:
             elif suffix == "eml":
                 with suppress(OSError):
                     self.stored += os.path.getsize(os.path.join(queue, name))
+        for marker in ("hold", "flush"):  # markers of messages gone since (not "all")
+            for name in os.listdir(os.path.join(self.directory, marker)):
+                if name != "all" and f"{name}.json" not in names:
+                    with suppress(OSError):
+                        os.unlink(os.path.join(self.directory, marker, name))
 
     # Space.
 
