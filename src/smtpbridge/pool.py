@@ -58,11 +58,13 @@ def _host(route: Route) -> tuple[str, int]:
 
 @attr.define(eq=False)
 class _Waiter:
-    """A transaction waiting for a slot of its host, or for a session of its account."""
+    """A transaction waiting for a slot of its host, or (C{handover}) for a session of its
+    account handed back meanwhile."""
 
     key: Key
     result: Deferred[Found]
     slot: Deferred[Any]  # the slot being waited for
+    handover: bool  # a session of its account handed back will do
     handed: bool = False  # it got a session handed back instead of the slot
 
 
@@ -144,8 +146,8 @@ class SessionPool:
             self._make_room(route)
         slot = self._slots.acquire(route)
         result: Deferred[Found] = Deferred()
-        waiter = _Waiter(key, result, slot)
-        if handover and not slot.called:
+        waiter = _Waiter(key, result, slot, handover)
+        if not slot.called:
             self._waiters.setdefault(_host(route), []).append(waiter)
 
         def got(release: Callable[[], None]) -> None:
@@ -218,8 +220,10 @@ class SessionPool:
         waiters = self._waiters.get(_host(route))
         if waiters:
             first = waiters[0]
-            if first.key != key:
-                found.session.quit()  # its slot goes to the transaction that waits longest
+            if first.key != key or not first.handover:
+                # Its slot goes to the transaction that waits longest (one of another
+                # account, or one that needs a new login).
+                found.session.quit()
                 return
             self._unwait(first)
             first.handed = True
@@ -232,7 +236,7 @@ class SessionPool:
         if found.session.valid_until is not None:
             delay = min(delay, found.session.valid_until - TOKEN_MARGIN - now)
         found.since = now
-        found.timer = self._clock.callLater(delay, self._drop, key, found)
+        found.timer = self._clock.callLater(max(0.0, delay), self._drop, key, found)
         self._idle.setdefault(key, []).append(found)
 
     def _drop(self, key: Key, found: Found) -> None:
