@@ -328,3 +328,20 @@ def test_a_rate_below_one_a_second_still_lets_attempts_through(clock: Clock) -> 
     assert throttle.begin("192.0.2.2") == "rate"
     clock.advance(0.1)
     assert throttle.begin("192.0.2.2") is None
+
+
+def test_attempts_under_way_count_with_the_failures_of_the_window_only() -> None:
+    clock = Clock()
+    throttle = AuthThrottle(clock, ThrottleSettings(failure_limit=10, window=600, rate=0))
+    for _ in range(5):
+        throttle.failed("192.0.2.1")
+    clock.advance(500)
+    for _ in range(4):
+        throttle.failed("192.0.2.1")
+    clock.advance(150)  # the first five have left the window: four count
+    assert throttle.begin("192.0.2.1") is None
+    assert throttle.begin("192.0.2.1") is None  # 4 failures + 1 under way < 10
+    assert not throttle.shedding("192.0.2.1")
+    for _ in range(4):
+        assert throttle.begin("192.0.2.1") is None
+    assert throttle.begin("192.0.2.1") == "busy"  # 4 + 6 under way

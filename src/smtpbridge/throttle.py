@@ -105,8 +105,9 @@ class AuthThrottle:
             return "blocked"
         key = normalise_address(address)
         limit = self.settings.failure_limit
-        failures = self._failures.get(key)
-        if limit and len(failures or ()) + self._in_flight.get(key, 0) >= limit:
+        horizon = self._clock.seconds() - self.settings.window
+        failures = sum(1 for when in self._failures.get(key, ()) if when > horizon)
+        if limit and failures + self._in_flight.get(key, 0) >= limit:
             return "busy"
         if costly and not self._take_token():
             return "rate"
