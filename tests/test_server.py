@@ -6,8 +6,10 @@ import base64
 
 import pytest
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from smtpbridge.demo import SingleUserChecker
 from smtpbridge.model import Reply
@@ -600,3 +602,57 @@ def test_remembered_logins_do_not_count_against_the_auth_rate_but_blocks_hold():
     assert login(bad, STRANGER) == "535"
     assert login(good, STRANGER) == "454"  # blocked: not even a remembered password
     assert login(good) == "235"
+
+
+def test_a_body_held_back_never_runs_as_commands_once_the_client_is_gone():
+    """Body text that waited while the delivery held the body (a quoted SMTP dialogue)
+    must not become commands when the connection ends."""
+    s = Session()
+    _to_data(s)
+    [transaction] = s.delivery.transactions
+    s.send("Subject: a transcript\r\n\r\n")
+    transaction.producer.pauseProducing()  # the upstream takes no more for now
+    s.send("MAIL FROM:<x@example.com>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\n"
+           "smuggled\r\n.\r\n")
+    s.protocol.connectionLost(Failure(ConnectionLost()))
+    assert transaction.aborted
+    assert s.delivery.transactions == [transaction] and s.delivery.messages == []
+
+
+def test_commands_queued_behind_a_reply_never_run_once_the_client_is_gone():
+    s = Session()
+    s.command("EHLO x")
+    s.delivery.hold_replies = True
+    s.send("MAIL FROM:<a@example.com>\r\nRSET\r\nMAIL FROM:<a@example.com>\r\n"
+           "RCPT TO:<b@example.com>\r\nDATA\r\n")
+    s.protocol.connectionLost(Failure(ConnectionDone()))
+    for _ in range(5):
+        s.delivery.release_all()
+    [transaction] = s.delivery.transactions
+    assert transaction.aborted
+    assert s.clock.getDelayedCalls() == []  # no deadline keeps the session
+    assert s.read() == []
+
+
+def test_an_over_long_answer_to_an_auth_challenge_ends_the_exchange():
+    s = Session(allow_plaintext_auth=True, auth_required=False, tls="none")
+    s.command("EHLO x")
+    assert s.command("AUTH LOGIN")[0].startswith("334")
+    s.send(b"A" * 13000 + b"\r\n")
+    assert s.codes() == ["500"]
+    assert s.command("QUIT")[0].startswith("221")  # a command again, not a user name
+
+
+@pytest.mark.parametrize("line", ["MAIL FROM:<a@example.com> SIZE=\u00b2",
+                                  "MAIL FROM:<a@example.com> SIZE=\u0661\u0662"])
+def test_a_size_in_digits_other_than_ascii_is_a_syntax_error(line):
+    s = Session()
+    s.command("EHLO c")
+    assert s.command(line)[0].startswith("501")
+
+
+@pytest.mark.parametrize("verb", ["HELO", "EHLO"])
+def test_a_greeting_whose_name_is_only_blanks_is_a_syntax_error(verb):
+    s = Session()
+    assert s.command(f"{verb} \u00a0\x1c")[0].startswith("501")
+    assert s.command("EHLO c")[0].startswith("250")

@@ -293,7 +293,8 @@ def test_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     options = Options()
     options.parseOptions(["--worker", "2", "--worker-count", "3"])
     assert (options["worker"], options["worker-count"]) == ("2", "3")
-    for bad in (["--worker", "0"], ["--worker-count", "two"], ["--worker-count", "-1"]):
+    for bad in (["--worker", "0"], ["--worker-count", "two"], ["--worker-count", "-1"],
+                ["--worker", "\u00b2"]):
         with pytest.raises(UsageError, match="from 1 up"):
             Options().parseOptions(bad)
 

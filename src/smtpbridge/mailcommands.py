@@ -120,7 +120,7 @@ class MailCommands(ServerSession):
         checked: dict[str, str | None] = {}
         for name, value in params.items():
             if name == "SIZE":
-                if value is None or not value.isdigit() or len(value) > 20:
+                if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
                     raise SMTPReplyError(BAD_SIZE)
                 if int(value) > self.settings.max_message_size:
                     self.note("MAIL refused: SIZE={size} is over the limit of {limit} bytes",

@@ -147,7 +147,7 @@ class TunnelProtocol(Protocol):
             return
         status = head.split(b"\r\n", 1)[0].decode("latin-1").split(None, 2)
         if len(status) < 2 or not status[0].startswith("HTTP/") or \
-                not (status[1].isdigit() and 200 <= int(status[1]) < 300):
+                not (status[1].isascii() and status[1].isdigit() and 200 <= int(status[1]) < 300):
             self._fail(f"refused the tunnel: {clip(' '.join(status[1:]) or 'no status', 60)}")
             return
         inner = self._factory.buildProtocol(self.transport.getPeer())  # type: ignore[union-attr]

@@ -210,10 +210,11 @@ class SMTPServerProtocol(AuthCommands, MailCommands):
     # Session commands.
 
     def _greet(self, argument: str, usage: str, esmtp: bool) -> None:
-        if not argument:
+        name = argument.split(maxsplit=1)[0] if argument.strip() else ""
+        if not name:
             raise SMTPReplyError(syntax(usage))
         self._end_transaction(abort=True)
-        self.client = attr.evolve(self.client, helo=argument.split()[0], esmtp=esmtp)
+        self.client = attr.evolve(self.client, helo=name, esmtp=esmtp)
 
     def smtp_HELO(self, argument: str) -> Reply:  # noqa: N802
         self._greet(argument, "HELO hostname", esmtp=False)

@@ -216,8 +216,11 @@ class ServerSession(SMTPLineReceiver):
             self.release("output")
 
     def end_session(self) -> None:
-        """The connection is gone: nothing more is sent, no deadline fires."""
+        """The connection is gone: nothing more is sent, no deadline fires, and nothing the
+        client sent that the session had not read yet is acted on (a body's text must
+        never run as commands; commands queued behind a reply never run for nobody)."""
         self._gone = True
+        self.clearLineBuffer()
         for deadline in (self.idle, self.lifetime, self._cut_off):
             deadline.stop()
         self._end_transaction(abort=True)
@@ -355,7 +358,7 @@ class ServerSession(SMTPLineReceiver):
     # Command dispatch.
 
     def line_received(self, line: bytes) -> None:
-        if self._closing:
+        if self._closing or self._gone:
             return
         self.idle.start()  # the next line has idle_timeout to arrive whole
         if self._continuation is not None:
@@ -383,7 +386,10 @@ class ServerSession(SMTPLineReceiver):
             return self._failure_reply(Failure())
 
     def line_too_long(self) -> None:
+        if self._closing or self._gone:
+            return
         self.idle.start()
+        self._continuation = None  # an answer to an AUTH challenge: the 500 ends the exchange
         self.reply(LINE_TOO_LONG)
 
     def raw_data_received(self, data: bytes) -> None:

@@ -23,7 +23,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:  # noqa: N802
         for name in ("worker", "worker-count"):
             value = self[name]
-            if value is not None and not (value.isdigit() and int(value) >= 1):
+            if value is not None and not (value.isascii() and value.isdigit() and int(value) >= 1):
                 raise usage.UsageError(f"--{name} wants a number from 1 up, not {value!r}")
 
 
