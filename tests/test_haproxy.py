@@ -123,6 +123,9 @@ def test_mail_through_either_bridge_arrives_intact(haproxy: dict[str, int], upst
     assert {b"by bridge-a" in header for header in received} == {True, False}  # both served
     assert all(f"[{DEVICE}]".encode() in header for header in received)
     assert not any(HAPROXY_SOURCE.encode() in header for header in received)
+    # The session heard that STARTTLS was done (its handshake deadline stopped, the TLS
+    # version noted), through the PROXY header's wrapper.
+    assert all(b"with ESMTPS (TLSv1." in header for header in received)
     sent = [line for line in logged[::3] if " status=sent " in line]
     assert len(sent) == 4 and all(f" client=[{DEVICE}]:" in line for line in sent)
     sessions = {line.split()[0] for line in sent}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
@@ -22,13 +22,15 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
-from zope.interface import directlyProvides, providedBy
+from zope.interface import directlyProvides, implementer, providedBy
 
 log = Logger()
 
 
+@implementer(IHandshakeListener)
 class ProxyHeaderProtocol(HAProxyProtocolWrapper):
-    """Reads the PROXY header, then connects the wrapped protocol."""
+    """Reads the PROXY header, then connects the wrapped protocol (and tells it when a
+    STARTTLS handshake is done: Twisted tells the protocol on top of the connection)."""
 
     factory: ProxyHeaderFactory
     _deadline: IDelayedCall | None = None
@@ -40,6 +42,10 @@ class ProxyHeaderProtocol(HAProxyProtocolWrapper):
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
         self._deadline = self.factory.clock.callLater(self.factory.timeout, self._too_slow)
+
+    def handshakeCompleted(self) -> None:  # noqa: N802
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         if self._started:
