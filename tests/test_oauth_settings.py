@@ -349,3 +349,26 @@ def test_oauthbearer_escapes_comma_and_equals():
     response = sasl.oauthbearer_response("a,b=c", "tok", "smtp.example", 587)
     assert sasl.decode_response(response) == (b"n,a=a=2Cb=3Dc,\x01host=smtp.example\x01"
                                               b"port=587\x01auth=Bearer tok\x01\x01")
+
+
+@pytest.mark.parametrize("key", ["refresh_token_file", "token_file", "client_key"])
+def test_the_oauth_secret_files_others_can_read_are_refused(tmp_path: Any, key: str) -> None:
+    (tmp_path / "refresh-token").write_text("x\n")
+    (tmp_path / "refresh-token").chmod(0o600)
+    secret = tmp_path / "secret"
+    secret.write_text("x\n")
+    secret.chmod(0o644)
+    oauth = {
+        "refresh_token_file": microsoft(tmp_path).replace(
+            f"{tmp_path}/refresh-token", str(secret)),
+        "token_file": f'grant = "token_file"\ntoken_file = "{secret}"\n',
+        "client_key": microsoft(tmp_path, f'client_certificate = "{tmp_path}/cert.pem"\n'
+                                          f'client_key = "{secret}"\n'),
+    }[key]
+    path = str(tmp_path / "c.toml")
+    with pytest.raises(ConfigError) as error:
+        parse_config(ACCOUNT.format(oauth=oauth), path)
+    assert (error.value.key, error.value.file) == (f"account.scanner.oauth.{key}", path)
+    assert "can be read by its group and others (mode 0644)" in str(error.value)
+    secret.chmod(0o600)
+    assert parse_config(ACCOUNT.format(oauth=oauth), path).warnings == ()
