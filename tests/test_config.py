@@ -283,3 +283,15 @@ def test_every_setting_is_in_the_annotated_example():
         and not re.search(rf"^#? ?{keys.get(field.name, field.name)} = ", text,
                           re.MULTILINE)]
     assert missing == []
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("table, key", [("access", "auth_block_time"),
+                                        ("access", "auth_rate"),
+                                        ("access", "auth_cool_down")])
+def test_a_number_that_is_no_finite_number_is_refused(monkeypatch, table, key, value):
+    monkeypatch.setenv("SMTPBRIDGE_TEST_PASSWORD", "secret")
+    text = MINIMAL.replace(f"[{table}]\n", f"[{table}]\n{key} = {value}\n") \
+        if f"[{table}]\n" in MINIMAL else f"[{table}]\n{key} = {value}\n" + MINIMAL
+    assert error_of(text).endswith(f": {table}.{key}: must be a finite number, not "
+                                   f"{float(value)}")

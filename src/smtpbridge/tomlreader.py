@@ -5,6 +5,7 @@ Every problem is a L{ConfigError} naming the file, the dotted key and the reason
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -126,6 +127,8 @@ class Table:
 
     def number(self, key: str, default: Any = REQUIRED, minimum: float = 0.0) -> Any:
         value = self.get(key, (int, float), default)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.error(key, f"must be a finite number, not {value}")
         if isinstance(value, int | float) and value < minimum:
             raise self.error(key, f"must be at least {minimum:g}, not {value}")
         return float(value) if isinstance(value, int | float) else value
