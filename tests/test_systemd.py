@@ -65,8 +65,15 @@ def test_ready_once_listening_and_stopping(reactor: Any, bridge_config: str, tmp
     assert notify_socket.recv(4096) == b"STOPPING=1"
 
 
-def test_twistd_tells_systemd(tmp_path: Any, notify_socket: socket.socket) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_twistd_tells_systemd(tmp_path: Any, notify_socket: socket.socket,
+                              workers: int) -> None:
+    """READY=1 once every listener listens (with workers: from the supervisor, the unit's
+    main process, once it started them), STOPPING=1 at the stop."""
     path = demo_copy(tmp_path)
+    text = open(path, encoding="utf-8").read()
+    open(path, "w", encoding="utf-8").write(
+        text.replace("[server]\n", f"[server]\nworkers = {workers}\n", 1))
     environment = dict(os.environ, NOTIFY_SOCKET=notify_socket.getsockname())
     process = subprocess.Popen([TWISTD, "--nodaemon", "--pidfile=", "smtpbridge", "--config",
                                 path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -366,11 +366,15 @@ def _check_whole(config: Config) -> None:
     def fail(key: str, reason: str) -> ConfigError:
         return ConfigError(config.path, key, reason)
 
-    for listener in config.listeners:
+    for index, listener in enumerate(config.listeners):
         if listener.tls != "none" and listener.certificate is None:
             if not config.tls.certificate or not config.tls.key:
                 raise fail("tls.certificate", f"listener {listener.name!r} uses TLS, so [tls] "
                                               "certificate and key are required")
+        kind = listener.endpoint.removeprefix("haproxy:").partition(":")[0]
+        if config.server.workers > 1 and (kind == "unix" or "domain=UNIX" in listener.endpoint):
+            raise fail(f"listener[{index}].endpoint", "workers above 1 share TCP sockets only; "
+                                                      "a UNIX socket needs [server] workers = 1")
     for account in config.accounts.values():
         if account.route not in config.routes:
             raise fail(f"{account.origin}.route", f"no route named {account.route!r} "

@@ -62,7 +62,7 @@ from smtpbridge.sdnotify import SystemdNotifier
 from smtpbridge.server import SMTPServerFactory
 from smtpbridge.serverbase import ListenerSettings
 from smtpbridge.spool import Spool
-from smtpbridge.spooldirs import orphans, worker_directory
+from smtpbridge.spooldirs import orphans, unusable, worker_directory
 from smtpbridge.throttle import AuthThrottle, ThrottleSettings
 from smtpbridge.tls import ServerTLS, create_self_signed, server_context
 from smtpbridge.users import UsersFileChecker, VerifiedLogins, load_users
@@ -224,20 +224,20 @@ def _queue_runner(config: Config, reactor: Any, upstream: Upstreams,
                   connector: IUpstreamConnector, parent: MultiService,
                   statistics: IStatistics | None = None,
                   worker: int | None = None, workers: int = 1) -> QueueRunner | None:
-    """The spool and its runner, unless every listener's spool mode is "never".
-
-    Worker C{worker} of C{workers} has a spool of its own in the configured directory,
-    with its share of max_size."""
+    """The spool and its runner, unless every listener's spool mode is "never"; worker
+    C{worker} of C{workers} has its own spool in the directory, its share of max_size."""
     settings = config.spool
     if all((listener.spool or settings.mode) == "never" for listener in config.listeners):
         return None
-    threads = BoundedThreadPool(reactor, 4, 100_000, "smtpbridge-spool",
-                                busy=OSError(errno.EBUSY, "too many spool writes at once"))
-    threads.setServiceParent(parent)
     directory, max_size = settings.directory, settings.max_size
     if worker is not None:
         directory = worker_directory(settings.directory, worker)
         max_size //= workers
+    if (problem := unusable(directory)) is not None:
+        raise ConfigError(config.path, "spool.directory", problem)
+    threads = BoundedThreadPool(reactor, 4, 100_000, "smtpbridge-spool",
+                                busy=OSError(errno.EBUSY, "too many spool writes at once"))
+    threads.setServiceParent(parent)
     runner = QueueRunner(
         Spool(directory, max_size), connector, upstream.accounts,
         reactor, RetrySettings(first_retry=settings.first_retry, max_retry=settings.max_retry,
@@ -371,6 +371,9 @@ def make_service(config: Config, reactor: Any, adopted: Mapping[str, int] | None
         elif throttle.settings.cool_down:  # (behind HAProxy, every peer is HAProxy)
             factory = SheddingFactory(factory, throttle.shedding, policy.trusted)
         if adopted is not None:
+            if listener.name not in adopted:
+                raise ConfigError(config.path, f"listener[{index}]", "added since the bridge "
+                                  "started: restart the bridge to open its socket")
             ListenerService(f"listener {listener.name}", listener.endpoint,
                             adopted_endpoint(reactor, adopted[listener.name], endpoint),
                             factory, governor).setServiceParent(top)

@@ -26,6 +26,18 @@ def worker_directory(directory: str, worker: int) -> str:
     return os.path.join(directory, f"worker-{worker}")
 
 
+def unusable(directory: str) -> str | None:
+    """Why the bridge cannot keep messages in C{directory} (made, 0700, if missing), or
+    None: checked before anything starts, so that a start fails in one line."""
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as e:
+        return f"cannot create {directory}: {e.strerror}"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"cannot write in {directory}: {os.strerror(errno.EACCES)}"
+    return None
+
+
 def spool_directories(directory: str) -> list[str]:
     """Every spool that exists under the configured C{directory}: its own, then each
     worker's in the workers' order."""

@@ -42,12 +42,16 @@ from zope.interface import implementer
 from smtpbridge.config import Config
 from smtpbridge.listener import READINESS, ListenerService
 from smtpbridge.logs import plain_text
+from smtpbridge.sdnotify import SystemdNotifier
 from smtpbridge.service import make_service
 
 log = Logger()
 
-#: Seconds a worker gets to stop after SIGTERM before it is killed.
+#: Seconds a worker gets to stop after SIGTERM beyond its drain_timeout (the upstream
+#: sessions' QUIT takes up to 5) before it is killed.
 STOP_GRACE = 10.0
+#: The environment variable that tells a worker its supervisor's process id.
+SUPERVISOR_PID = "SMTPBRIDGE_SUPERVISOR"
 #: Seconds before a worker that exited starts again; doubled while it keeps dying within
 #: L{STEADY} seconds of its start, up to L{MAX_RESTART_DELAY}.
 RESTART_DELAY = 1.0
@@ -149,6 +153,10 @@ def become_worker() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    # A supervisor that died before that step sends no signal: then go at once.
+    supervisor = os.environ.get(SUPERVISOR_PID, "")
+    if supervisor.isascii() and supervisor.isdigit() and os.getppid() != int(supervisor):
+        os._exit(0)
 
 
 def parse_adopted(text: str) -> dict[str, int]:
@@ -208,8 +216,10 @@ class Supervisor(Service):
 
     def __init__(self, reactor: Any, listeners: list[ListenerService], count: int,
                  command: Callable[[int, Mapping[str, int]], list[str]],
-                 on_hangup: Callable[[], object] | None = None) -> None:
+                 on_hangup: Callable[[], object] | None = None,
+                 drain_timeout: float = 0.0) -> None:
         self._on_hangup = on_hangup
+        self._stop_grace = drain_timeout + STOP_GRACE
         self.clock = reactor
         self._reactor = reactor
         self._listeners = listeners
@@ -246,9 +256,14 @@ class Supervisor(Service):
         # The worker starts with SIGHUP blocked (a signal mask outlives exec); until it has
         # a handler, the signal would end it.  Here it waits, pending, for a moment.
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        environment = dict(os.environ, **{SUPERVISOR_PID: str(os.getpid())})
         try:
-            transport = self._reactor.spawnProcess(worker, args[0], args, env=dict(os.environ),
+            transport = self._reactor.spawnProcess(worker, args[0], args, env=environment,
                                                    childFDs=dict(self._fds))
+        except OSError as e:  # (no process could be made: fork failed)
+            log.error("worker {number} could not be started: {error}", number=number, error=e)
+            self._again(worker, MAX_RESTART_DELAY)
+            return
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         self._workers[number] = (worker, transport)
@@ -265,9 +280,12 @@ class Supervisor(Service):
         if self.clock.seconds() - worker.started < STEADY:
             delay = min(self._delays.get(worker.number, RESTART_DELAY / 2) * 2,
                         MAX_RESTART_DELAY)
-        self._delays[worker.number] = delay
         log.warn("worker {number} {how}; starting it again in {delay:g} s",
                  number=worker.number, how=how, delay=delay)
+        self._again(worker, delay)
+
+    def _again(self, worker: _Worker, delay: float) -> None:
+        self._delays[worker.number] = delay
         self._restarts[worker.number] = self.clock.callLater(delay, self._start, worker.number)
 
     def signal_workers(self, name: str) -> None:
@@ -301,7 +319,7 @@ class Supervisor(Service):
         self._restarts.clear()
         ended = [worker.ended for worker, _ in self._workers.values()]
         self.signal_workers("TERM")
-        kill = self.clock.callLater(STOP_GRACE, self.signal_workers, "KILL")
+        kill = self.clock.callLater(self._stop_grace, self.signal_workers, "KILL")
 
         def done(result: object) -> None:
             if kill.active():
@@ -355,7 +373,11 @@ def supervisor_service(config: Config, reactor: Any) -> MultiService:
                 listeners.append(child)
     supervisor = Supervisor(reactor, listeners, config.server.workers,
                             worker_command(config.path, config.server.workers),
-                            on_hangup=reloader.reload)
+                            on_hangup=reloader.reload, drain_timeout=config.spool.drain_timeout)
     supervisor.setName("workers")
     supervisor.setServiceParent(top)
+    for child in list(single):  # last: systemd hears READY=1 once the workers started
+        if isinstance(child, SystemdNotifier):
+            child.disownServiceParent()
+            child.setServiceParent(top)
     return top
