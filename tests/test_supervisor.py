@@ -144,3 +144,21 @@ def test_a_spool_directory_that_cannot_be_made_stops_the_start_in_one_line(
     assert error.value.key == "spool.directory"
     assert str(error.value).startswith(f"{tmp_path}/c.toml: spool.directory: cannot create "
                                        f"{directory}: ")
+
+
+def test_each_worker_allows_its_share_of_the_rate_limits(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from smtpbridge.config import parse_config
+    from smtpbridge.service import _rate_limits
+    from tests.test_config import MINIMAL
+
+    monkeypatch.setenv("SMTPBRIDGE_TEST_PASSWORD", "secret")
+    config = parse_config("[rate_limits]\naccount_messages_per_minute = 30\n"
+                          "client_messages_per_minute = 1\n" + MINIMAL, "/x/c.toml")
+    alone = _rate_limits(config, Clock(), None)
+    shared = _rate_limits(config, Clock(), None, 4)
+    assert alone is not None and shared is not None
+    assert alone.settings.account_messages_per_minute == 30
+    assert shared.settings.account_messages_per_minute == 7  # 4 x 7 <= 30
+    assert shared.settings.client_messages_per_minute == 1  # (never below one)
+    assert shared.settings.account_recipients_per_day == 0  # no limit stays none

@@ -1,9 +1,8 @@
 """The composition root: builds the running bridge from a checked configuration.
 
-This is the only module that imports concrete classes and wires them; every
-problem found while wiring (a certificate that does not load, an endpoint
-string that does not parse, a mapper that is not installed or refuses its
-options) is a L{ConfigError}.
+This is the only module that imports concrete classes and wires them; every problem found
+while wiring (a certificate that does not load, an endpoint string that does not parse, a
+mapper that is not installed or refuses its options) is a L{ConfigError}.
 """
 
 from __future__ import annotations
@@ -252,9 +251,10 @@ def _queue_runner(config: Config, reactor: Any, upstream: Upstreams,
     return runner
 
 
-def _rate_limits(config: Config, reactor: Any,
-                 statistics: IStatistics | None) -> RateLimits | None:
-    settings = RateLimitSettings(**attr.asdict(config.rate_limits))
+def _rate_limits(config: Config, reactor: Any, statistics: IStatistics | None,
+                 workers: int = 1) -> RateLimits | None:  # each worker counts its share
+    settings = RateLimitSettings(**{key: max(1, limit // workers) if limit else 0 for key,
+                                    limit in attr.asdict(config.rate_limits).items()})
     if settings == RateLimitSettings():
         return None
     return RateLimits(reactor, settings,
@@ -305,7 +305,7 @@ def make_service(config: Config, reactor: Any, adopted: Mapping[str, int] | None
         metrics.watch_pool(pool)
     runner = _queue_runner(config, reactor, upstream, pool, top, metrics, worker,
                            workers or config.server.workers)
-    limits = _rate_limits(config, reactor, metrics)
+    limits = _rate_limits(config, reactor, metrics, workers or config.server.workers)
     deliveries = {mode: InlineDelivery(upstream.mapper, pool,
                                        runner if mode != "never" else None, mode == "always",
                                        limits)
