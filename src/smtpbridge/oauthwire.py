@@ -1,6 +1,7 @@
 """The OAuth2 wire: HTTPS form posts to token endpoints (directly or through an HTTP
-proxy's CONNECT tunnel), readable error texts with secrets hidden, the token files, signed
-client assertions.  The token sources and the login command share it."""
+proxy's CONNECT tunnel) whose answers are read up to a size limit, readable error texts
+with secrets hidden, the token files, signed client assertions.  The token sources and
+the login command share it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from contextlib import suppress
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import treq
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -28,9 +28,10 @@ from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClie
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import trustRootFromCertificates
 from twisted.python.failure import Failure
-from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, ResponseDone
 from twisted.web.error import SchemeNotSupported
-from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from smtpbridge.oauthconfig import proxy_name
@@ -39,6 +40,7 @@ from smtpbridge.tls import load_certificates
 DETAIL_LIMIT = 200
 ASSERTION_LIFETIME = 600
 PROXY_ANSWER_LIMIT = 16384  # bytes of a proxy's answer to CONNECT, headers included
+ANSWER_LIMIT = 65536  # bytes of a token endpoint's answer body; a token answer is a few KiB
 
 
 def https_client(reactor: Any, ca_certificates: str | None, timeout: float,
@@ -182,14 +184,72 @@ async def post_form(client: HTTPClient, reactor: Any, url: str,
     """POST C{form} to C{url}: the status code and the answer's JSON object (None when the
     answer is not one)."""
     headers: dict[bytes | str, bytes | str] = {"Accept": "application/json"}
-    response = await client.post(url, data=form, headers=headers,
-                                 allow_redirects=False, reactor=reactor)
-    body = await treq.content(response)
+    response = await client.post(url, data=form, headers=headers, allow_redirects=False,
+                                 reactor=reactor, unbuffered=True)
+    body = await read_answer(response)
     try:
         data = json.loads(body.decode("utf-8"))
     except ValueError:  # UnicodeDecodeError included
         data = None
     return response.code, data if isinstance(data, dict) else None
+
+
+class AnswerTooLarge(Exception):
+    """The endpoint's answer was longer than allowed; the connection was dropped."""
+
+
+def read_answer(response: IResponse, limit: int = ANSWER_LIMIT) -> Deferred[bytes]:
+    """The body of C{response}.  Should it grow beyond C{limit} bytes, it fails with
+    L{AnswerTooLarge}; if it is cancelled (a timeout), it fails with CancelledError.
+    Either way the connection is dropped at once, so nothing more is read."""
+    reader = AnswerReader(limit, response.length)
+    response.deliverBody(reader)
+    return reader.done
+
+
+class AnswerReader(Protocol):
+    """Collects an answer's body up to C{limit} bytes (C{length}: the declared length, an
+    int, or something else when unknown)."""
+
+    def __init__(self, limit: int, length: object) -> None:
+        self._limit = limit
+        self._length = length
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self.done: Deferred[bytes] = Deferred(lambda _: self._drop())
+
+    def connectionMade(self) -> None:  # noqa: N802 - Twisted's name
+        if isinstance(self._length, int) and self._length > self._limit:
+            self._too_large()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        if self.done.called:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self._too_large()
+            return
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:  # noqa: N802
+        if self.done.called:
+            return
+        if reason is not None and reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self._chunks))
+        else:
+            self.done.errback(reason or Failure(ConnectionDone()))
+
+    def _too_large(self) -> None:
+        self._chunks = []
+        self.done.errback(AnswerTooLarge(f"answer too large (over {self._limit} bytes)"))
+        self._drop()
+
+    def _drop(self) -> None:
+        """Close the connection now: abort it if the transport can, else stop it (which
+        for an HTTP answer closes the connection under it without reading more)."""
+        if self.transport is not None:
+            abort = getattr(self.transport, "abortConnection", None)
+            (abort or self.transport.stopProducing)()  # type: ignore[attr-defined]
 
 
 def endpoint_host(url: str) -> str:
@@ -221,7 +281,8 @@ def redact(text: str, secrets: Iterable[str]) -> str:
 
 
 def transport_detail(failure: Failure) -> str:
-    """Why the endpoint could not be asked: "unreachable: <reason>" or "timed out"."""
+    """Why the endpoint could not be asked: "unreachable: <reason>", "timed out", or
+    why its answer was not read ("answer too large ...")."""
     error = failure.value
     wrapped = getattr(error, "reasons", None)  # ResponseFailed, RequestTransmissionFailed
     if isinstance(wrapped, list) and all(isinstance(r, Failure) for r in wrapped):
@@ -229,6 +290,8 @@ def transport_detail(failure: Failure) -> str:
         error = (reasons or wrapped or [failure])[0].value
     if isinstance(error, ConnectTimeout):
         return "timed out"
+    if isinstance(error, AnswerTooLarge):
+        return str(error)
     if isinstance(error, SSL.Error):
         errors = error.args[0] if error.args and isinstance(error.args[0], list) else []
         reason = "; ".join(str(e[-1]) for e in errors if isinstance(e, tuple) and e)
