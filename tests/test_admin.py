@@ -165,3 +165,134 @@ def test_a_pool_or_spool_registers_its_figures() -> None:
 
 def test_no_admin_table_no_listener(bridge: RunningBridge) -> None:
     assert "admin" not in bridge.ports
+
+
+# The admin listener's bounds: no request body kept, a limited number of connections.
+# (Imports are local: this part was added after the rest of the file.)
+
+def raw_admin(bridge: RunningBridge, timeout: float = 5.0) -> Any:
+    """A plain socket to the admin listener."""
+    import socket
+
+    return socket.create_connection(("127.0.0.1", bridge.ports["admin"]), timeout=timeout)
+
+
+def read_to_end(sock: Any) -> bytes:
+    """What the listener sends until it closes the connection (a reset ends it too); a
+    listener that keeps it open past the socket's timeout fails the test."""
+    received = b""
+    try:
+        while data := sock.recv(4096):
+            received += data
+            assert len(received) < 65536, "far more than an error page"
+    except ConnectionResetError:
+        pass
+    return received
+
+
+@pytest.fixture
+def temporary_files(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every temporary file the process opens during the test (twisted.web keeps a large
+    request body in one)."""
+    import tempfile
+
+    opened: list[object] = []
+    real = tempfile.TemporaryFile
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        opened.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", spy)
+    return opened
+
+
+def test_a_huge_declared_body_is_refused_before_it_is_sent(
+        admin_bridge: RunningBridge, temporary_files: list[object]) -> None:
+    import time
+
+    for expect in (b"", b"Expect: 100-continue\r\n"):
+        started = time.monotonic()
+        with raw_admin(admin_bridge) as sock:
+            sock.sendall(b"POST /metrics HTTP/1.1\r\nHost: admin\r\n" + expect
+                         + b"Content-Length: 10000000000\r\n\r\n")
+            answer = read_to_end(sock)  # no byte of the body sent: the answer comes anyway
+        assert answer.startswith(b"HTTP/1.1 413 "), answer
+        assert answer.endswith(b"\r\n\r\nthe admin pages take no request body\n")
+        assert time.monotonic() - started < 3
+    assert temporary_files == []
+
+
+def test_an_endless_chunked_body_is_cut_off(admin_bridge: RunningBridge,
+                                            temporary_files: list[object]) -> None:
+    chunk = b"1000\r\n" + b"x" * 0x1000 + b"\r\n"
+    sent, cut = 0, False
+    with raw_admin(admin_bridge) as sock:
+        sock.sendall(b"POST /metrics HTTP/1.1\r\nHost: admin\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        try:
+            while sent < 256 * 1024 * 1024:
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except (ConnectionResetError, BrokenPipeError):
+            cut = True
+        answer = read_to_end(sock)
+    # Until the reset comes back, only what the sockets' buffers hold is sent (tens of
+    # KiB here; the kernel's largest buffers are 32 MiB to receive and 4 MiB to send).
+    assert cut and sent < 64 * 1024 * 1024, sent
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 413 "), answer  # b"": reset first
+    assert temporary_files == []
+
+
+def test_a_body_up_to_the_limit_is_still_served(admin_bridge: RunningBridge) -> None:
+    from smtpbridge.admin import MAX_BODY
+
+    def ask(path: str, body: bytes, token: str | None = None, chunked: bool = False) -> bytes:
+        head = f"GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n".encode()
+        if token is not None:
+            head += f"Authorization: Bearer {token}\r\n".encode()
+        if chunked:
+            head += b"Transfer-Encoding: chunked\r\n\r\n"
+            body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        else:
+            head += b"Content-Length: %d\r\n\r\n" % len(body)
+        with raw_admin(admin_bridge) as sock:
+            sock.sendall(head + body)
+            return read_to_end(sock).partition(b"\r\n")[0]
+
+    for chunked in (False, True):
+        assert ask("/healthz", b"x" * MAX_BODY, chunked=chunked) == b"HTTP/1.1 200 OK"
+        assert ask("/metrics", b"x" * MAX_BODY, chunked=chunked).startswith(b"HTTP/1.1 401 ")
+        assert ask("/metrics", b"x", TOKEN, chunked=chunked) == b"HTTP/1.1 200 OK"
+        for path in ("/healthz", "/metrics"):
+            assert ask(path, b"x" * (MAX_BODY + 1), TOKEN, chunked).startswith(
+                b"HTTP/1.1 413 ")
+    assert get(admin_bridge, "/healthz", token=None) == (200, "ok\n")
+    assert get(admin_bridge, "/metrics", token=None)[0] == 401
+    assert get(admin_bridge, "/metrics")[0] == 200
+
+
+def test_connections_beyond_the_limit_are_closed(admin_bridge: RunningBridge) -> None:
+    from smtpbridge.admin import MAX_CONNECTIONS
+
+    def healthz() -> bool:
+        try:
+            return get(admin_bridge, "/healthz", token=None) == (200, "ok\n")
+        except OSError:  # closed at once: the limit is reached
+            return False
+
+    held = [raw_admin(admin_bridge) for _ in range(MAX_CONNECTIONS)]
+    try:
+        for _ in range(3):
+            with raw_admin(admin_bridge) as extra:
+                assert read_to_end(extra) == b""  # closed before a word
+        assert not healthz()
+        # The connections within the limit are served.
+        held[-1].sendall(b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        with held.pop() as served:
+            assert read_to_end(served).startswith(b"HTTP/1.1 200 OK\r\n")
+        wait_for(healthz, seconds=5)  # one place free again
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(healthz, seconds=5)

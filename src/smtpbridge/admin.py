@@ -6,18 +6,26 @@ runs every C{probe_interval} seconds for every route and account the mapper may 
 the page answers from its last result: 200, or 503 naming the route, the account and the
 upstream's failing step.  With a token, everything but ``/healthz`` wants
 ``Authorization: Bearer <token>`` (compared in constant time).
+
+The pages take no request body: one longer than C{MAX_BODY} bytes (by its Content-Length,
+or as a chunked body arrives) is answered 413 and the connection closed, before any of it
+is stored.  At most C{MAX_CONNECTIONS} admin connections are open at once; further ones
+are closed as soon as they are accepted.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from io import BytesIO
 from typing import Any
 
 import attr
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IAddress
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -30,6 +38,17 @@ from smtpbridge.model import Assignment
 from smtpbridge.secret import Secret
 
 log = Logger()
+
+#: Bytes of request body the admin pages accept (they read none); more is refused.
+MAX_BODY = 4096
+#: Admin connections open at once; beyond it new connections are closed at once.
+MAX_CONNECTIONS = 64
+
+_TOO_LARGE_TEXT = b"the admin pages take no request body\n"
+_TOO_LARGE = (b"HTTP/1.1 413 Content Too Large\r\n"
+              b"Content-Type: text/plain; charset=utf-8\r\n"
+              b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_TOO_LARGE_TEXT)
+              + _TOO_LARGE_TEXT)
 
 
 @attr.frozen
@@ -64,6 +83,9 @@ class ReadinessProbe(TimerService):
         self._targets = list(targets)
         self._metrics = metrics
         self.results: dict[ProbeTarget, str | None] | None = None  # None: not probed yet
+        # What else readiness needs (the supervisor of workers: a worker running): None
+        # when it holds, else why not.
+        self.also: Callable[[], str | None] = lambda: None
 
     async def _try(self, target: ProbeTarget) -> str | None:
         """None when one of the route's hosts took the login, else what failed on each."""
@@ -102,6 +124,9 @@ class ReadinessProbe(TimerService):
 
     def status(self) -> tuple[bool, str]:
         """Whether every route can be reached, and the page that says so."""
+        missing = self.also()
+        if missing is not None:
+            return False, f"not ready: {missing}\n"
         if self.results is None:
             return False, "not ready: the upstreams have not been probed yet\n"
         failing = [f"{target.label}: {failure}\n"
@@ -175,13 +200,62 @@ class _Root(Resource):
         return child
 
 
+class _BoundedRequest(Request):
+    """A request whose body is kept in memory up to C{MAX_BODY} bytes, never in a
+    temporary file; a longer one is answered 413 and the connection closed."""
+
+    _received = 0
+    _refused = False
+
+    def gotLength(self, length: int | None) -> None:  # noqa: N802
+        self.content = self._body = BytesIO()
+        if length is not None and length > MAX_BODY:
+            self._refuse()
+
+    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802
+        if self._refused:
+            return  # the rest of what was already read, after the refusal
+        self._received += len(data)
+        if self._received > MAX_BODY:
+            self._refuse()
+            return
+        self._body.write(data)
+
+    def _refuse(self) -> None:
+        """Answer 413 and close, as soon as the headers or the body say it is too long.
+
+        The answer is written directly, as Twisted answers a malformed request: the
+        request line has not been handed to the request yet.
+        """
+        self._refused = True
+        self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" after this
+        transport = self.channel.transport
+        if transport is not None:
+            transport.write(_TOO_LARGE)
+        self.channel.loseConnection()
+
+
 class AdminSite(Site):
     """The admin pages; scrapes and probes are not logged one by one."""
 
     noisy = False
+    requestFactory = _BoundedRequest
 
     def log(self, request: Any) -> None:
         """No access log: Prometheus asks every few seconds."""
+
+
+class AdminListener(WrappingFactory):
+    """The admin site, with at most C{MAX_CONNECTIONS} connections open at once."""
+
+    noisy = False
+
+    # None is how a factory refuses a connection (IProtocolFactory.buildProtocol).
+    def buildProtocol(  # type: ignore[override]  # noqa: N802
+            self, addr: IAddress | None) -> ProtocolWrapper | None:
+        if len(self.protocols) >= MAX_CONNECTIONS:
+            return None  # the port closes the connection at once
+        return super().buildProtocol(addr)
 
 
 #: /metrics with [server] workers above 1, where the supervisor serves the admin listener.
@@ -190,9 +264,9 @@ NO_METRICS = ("/metrics is not served with [server] workers above 1: each worker
 
 
 def admin_site(metrics: Metrics, probe: ReadinessProbe, token: Secret | None,
-               workers: int = 1) -> AdminSite:
+               workers: int = 1) -> AdminListener:
     root = _Root(token)
     root.putChild(b"metrics", _Metrics(metrics) if workers == 1 else _Text(501, NO_METRICS))
     root.putChild(b"healthz", _Text(200, "ok\n"))
     root.putChild(b"readyz", _Ready(probe))
-    return AdminSite(root)
+    return AdminListener(AdminSite(root))
