@@ -162,3 +162,23 @@ def test_each_worker_allows_its_share_of_the_rate_limits(
     assert shared.settings.account_messages_per_minute == 7  # 4 x 7 <= 30
     assert shared.settings.client_messages_per_minute == 1  # (never below one)
     assert shared.settings.account_recipients_per_day == 0  # no limit stays none
+
+
+def test_the_supervisor_is_not_ready_while_no_worker_runs(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    from smtpbridge.config import parse_config
+    from smtpbridge.listener import READINESS
+    from smtpbridge.workers import supervisor_service
+    from tests.test_config import MINIMAL
+
+    monkeypatch.setenv("SMTPBRIDGE_TEST_PASSWORD", "secret")
+    config = parse_config(
+        "[server]\nworkers = 2\n" + MINIMAL + f'\n[spool]\ndirectory = "{tmp_path}/spool"\n'
+        '[admin]\nendpoint = "tcp:0:interface=127.0.0.1"\n', str(tmp_path / "c.toml"))
+    top = supervisor_service(config, Clock())
+    [probe] = [child for child in top if child.name == READINESS]
+    probe.results = {}  # every upstream probed and fine
+    assert probe.status() == (False, "not ready: no worker is running\n")
+    workers_service = top.getServiceNamed("workers")
+    monkeypatch.setattr(workers_service, "pids", lambda: {1: 4242})
+    assert probe.status() == (True, "ready\n")

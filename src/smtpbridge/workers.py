@@ -376,6 +376,9 @@ def supervisor_service(config: Config, reactor: Any) -> MultiService:
                             on_hangup=reloader.reload, drain_timeout=config.spool.drain_timeout)
     supervisor.setName("workers")
     supervisor.setServiceParent(top)
+    for child in top:
+        if child.name == READINESS:  # no worker running: no mail is taken
+            child.also = lambda: None if supervisor.pids() else "no worker is running"
     for child in list(single):  # last: systemd hears READY=1 once the workers started
         if isinstance(child, SystemdNotifier):
             child.disownServiceParent()
