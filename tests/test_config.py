@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -295,3 +296,18 @@ def test_a_number_that_is_no_finite_number_is_refused(monkeypatch, table, key, v
         if f"[{table}]\n" in MINIMAL else f"[{table}]\n{key} = {value}\n" + MINIMAL
     assert error_of(text).endswith(f": {table}.{key}: must be a finite number, not "
                                    f"{float(value)}")
+
+
+@pytest.mark.parametrize("name", ["", "mail relay", "relay\r\n250 ok", "-relay", "relay.",
+                                  "a" * 254])
+def test_a_hostname_that_is_no_host_name_is_refused(monkeypatch, name):
+    monkeypatch.setenv("SMTPBRIDGE_TEST_PASSWORD", "secret")
+    text = "[server]\nhostname = " + json.dumps(name) + "\n" + MINIMAL
+    assert ": server.hostname: " in error_of(text)
+    assert "is not a host name" in error_of(text)
+
+
+def test_a_host_name_is_taken(monkeypatch):
+    monkeypatch.setenv("SMTPBRIDGE_TEST_PASSWORD", "secret")
+    text = '[server]\nhostname = "smtp-relay.example.com"\n' + MINIMAL
+    assert parse_config(text, "/x/c.toml").server.hostname == "smtp-relay.example.com"

@@ -173,7 +173,7 @@ def _required(root: Table, name: str, read: Callable[[Table], T]) -> T:
 
 def _server(t: Table) -> ServerConfig:
     return ServerConfig(
-        hostname=t.string("hostname", socket.getfqdn()),
+        hostname=t.hostname("hostname", None) or socket.getfqdn(),
         max_message_size=t.integer("max_message_size", DEFAULT_MAX_MESSAGE_SIZE, minimum=1024),
         idle_timeout=t.integer("idle_timeout", 300, minimum=1),
         received_header=t.boolean("received_header", True),

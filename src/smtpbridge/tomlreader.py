@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any
 
 from smtpbridge.errors import ConfigError
 from smtpbridge.secret import Secret
+
+#: A host name as a greeting, EHLO and Received: carry it.
+_HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 REQUIRED: Any = object()
 
@@ -61,6 +65,15 @@ class Table:
                                   f"not {value!r}")
         if value == "" and default is REQUIRED:
             raise self.error(key, "must not be empty")
+        return value
+
+    def hostname(self, key: str, default: Any = REQUIRED) -> Any:
+        """A host name (letters, digits, hyphens and dots): what a greeting, EHLO or a
+        trace header may carry."""
+        value = self.string(key, default)
+        if isinstance(value, str) and not _HOSTNAME.fullmatch(value):
+            raise self.error(key, f"{value!r} is not a host name (letters, digits, hyphens "
+                                  "and dots)")
         return value
 
     def integer(self, key: str, default: Any = REQUIRED, minimum: int = 0,
