@@ -182,3 +182,19 @@ def test_the_supervisor_is_not_ready_while_no_worker_runs(
     workers_service = top.getServiceNamed("workers")
     monkeypatch.setattr(workers_service, "pids", lambda: {1: 4242})
     assert probe.status() == (True, "ready\n")
+
+
+def test_a_worker_just_gone_does_not_stop_the_signal_to_the_others() -> None:
+    from twisted.internet.error import ProcessExitedAlready
+
+    reactor = _Reactor()
+    service = supervisor(reactor, count=2)
+    service.startService()
+    [(_, first, _), (_, second, _)] = reactor.spawned
+
+    def gone(name: str) -> None:
+        raise ProcessExitedAlready()
+
+    first.signalProcess = gone  # type: ignore[method-assign]
+    service.stopService()
+    assert second.signals == ["TERM"]

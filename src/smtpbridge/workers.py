@@ -31,7 +31,7 @@ from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.error import ProcessDone
+from twisted.internet.error import ProcessDone, ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall, IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
@@ -293,7 +293,7 @@ class Supervisor(Service):
         for _, transport in list(self._workers.values()):
             try:
                 transport.signalProcess(name)
-            except OSError:
+            except (OSError, ProcessExitedAlready):
                 pass  # it is gone already
 
     def hangup(self) -> None:
