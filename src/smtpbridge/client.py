@@ -105,6 +105,7 @@ class UpstreamProtocol(SMTPLineReceiver, TimeoutMixin):
         self.in_data = False
         self.quiet = False  # a failure is expected (QUIT): do not log it
         self.greeting: Deferred[Reply] | None = None
+        self._closer: IDelayedCall | None = None  # aborts a close that does not end
 
     def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:  # noqa: N802
         """TimeoutMixin's timer, on the clock the session was given."""
@@ -139,6 +140,8 @@ class UpstreamProtocol(SMTPLineReceiver, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         self.setTimeout(None)
+        if self._closer is not None and self._closer.active():
+            self._closer.cancel()
         on_lost, self._on_lost = self._on_lost, None
         if on_lost is not None:
             on_lost()
@@ -165,10 +168,10 @@ class UpstreamProtocol(SMTPLineReceiver, TimeoutMixin):
         except ReplyTooLong as e:
             self.fail(self.error_for(UpstreamFailure.LOST, f"sent {e} during {self._step}"))
             return
-        except ValueError:
+        except ValueError:  # (secrets hidden before the line is cut, or a part would show)
+            shown = self.hide(line.decode("utf-8", "replace"))[:80]
             self.fail(self.error_for(UpstreamFailure.PROTOCOL,
-                                     f"sent a malformed reply during {self._step}: "
-                                     f"{line[:80].decode('utf-8', 'replace')!r}"))
+                                     f"sent a malformed reply during {self._step}: {shown!r}"))
             return
         if reply is None:
             return
@@ -225,9 +228,13 @@ class UpstreamProtocol(SMTPLineReceiver, TimeoutMixin):
 
     def error_for(self, failure: UpstreamFailure, text: str) -> UpstreamError:
         """An error naming this upstream; secrets in C{text} are hidden."""
+        return upstream_error(self.route, failure, self.hide(text))
+
+    def hide(self, text: str) -> str:
+        """C{text} with every secret this session sent replaced."""
         for secret in self.secrets:
             text = text.replace(secret, _HIDDEN)
-        return upstream_error(self.route, failure, text)
+        return text
 
     def fail(self, error: SMTPReplyError, close: Close = "abort") -> None:
         """Mark the session broken with C{error}: every pending and later call fails with it.
@@ -248,5 +255,9 @@ class UpstreamProtocol(SMTPLineReceiver, TimeoutMixin):
                 if close == "quit" and self.tls_active and not self.handshaking:
                     self.connection.write(b"QUIT\r\n")
                 self.connection.loseConnection()
+                # TLS waits for the upstream's close_notify, which a hung one never sends:
+                # its connection (and its host's slot) would stay for good.
+                self._closer = self.clock.callLater(self.route.timeout,
+                                                    self.connection.abortConnection)
         for item in pending:
             item.deferred.errback(error)

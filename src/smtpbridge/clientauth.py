@@ -46,6 +46,8 @@ class LoginChannel(Protocol):
 
     def error_for(self, failure: UpstreamFailure, text: str) -> UpstreamError: ...
 
+    def hide(self, text: str) -> str: ...
+
     def fail(self, error: SMTPReplyError, close: Literal["quit"]) -> None: ...
 
 
@@ -68,10 +70,13 @@ async def authenticate(channel: LoginChannel, account: UpstreamAccount,
         reply, token = await _oauth_login(channel, account, mechanism, tokens)
     else:
         reply = await _password_login(channel, account, mechanism)
-    if reply.code != 235:
+    if reply.code >= 500:  # a verdict on the credentials
         error = refuse(channel, UpstreamFailure.SECURITY,
                        f"rejected the login of {account.username}: {reply_line(reply)}")
         raise LoginRejected(error.reply)
+    if reply.code != 235:  # 454, 421...: a passing trouble, not the credentials
+        raise refuse(channel, UpstreamFailure.SECURITY,
+                     f"could not log in {account.username} now: {reply_line(reply)}")
     return Login(mechanism, token)
 
 
@@ -115,11 +120,12 @@ async def _oauth_login(channel: LoginChannel, account: UpstreamAccount, mechanis
             ack = "" if mechanism == "XOAUTH2" else sasl.OAUTHBEARER_ERROR_ACK
             reply = await channel.send(ack, "AUTH")
             reply = attr.evolve(reply, text=f"{reply.text} ({details})")
-        if reply.code == 235:
+        if reply.code == 235 or reply.code < 500:  # (a 4xx says nothing of the token)
             return reply, token
         source.invalidate(token)
         log.info("upstream {where}: OAuth2 token for {user} refused ({text}); it is dropped",
-                 where=channel.label, user=account.username, text=reply_line(reply))
+                 where=channel.label, user=account.username,
+                 text=channel.hide(reply_line(reply)))  # (an upstream may echo the token)
     return reply, token
 
 
