@@ -333,6 +333,22 @@ def test_a_failed_lookup_is_not_kept() -> None:
     assert len(inner.asked) == 2
 
 
+def test_a_lookup_that_never_ends_gives_up_and_is_asked_again() -> None:
+    from smtpbridge.names import LOOKUP_TIMEOUT
+
+    inner, clock = FakeResolver(), Clock()
+    names = CachingResolver(inner, clock)
+    waiting = [lookup(names) for _ in range(3)]  # (a resolver that never answers)
+    assert len(inner.asked) == 1 and not any(w.done for w in waiting)
+    clock.advance(LOOKUP_TIMEOUT)
+    assert all(w.done and w.addresses == [] for w in waiting)
+    again = lookup(names)
+    assert len(inner.asked) == 2 and not again.done
+    inner.answer("192.0.2.1")  # the stuck lookup and the new one answer at last
+    assert [a.host for a in again.addresses] == ["192.0.2.1"]
+    assert clock.getDelayedCalls() == []
+
+
 def test_forget_asks_again() -> None:
     inner, clock = FakeResolver(), Clock()
     names = CachingResolver(inner, clock)

@@ -18,6 +18,7 @@ from typing import Any
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
     IAddress,
+    IDelayedCall,
     IHostnameResolver,
     IHostResolution,
     IReactorPluggableNameResolver,
@@ -28,6 +29,9 @@ from zope.interface import implementer
 
 #: Seconds an answer is used.  Short, so a provider's DNS change is seen within a minute.
 NAME_TTL = 60.0
+#: Seconds a lookup may take; then those waiting for it get no address (and the next
+#: connection asks again), even if the resolver never answers.
+LOOKUP_TIMEOUT = 30.0
 
 #: (host, port, address types, transport semantics): what a lookup depends on.
 _Key = tuple[str, int, frozenset[type[IAddress]] | None, str]
@@ -85,6 +89,7 @@ class CachingResolver:
         self._ttl = ttl
         self._answers: dict[_Key, tuple[float, tuple[IAddress, ...]]] = {}
         self._waiting: dict[_Key, list[IResolutionReceiver]] = {}
+        self._timers: dict[_Key, IDelayedCall] = {}
         self.lookups = 0  # lookups passed on to the inner resolver
 
     def resolveHostName(  # noqa: N802
@@ -110,11 +115,15 @@ class CachingResolver:
             return resolution
         self._waiting[key] = [resolutionReceiver]
         self.lookups += 1
+        self._timers[key] = self._clock.callLater(LOOKUP_TIMEOUT, self._answered, key, ())
         self._resolver.resolveHostName(_Collector(self, key), hostName, portNumber,
                                        addressTypes, transportSemantics)
         return resolution
 
     def _answered(self, key: _Key, addresses: tuple[IAddress, ...]) -> None:
+        timer = self._timers.pop(key, None)
+        if timer is not None and timer.active():
+            timer.cancel()
         if addresses:
             self._answers[key] = (self._clock.seconds() + self._ttl, addresses)
         else:
