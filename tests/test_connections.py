@@ -344,7 +344,11 @@ def test_a_lookup_that_never_ends_gives_up_and_is_asked_again() -> None:
     assert all(w.done and w.addresses == [] for w in waiting)
     again = lookup(names)
     assert len(inner.asked) == 2 and not again.done
-    inner.answer("192.0.2.1")  # the stuck lookup and the new one answer at last
+    stuck, fresh = inner.pending
+    stuck.resolutionComplete()  # the lookup given up on ends at last, empty-handed
+    assert not again.done  # its answer is not the new lookup's
+    inner.pending = [fresh]
+    inner.answer("192.0.2.1")
     assert [a.host for a in again.addresses] == ["192.0.2.1"]
     assert clock.getDelayedCalls() == []
 

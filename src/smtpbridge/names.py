@@ -54,7 +54,7 @@ class _Collector:
 
     def __init__(self, resolver: CachingResolver, key: _Key) -> None:
         self._resolver = resolver
-        self._key = key
+        self.key = key
         self._addresses: list[IAddress] = []
 
     def resolutionBegan(self, resolution: IHostResolution) -> None:  # noqa: N802
@@ -64,7 +64,7 @@ class _Collector:
         self._addresses.append(address)
 
     def resolutionComplete(self) -> None:  # noqa: N802
-        self._resolver._answered(self._key, tuple(self._addresses))
+        self._resolver._answered(self, tuple(self._addresses))
 
 
 def _literal(host: str, port: int) -> IAddress | None:
@@ -89,7 +89,7 @@ class CachingResolver:
         self._ttl = ttl
         self._answers: dict[_Key, tuple[float, tuple[IAddress, ...]]] = {}
         self._waiting: dict[_Key, list[IResolutionReceiver]] = {}
-        self._timers: dict[_Key, IDelayedCall] = {}
+        self._lookups: dict[_Key, tuple[_Collector, IDelayedCall]] = {}  # under way
         self.lookups = 0  # lookups passed on to the inner resolver
 
     def resolveHostName(  # noqa: N802
@@ -115,15 +115,21 @@ class CachingResolver:
             return resolution
         self._waiting[key] = [resolutionReceiver]
         self.lookups += 1
-        self._timers[key] = self._clock.callLater(LOOKUP_TIMEOUT, self._answered, key, ())
-        self._resolver.resolveHostName(_Collector(self, key), hostName, portNumber,
-                                       addressTypes, transportSemantics)
+        collector = _Collector(self, key)
+        self._lookups[key] = collector, self._clock.callLater(LOOKUP_TIMEOUT, self._answered,
+                                                              collector, ())
+        self._resolver.resolveHostName(collector, hostName, portNumber, addressTypes,
+                                       transportSemantics)
         return resolution
 
-    def _answered(self, key: _Key, addresses: tuple[IAddress, ...]) -> None:
-        timer = self._timers.pop(key, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+    def _answered(self, collector: _Collector, addresses: tuple[IAddress, ...]) -> None:
+        key = collector.key
+        current = self._lookups.get(key)
+        if current is None or current[0] is not collector:
+            return  # a lookup given up on, answering late: a newer one is under way
+        del self._lookups[key]
+        if current[1].active():
+            current[1].cancel()
         if addresses:
             self._answers[key] = (self._clock.seconds() + self._ttl, addresses)
         else:
