@@ -221,6 +221,11 @@ class _BoundedRequest(Request):
             return
         self._body.write(data)
 
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:  # noqa: N802
+        if self._refused:
+            return  # the rest of a chunked body already read: it was answered 413
+        super().requestReceived(command, path, version)
+
     def _refuse(self) -> None:
         """Answer 413 and close, as soon as the headers or the body say it is too long.
 
