@@ -127,3 +127,27 @@ def test_a_start_forgets_the_markers_of_messages_gone(spool: Spool) -> None:
     spool.prepare()
     assert spool.held(kept) and not spool.held("GONE")
     assert spool.take_flush_requests() == {kept, "all"}
+
+
+def test_two_queue_commands_signalled_at_once_flush_only_what_they_named(
+        spool: Spool) -> None:
+    from smtpbridge.queuerunner import SIGNAL_SETTLE
+
+    t = Runner(spool, first_retry=3600, max_retry=3600)
+    t.upstream.connect_errors[ROUTE.host] = unreachable(ROUTE)
+    one, two, three = t.keep(), t.keep(), t.keep()
+    t.run()
+    assert len(t.upstream.attempts) == 3
+    command = Spool(spool.directory, spool.max_size)
+    for gone in (one, two):  # two deletes, two signals; one flush takes both requests
+        with command.locked(gone):
+            command.remove(gone)
+        command.request_flush(gone)
+    t.runner.flush()
+    t.runner.flush()  # the second signal: nothing to do, three is not tried early
+    t.run()
+    assert len(t.upstream.attempts) == 3 and spool.ids() == [three]
+    t.run(SIGNAL_SETTLE)
+    t.runner.flush()  # a bare signal later: every message, as before
+    t.run()
+    assert len(t.upstream.attempts) == 4

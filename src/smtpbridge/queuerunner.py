@@ -35,6 +35,10 @@ from smtpbridge.summary import MessageSummary, log_summary
 
 log = Logger()
 
+#: Seconds after a flush took the requests of queue commands during which a signal that
+#: finds none is one of theirs (two commands, two signals, both requests taken at once).
+SIGNAL_SETTLE = 2.0
+
 
 @attr.frozen
 class RetrySettings:
@@ -83,6 +87,7 @@ class QueueRunner(Service):
         self._busy: set[str] = set()  # messages being tried now
         self._again: set[str] = set()  # ... and asked to be tried again once done
         self._previous_handler: Any = None
+        self._requests_taken = float("-inf")  # when a flush last took queue commands' requests
         self._stopping = False
 
     # The relay's safety net.
@@ -173,13 +178,18 @@ class QueueRunner(Service):
 
     def flush(self) -> None:
         """Try at once the messages ``smtpbridge queue flush`` asked for (all when none
-        is named): SIGUSR1."""
+        is named): SIGUSR1.  A signal that finds no request just after one that took
+        several is a queue command's whose request that one took: it does nothing."""
         requested = self.spool.take_flush_requests()
+        now = self._reactor.seconds()
+        if not requested and now - self._requests_taken < SIGNAL_SETTLE:
+            return
+        if requested:
+            self._requests_taken = now
         ids = self.spool.ids() if not requested or "all" in requested else sorted(requested)
         log.info("queue flush: trying {count} message(s) now", count=len(ids))
         if self._on_flush is not None:
             self._on_flush()
-        now = self._reactor.seconds()
         for message_id in ids:
             self._schedule(message_id, now)
 
