@@ -298,3 +298,33 @@ def test_connections_beyond_the_limit_are_closed(admin_bridge: RunningBridge) ->
         for sock in held:
             sock.close()
     wait_for(healthz, seconds=5)
+
+
+def test_a_connection_that_trickles_its_request_is_closed_in_time(
+        admin_bridge: RunningBridge, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twisted's idle timeout starts again at every byte: a request sent a byte at a time
+    would hold one of the few places for good."""
+    import time
+
+    from smtpbridge import admin
+
+    monkeypatch.setattr(admin, "MAX_CONNECTION_TIME", 1.0)
+    with raw_admin(admin_bridge) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n")
+        closed = False
+        while time.monotonic() - started < 5:
+            try:
+                sock.sendall(b"X-Slow: 1\r\n")
+            except OSError:
+                closed = True
+                break
+            sock.settimeout(0.2)
+            try:
+                if sock.recv(4096) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+        assert closed and time.monotonic() - started < 4
+    assert get(admin_bridge, "/healthz", token=None) == (200, "ok\n")

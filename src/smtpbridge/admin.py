@@ -23,9 +23,11 @@ from typing import Any
 import attr
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.interfaces import IAddress
+from twisted.internet.interfaces import IAddress, IDelayedCall
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -43,6 +45,9 @@ log = Logger()
 MAX_BODY = 4096
 #: Admin connections open at once; beyond it new connections are closed at once.
 MAX_CONNECTIONS = 64
+#: Seconds an admin connection may stay open, however it trickles its request (Twisted's
+#: idle timeout starts again at every byte); then it is closed.
+MAX_CONNECTION_TIME = 60.0
 
 _TOO_LARGE_TEXT = b"the admin pages take no request body\n"
 _TOO_LARGE = (b"HTTP/1.1 413 Content Too Large\r\n"
@@ -250,10 +255,32 @@ class AdminSite(Site):
         """No access log: Prometheus asks every few seconds."""
 
 
+class _TimedConnection(ProtocolWrapper):
+    """An admin connection, closed after C{MAX_CONNECTION_TIME} seconds."""
+
+    factory: AdminListener
+    _timer: IDelayedCall | None = None
+
+    def makeConnection(self, transport: Any) -> None:  # noqa: N802
+        super().makeConnection(transport)
+        self._timer = self.factory.clock.callLater(MAX_CONNECTION_TIME, self.loseConnection)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        super().connectionLost(reason)
+
+
 class AdminListener(WrappingFactory):
-    """The admin site, with at most C{MAX_CONNECTIONS} connections open at once."""
+    """The admin site, with at most C{MAX_CONNECTIONS} connections open at once, each for
+    at most C{MAX_CONNECTION_TIME} seconds."""
 
     noisy = False
+    protocol = _TimedConnection
+
+    def __init__(self, site: AdminSite, clock: Any) -> None:
+        super().__init__(site)
+        self.clock = clock
 
     # None is how a factory refuses a connection (IProtocolFactory.buildProtocol).
     def buildProtocol(  # type: ignore[override]  # noqa: N802
@@ -274,4 +301,4 @@ def admin_site(metrics: Metrics, probe: ReadinessProbe, token: Secret | None,
     root.putChild(b"metrics", _Metrics(metrics) if workers == 1 else _Text(501, NO_METRICS))
     root.putChild(b"healthz", _Text(200, "ok\n"))
     root.putChild(b"readyz", _Ready(probe))
-    return AdminListener(AdminSite(root))
+    return AdminListener(AdminSite(root), probe.clock)
