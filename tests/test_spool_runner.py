@@ -4,6 +4,7 @@ space it counts, a hold, an attempt that breaks, a bounce it cannot queue, its r
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 from typing import Any
 
@@ -151,3 +152,21 @@ def test_two_queue_commands_signalled_at_once_flush_only_what_they_named(
     t.runner.flush()  # a bare signal later: every message, as before
     t.run()
     assert len(t.upstream.attempts) == 4
+
+
+def test_attempts_that_keep_breaking_are_made_on_the_doubling_schedule(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    t = Runner(spool, first_retry=300, max_retry=100_000)
+    t.upstream.connect_errors[ROUTE.host] = unreachable(ROUTE)
+
+    def full_disk(envelope: object) -> bool:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(spool, "update", full_disk)
+    t.keep()
+    tried: list[float] = []
+    while len(tried) < 5:
+        t.run(50)
+        if len(t.upstream.attempts) > len(tried):
+            tried.append(t.clock.seconds())
+    assert [b - a for a, b in itertools.pairwise(tried)] == [300, 600, 1200, 2400]

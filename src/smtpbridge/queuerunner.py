@@ -82,6 +82,7 @@ class QueueRunner(Service):
         self._run_blocking = run_blocking
         self._timers: dict[str, IDelayedCall] = {}
         self._sizes: dict[str, int] = {}  # bytes the spool counts for each queued message
+        self._broken: dict[str, int] = {}  # attempts that raised in a row, by message
         self._routes: dict[str, DeferredSemaphore] = {}
         self._sessions: set[IUpstreamSession] = set()
         self._busy: set[str] = set()  # messages being tried now
@@ -198,10 +199,15 @@ class QueueRunner(Service):
 
         def failed(failure: Failure) -> None:
             log.failure("queue {id}: delivery attempt failed", failure, id=message_id)
-            if message_id not in self._timers:  # (a full disk, say) it is tried again later
-                self._schedule(message_id, self._reactor.seconds() + self.settings.delay(1))
+            # (A full disk, say.)  Tried again later, on the doubling schedule: an attempt
+            # that sent to some recipients but could not note it sends to them again.
+            broken = self._broken[message_id] = self._broken.get(message_id, 0) + 1
+            if message_id not in self._timers:
+                self._schedule(message_id,
+                               self._reactor.seconds() + self.settings.delay(broken))
 
-        Deferred.fromCoroutine(self._deliver(message_id)).addErrback(failed)
+        Deferred.fromCoroutine(self._deliver(message_id)).addCallbacks(
+            lambda _: self._broken.pop(message_id, None), failed)
 
     def _gone(self, message_id: str) -> None:
         """The message left the queue without this runner (``smtpbridge queue delete``):
