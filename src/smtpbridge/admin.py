@@ -9,8 +9,8 @@ upstream's failing step.  With a token, everything but ``/healthz`` wants
 
 The pages take no request body: one longer than C{MAX_BODY} bytes (by its Content-Length,
 or as a chunked body arrives) is answered 413 and the connection closed, before any of it
-is stored.  At most C{MAX_CONNECTIONS} admin connections are open at once; further ones
-are closed as soon as they are accepted.
+is stored.  At most C{MAX_CONNECTIONS} admin connections are open at once, each for at
+most C{MAX_CONNECTION_TIME} seconds; further ones are closed as soon as they are accepted.
 """
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ async def _oauth_login(channel: LoginChannel, account: UpstreamAccount, mechanis
             ack = "" if mechanism == "XOAUTH2" else sasl.OAUTHBEARER_ERROR_ACK
             reply = await channel.send(ack, "AUTH")
             reply = attr.evolve(reply, text=f"{reply.text} ({details})")
-        if reply.code == 235 or reply.code < 500:  # (a 4xx says nothing of the token)
+        if reply.code < 500:  # 235, or a 4xx, which says nothing of the token
             return reply, token
         source.invalidate(token)
         log.info("upstream {where}: OAuth2 token for {user} refused ({text}); it is dropped",

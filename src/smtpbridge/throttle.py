@@ -105,8 +105,8 @@ class AuthThrottle:
             return "blocked"
         key = normalise_address(address)
         limit = self.settings.failure_limit
-        horizon = self._clock.seconds() - self.settings.window
-        failures = sum(1 for when in self._failures.get(key, ()) if when > horizon)
+        times = self._failures.get(key)
+        failures = len(self._in_window(times, self._clock.seconds())) if times else 0
         if limit and failures + self._in_flight.get(key, 0) >= limit:
             return "busy"
         if costly and not self._take_token():
@@ -169,6 +169,14 @@ class AuthThrottle:
             return 0.0
         return until - now
 
+    def _in_window(self, times: deque[float], now: float) -> deque[float]:
+        """C{times} (an address's failures, oldest first) without those older than the
+        window."""
+        horizon = now - self.settings.window
+        while times and times[0] <= horizon:
+            times.popleft()
+        return times
+
     def failed(self, address: str) -> float:
         """Record one AUTH failure now; return the seconds to wait before answering it."""
         now = self._prune()
@@ -178,9 +186,7 @@ class AuthThrottle:
         key = normalise_address(address)
         times = self._failures.pop(key, None)
         if times is not None:
-            horizon = now - settings.window
-            while times and times[0] <= horizon:
-                times.popleft()
+            self._in_window(times, now)
         else:
             times = deque(maxlen=self._keep)
             if len(self._failures) >= self._max_addresses:
