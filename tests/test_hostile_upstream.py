@@ -252,17 +252,21 @@ def test_silent_upstream_data_or_end_of_data(scripted_upstream: Upstreams,
         assert connection.body_bytes > len(MESSAGE)  # the whole message and the final dot
 
 
+def send_past_data(client: smtplib.SMTP) -> tuple[int, str]:
+    """MAIL, RCPT (both accepted) and the message: the reply to its final dot."""
+    assert client.mail(SENDER)[0] == 250
+    assert client.rcpt(RECIPIENT)[0] == 250
+    code, text, _ = timed(lambda: client.data(MESSAGE))
+    return code, text
+
+
 def test_data_refused_after_the_bridges_354(scripted_upstream: Upstreams,
                                             bridge_to: Bridges) -> None:
     """The device hears the bridge's 354 while DATA is on its way upstream; the upstream's
     refusal of DATA is the reply to the final dot, and no body went upstream."""
     upstream = scripted_upstream(refuse_data="554 5.7.1 No mail from you today")
-    bridge = bridge_to(upstream)
-    with device(bridge) as client:
-        assert client.mail(SENDER)[0] == 250
-        assert client.rcpt(RECIPIENT)[0] == 250
-        code, text, _ = timed(lambda: client.data(MESSAGE))
-        assert (code, text) == (554, "5.7.1 No mail from you today")
+    with device(bridge_to(upstream)) as client:
+        assert send_past_data(client) == (554, "5.7.1 No mail from you today")
         # The upstream session was handed back whole (no body, no final dot, no abort):
         # the device's next transaction goes over it.
         assert client.mail(SENDER)[0] == 250
@@ -277,13 +281,9 @@ def test_a_250_to_data_is_no_verdict_on_the_message(scripted_upstream: Upstreams
     bridge's 354: the device's final dot must not hear that 250 (nothing was delivered),
     and the session, broken, is not used again."""
     upstream = scripted_upstream(refuse_data="250 2.0.0 Ok")
-    bridge = bridge_to(upstream)
-    with device(bridge) as client:
-        assert client.mail(SENDER)[0] == 250
-        assert client.rcpt(RECIPIENT)[0] == 250
-        code, text, _ = timed(lambda: client.data(MESSAGE))
-        assert (code, text) == (451, "4.5.0 " + upstream_named(upstream)
-                                + "answered DATA with 250 2.0.0 Ok")
+    with device(bridge_to(upstream)) as client:
+        assert send_past_data(client) == (451, "4.5.0 " + upstream_named(upstream)
+                                          + "answered DATA with 250 2.0.0 Ok")
         first = upstream.wait_ended(1, 10)
         assert client.mail(SENDER)[0] == 250  # over a new upstream session
         assert len(upstream.connections) == 2
