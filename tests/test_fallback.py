@@ -63,7 +63,7 @@ class Bridge:
     def spooled(self) -> list[tuple[str, tuple[str, ...], bytes]]:
         result = []
         for envelope in self.spool.envelopes():
-            with open(self.spool.path(envelope.id), "rb") as f:
+            with self.spool.data(envelope.id) as f:
                 result.append((envelope.sender, envelope.recipients, f.read()))
         return result
 

@@ -18,8 +18,9 @@ from smtpbridge.bodypump import message_lines
 from smtpbridge.model import Assignment, ClientInfo, Envelope, Reply, Route, UpstreamAccount
 from smtpbridge.queuerunner import QueueRunner, RetrySettings
 from smtpbridge.secret import Secret
-from smtpbridge.spool import Spool, SpoolWriter
+from smtpbridge.spool import Spool
 from smtpbridge.spooldirs import adopt, orphans, spool_directories, worker_directory
+from smtpbridge.spoolfile import SpoolWriter
 from smtpbridge.testing import FakeUpstream, unreachable
 from tests.test_config import MINIMAL
 
@@ -47,7 +48,7 @@ def spool(tmp_path: Any) -> Spool:
 
 # The files.
 
-def test_a_committed_message_is_two_private_files(spool: Spool) -> None:
+def test_a_committed_message_is_one_private_file(spool: Spool) -> None:
     writer = spool.writer(1_800_000_000)
     writer.write(BODY)
     assert spool.ids() == []  # nothing is queued before the commit
@@ -56,14 +57,36 @@ def test_a_committed_message_is_two_private_files(spool: Spool) -> None:
     writer.commit(envelope)
     assert spool.ids() == [writer.id]
     assert spool.load(writer.id) == envelope
-    with open(spool.path(writer.id), "rb") as f:
+    with spool.data(writer.id) as f:
         assert f.read() == b"".join(line + b"\r\n" for line in BODY)
-    for path in (spool.path(writer.id), spool.path(writer.id, "json")):
-        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert queue_files(spool) == [f"{writer.id}.msg"]  # the envelope is in it
+    assert stat.S_IMODE(os.stat(spool.path(writer.id)).st_mode) == 0o600
     for name in ("", "queue", "tmp"):
         assert stat.S_IMODE(os.stat(os.path.join(spool.directory, name)).st_mode) == 0o700
-    assert spool.stored == writer.size and spool.writing == 0
+    assert spool.stored == os.path.getsize(spool.path(writer.id)) and spool.writing == 0
+    # Its state, once it changes, is a file beside it that supersedes the envelope in it.
+    later = attr.evolve(envelope, attempts=1, last_error="451 4.3.0 try later")
+    assert spool.update(later)
+    assert spool.load(writer.id) == later
+    assert queue_files(spool) == [f"{writer.id}.json", f"{writer.id}.msg"]
+    assert stat.S_IMODE(os.stat(spool.path(writer.id, "json")).st_mode) == 0o600
+    assert spool.remove(writer.id) and queue_files(spool) == [] and spool.stored == 0
+    assert not spool.update(later)  # gone: nothing written
+    assert queue_files(spool) == [] and spool.load(writer.id) is None
     assert os.listdir(os.path.join(spool.directory, "tmp")) == []
+
+
+def test_a_small_message_is_kept_with_two_fsyncs(spool: Spool, monkeypatch: Any) -> None:
+    """Its file, then the queue directory: the envelope is in the file, not beside it."""
+    synced: list[str] = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(
+        f"/proc/self/fd/{fd}")), fsync(fd))[1])
+    writer = spool.writer()
+    writer.write(BODY)
+    writer.commit(Envelope(writer.id, "", ("b@example.com",), "office", 0.0, writer.size))
+    assert synced == [os.path.join(spool.directory, "tmp", f"{writer.id}.msg"),
+                      os.path.join(spool.directory, "queue")]
 
 
 def test_a_discarded_message_leaves_nothing(spool: Spool) -> None:
@@ -79,6 +102,10 @@ def tmp_files(spool: Spool) -> list[str]:
     return os.listdir(os.path.join(spool.directory, "tmp"))
 
 
+def queue_files(spool: Spool) -> list[str]:
+    return sorted(os.listdir(os.path.join(spool.directory, "queue")))
+
+
 def test_a_small_message_touches_the_disk_only_when_it_is_kept(spool: Spool) -> None:
     dropped, kept = spool.writer(), spool.writer()
     for writer in (dropped, kept):
@@ -88,7 +115,7 @@ def test_a_small_message_touches_the_disk_only_when_it_is_kept(spool: Spool) -> 
     dropped.discard()
     kept.commit(Envelope(kept.id, "", ("b@example.com",), "office", 0.0, kept.size))
     assert spool.ids() == [kept.id] and tmp_files(spool) == []
-    with open(spool.path(kept.id), "rb") as f:
+    with spool.data(kept.id) as f:
         assert f.read() == b"".join(line + b"\r\n" for line in BODY + [b"x" * 1000] * 30)
 
 
@@ -97,14 +124,19 @@ def test_a_large_message_goes_to_a_file_as_it_arrives(spool: Spool) -> None:
     lines = [b"%06d" % n + b"y" * 994 for n in range(200)]
     for n in range(0, 200, 7):
         writer.write(lines[n:n + 7])
-        on_disk = os.path.getsize(os.path.join(spool.directory, "tmp", f"{writer.id}.eml")) \
+        on_disk = os.path.getsize(os.path.join(spool.directory, "tmp", f"{writer.id}.msg")) \
             if tmp_files(spool) else 0
         assert writer.size - on_disk <= SpoolWriter.MEMORY  # the rest is in the file
-    assert tmp_files(spool) == [f"{writer.id}.eml"]
-    writer.commit(Envelope(writer.id, "", ("b@example.com",), "office", 0.0, writer.size))
-    with open(spool.path(writer.id), "rb") as f:
+    assert tmp_files(spool) == [f"{writer.id}.msg"]
+    envelope = Envelope(writer.id, "", ("b@example.com",), "office", 0.0, writer.size)
+    writer.commit(envelope)
+    with spool.data(writer.id) as f:
         assert f.read() == b"".join(line + b"\r\n" for line in lines)
     assert tmp_files(spool) == []
+    # Its envelope was not known when its file began: it is the file beside it.
+    assert queue_files(spool) == [f"{writer.id}.json", f"{writer.id}.msg"]
+    assert spool.load(writer.id) == envelope
+    assert spool.stored == os.path.getsize(spool.path(writer.id))
 
 
 def test_a_failed_write_is_raised_by_the_commit(spool: Spool) -> None:
@@ -125,14 +157,21 @@ def test_what_a_crash_leaves_is_cleared_at_start(spool: Spool) -> None:
     half = spool.writer()
     half.write([b"half written"] * SpoolWriter.MEMORY)  # a crash: never committed
     assert len(os.listdir(os.path.join(spool.directory, "tmp"))) == 1
-    with open(spool.path("0000000000000000"), "wb") as f:  # data renamed, envelope not
-        f.write(b"orphan\r\n")
+    large = spool.writer()  # a large message linked into queue/, its envelope not
+    large.write([b"y" * 1000] * 40)
+    large.commit(Envelope(large.id, "", ("b@example.com",), "office", 0.0, large.size))
+    os.unlink(spool.path(large.id, "json"))
+    with open(spool.path("0000000000000000", "json"), "wb") as f:  # a removal cut short
+        f.write(kept.id.encode())
+    with open(spool.path("0000000000000001"), "wb") as f:  # no spool file: left alone
+        f.write(b"From: someone\r\n")
     again = Spool(spool.directory, spool.max_size)
     again.prepare()
-    assert again.ids() == [kept.id]
+    assert queue_files(again) == ["0000000000000001.msg", f"{kept.id}.msg"]
     assert os.listdir(os.path.join(spool.directory, "tmp")) == []
-    assert not os.path.exists(spool.path("0000000000000000"))
-    assert again.stored == kept.size
+    with pytest.raises(ValueError, match="not a spool file"):
+        again.load("0000000000000001")
+    assert again.stored == sum(os.path.getsize(again.path(i)) for i in again.ids())
 
 
 def test_the_size_budget(tmp_path: Any) -> None:
@@ -446,28 +485,33 @@ def test_a_message_whose_id_is_taken_stays_where_it_is(tmp_path: Any) -> None:
     top, [kept] = kept_in(base)
     first, [mine] = kept_in(worker_directory(base, 1))
     os.rename(top.path(kept), top.path(mine))  # the same id in both spools
-    os.rename(top.path(kept, "json"), top.path(mine, "json"))
     top.hold(mine)
     moved, problems = adopt(first, base)
     assert moved == 0 and len(problems) == 1 and mine in problems[0]
     assert top.ids() == [mine] == first.ids() and not first.held(mine)
-    with open(first.path(mine), "rb") as a, open(top.path(mine), "rb") as b:
+    with first.data(mine) as a, top.data(mine) as b:
         assert a.read() == b.read()  # (the same body here; each kept its own)
     assert first.load(mine) is not None and top.load(mine) is not None
 
 
-def test_a_take_over_cut_short_leaves_each_message_whole_once(tmp_path: Any) -> None:
+@pytest.mark.parametrize("cut", ["state linked", "message renamed"])
+def test_a_take_over_cut_short_leaves_each_message_whole_once(tmp_path: Any, cut: str) -> None:
     base = str(tmp_path / "spool")
     top, [kept] = kept_in(base)
+    tried = attr.evolve(top.load(kept), attempts=2, last_error="451 4.3.0 later")
+    assert top.update(tried)  # its state beside it, moved before the message
     first = Spool(worker_directory(base, 1), 10 * 1024 * 1024)
     first.prepare()
-    os.link(top.path(kept), first.path(kept))  # the data linked, then a crash
+    os.link(top.path(kept, "json"), first.path(kept, "json"))  # then a crash, or
+    if cut == "message renamed":  # the message moved, then a crash
+        os.rename(top.path(kept), first.path(kept))
     t = Runner(first, adopt=(base,))
     t.runner.startService()
     try:
         assert first.ids() == [kept] and top.ids() == []
+        assert first.load(kept) == tried
         assert os.listdir(os.path.join(base, "queue")) == []
-        with open(first.path(kept), "rb") as f:
+        with first.data(kept) as f:
             assert f.read().startswith(b"From: scanner@example.com\r\n")
     finally:
         t.runner.stopService()
@@ -511,7 +555,8 @@ def test_the_queue_command_acts_on_every_workers_spool(
     assert first.take_flush_requests() == {one} and second.take_flush_requests() == set()
     assert signalled == [1001]  # to worker 2, a signal alone would mean "flush all"
     assert queue("show", "NOSUCHMESSAGE")[0] == 1
-    os.unlink(first.path(one))  # delivered between reading its envelope and its data
+    assert first.update(attr.evolve(first.load(one), attempts=1))
+    os.unlink(first.path(one))  # delivered between reading its state and its data
     code, said = queue("show", one)
     assert code == 1 and said.endswith(f"{one} left the queue just now\n")
     first.prepare()  # worker 1 starts again: the process ids it finds are gone
@@ -540,7 +585,8 @@ for lines in ([b"x" * 998] * 30, [b"y" * 998] * 10, [b"z" * 998] * 10):  # 30, 1
     except OSError as e:
         print("refused", e.errno)
 for message_id in spool.ids():
-    print("queued", len(open(spool.path(message_id), "rb").read()))
+    with spool.data(message_id) as f:
+        print("queued", len(f.read()))
 """
     import errno
     import subprocess
@@ -581,9 +627,10 @@ def test_a_message_never_replaces_another_of_the_same_id(spool: Spool) -> None:
     with pytest.raises(FileExistsError):
         second.commit(attr.evolve(envelope, recipients=("c@example.com",)))
     assert spool.ids() == [first.id] and spool.load(first.id) == envelope
-    with open(spool.path(first.id), "rb") as f:
+    with spool.data(first.id) as f:
         assert f.read() == b"first\r\n"
-    assert tmp_files(spool) == [] and spool.stored == first.size and spool.writing == 0
+    assert tmp_files(spool) == [] and spool.writing == 0
+    assert spool.stored == os.path.getsize(spool.path(first.id))
 
 
 def test_a_writer_removes_only_files_it_made(spool: Spool) -> None:
@@ -595,7 +642,7 @@ def test_a_writer_removes_only_files_it_made(spool: Spool) -> None:
     writing.commit(Envelope(writing.id, "", ("b@example.com",), "office", 0.0,
                             writing.size))
     assert spool.ids() == [writing.id]
-    with open(spool.path(writing.id), "rb") as f:
+    with spool.data(writing.id) as f:
         assert f.read() == (b"a" * 1000 + b"\r\n") * 40
 
 
@@ -603,9 +650,11 @@ def test_a_take_over_that_fails_leaves_no_hold_marker_behind(tmp_path: Any) -> N
     base = str(tmp_path / "spool")
     top, [kept] = kept_in(base)
     top.hold(kept)
-    os.unlink(top.path(kept))  # its data is gone: the move fails at the link
+    assert top.update(attr.evolve(top.load(kept), attempts=2))
     first = Spool(worker_directory(base, 1), 10 * 1024 * 1024)
     first.prepare()
+    os.mkdir(first.path(kept, "json"))  # its state cannot be moved there
     moved, problems = adopt(first, base)
     assert (moved, len(problems)) == (0, 1) and kept in problems[0]
     assert not first.held(kept) and top.held(kept) and top.load(kept) is not None
+    assert first.ids() == [] and top.ids() == [kept]

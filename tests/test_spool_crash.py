@@ -121,7 +121,7 @@ max_retry = 2
         bridge.wait_for(r"listener plain listening")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if not [n for n in os.listdir(tmp_path / "spool" / "queue") if n.endswith(".json")]:
+            if not [n for n in os.listdir(tmp_path / "spool" / "queue") if n.endswith(".msg")]:
                 break
             time.sleep(0.2)
         else:

@@ -111,8 +111,8 @@ directory = "{self.tmp_path}/spool"
         blockingCallFromThread(self.reactor, self.runner.flush)
 
     def spooled(self) -> list[str]:
-        return sorted(name[:-5] for name in os.listdir(self.tmp_path / "spool" / "queue")
-                      if name.endswith(".json"))
+        return sorted(name[:-4] for name in os.listdir(self.tmp_path / "spool" / "queue")
+                      if name.endswith(".msg"))
 
     def stop(self) -> None:
         if self.bridge is not None and self.bridge.service.running:

@@ -104,7 +104,7 @@ def _show(spools: list[Spool], args: argparse.Namespace) -> int:
     print(envelope.to_json())
     print()
     try:
-        with open(spool.path(envelope.id), "rb") as f:
+        with spool.data(envelope.id) as f:
             header = f.read(64 * 1024)
     except FileNotFoundError:
         print(f"{PROG}: {args.id} left the queue just now", file=sys.stderr)

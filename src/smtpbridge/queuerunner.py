@@ -28,8 +28,9 @@ from twisted.python.failure import Failure
 from smtpbridge import dsn
 from smtpbridge.interfaces import IStatistics, IUpstreamConnector, IUpstreamSession, Params
 from smtpbridge.model import Assignment, ClientInfo, Envelope, MessageOutcome, UpstreamAccount
-from smtpbridge.spool import Spool, SpoolWriter
+from smtpbridge.spool import Spool
 from smtpbridge.spooldirs import adopt
+from smtpbridge.spoolfile import SpoolWriter
 from smtpbridge.spoolsend import Outcome, attempt
 from smtpbridge.summary import MessageSummary, log_summary
 
@@ -120,7 +121,7 @@ class QueueRunner(Service):
                          "recipient(s), {size} bytes, account {account}",
                          session=envelope.session, id=envelope.id, sender=sender,
                          count=len(recipients), size=envelope.size, account=account.name)
-            self._sizes[envelope.id] = envelope.size
+            self._sizes[envelope.id] = writer.stored
             self._schedule(envelope.id, first)
             return envelope.id
 
@@ -145,7 +146,7 @@ class QueueRunner(Service):
                 log.error("spool: not taken over: {problem}", problem=problem)
         now = self._reactor.seconds()
         for envelope in self.spool.envelopes():
-            self._sizes[envelope.id] = envelope.size
+            self._sizes[envelope.id] = self.spool.stored_size(envelope.id)
             self._schedule(envelope.id, max(now, envelope.next_attempt))
         self.spool.register(os.getpid())
         if threading.current_thread() is threading.main_thread():

@@ -14,7 +14,7 @@ from smtpbridge.interfaces import IUpstreamSession, Params
 from smtpbridge.model import ClientInfo, MessageOutcome, Reply, UpstreamAccount, status_for
 from smtpbridge.ratelimit import Quota
 from smtpbridge.replies import QUEUE_FAILED
-from smtpbridge.spool import SafetyNet, SpoolWriter
+from smtpbridge.spoolfile import SafetyNet, SpoolWriter
 from smtpbridge.summary import queue_id as upstream_queue_id
 from smtpbridge.wire import reply_line
 

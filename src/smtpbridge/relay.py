@@ -44,7 +44,7 @@ from smtpbridge.replies import (
     START_DATA,
     UPSTREAM_NO_SMTPUTF8,
 )
-from smtpbridge.spool import SafetyNet, SpoolWriter
+from smtpbridge.spoolfile import SafetyNet, SpoolWriter
 
 log = Logger()
 

@@ -1,11 +1,13 @@
 """The spool on disk: messages the bridge has taken responsibility for.
 
-Each message is two files in ``queue/``: ``<id>.eml``, the message as it goes upstream
-(CRLF lines, not dot-stuffed, never changed), and ``<id>.json``, its envelope and
-delivery state (replaced atomically at each change).  A message exists once its
-``.json`` does: a message is written to ``tmp/``, fsynced, renamed into ``queue/``
-(data first, envelope last) and the directory fsynced, so a crash leaves it whole or
-absent.  ``hold/<id>`` marks a message held by the administrator, ``flush/<id>`` (or
+A message is ``queue/<id>.msg``, its envelope and data in one file, with its delivery
+state beside it in ``queue/<id>.json`` once that changes (L{smtpbridge.spoolfile} has the
+format).  A message is written to ``tmp/``, fsynced, linked into ``queue/`` and the
+directory fsynced, so a crash leaves it whole or absent: one file, two fsyncs.  A
+message too large to be held in memory to its end goes to ``tmp/`` as it arrives, before
+its envelope is known: its commit links its ``.json`` into ``queue/`` first and its
+``.msg`` last.  A message exists while its ``.msg`` does: it is removed ``.msg`` first.
+``hold/<id>`` marks a message held by the administrator, ``flush/<id>`` (or
 ``flush/all``) one to retry at once.  Files are 0600 in 0700 directories.
 
 One process owns a spool directory: it clears what a crash left there when it starts.
@@ -17,161 +19,41 @@ Only blocking file operations, no reactor: the callers choose the thread.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
-from twisted.internet.defer import Deferred
-
-from smtpbridge.interfaces import Params
-from smtpbridge.model import ClientInfo, Envelope, UpstreamAccount
+from smtpbridge.model import Envelope
+from smtpbridge.spoolfile import (
+    SpoolWriter,
+    open_data,
+    queue_path,
+    read_envelope,
+    write_file,
+)
 
 #: The files a spool directory holds.
 SUBDIRECTORIES = ("tmp", "queue", "hold", "flush", "run")
+
 
 def new_id(now: float) -> str:
     """A queue id: sortable by time, unique by its random part (16 hex digits)."""
     return f"{int(now):08X}{secrets.token_hex(4).upper()}"
 
 
-def fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _unfinished(path: str) -> bool:
+    """True for a ``.msg`` with no envelope in it or beside it: the commit of a large
+    message that a crash cut before the device heard 250 (a file that is no spool file
+    is left alone)."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-class SpoolWriter:
-    """One message being written into the spool; nothing is in the queue until
-    L{commit}, and L{discard} leaves no trace.
-
-    The first L{MEMORY} bytes stay in memory: a small message (most are) touches the
-    disk only when it is kept, in the thread that commits it.  Beyond, writes go to a
-    file in ``tmp/``, sequential and not synced; a message that is kept is fsynced at
-    commit.  A write that fails is not raised: the commit raises it.
-    """
-
-    #: Bytes of a message held in memory before it goes to a file.
-    MEMORY = 32 * 1024
-
-    def __init__(self, spool: Spool, message_id: str) -> None:
-        self._spool = spool
-        self.id = message_id
-        self._path = os.path.join(spool.directory, "tmp", f"{message_id}.eml")
-        self._file: BinaryIO | None = None
-        self._buffer: list[bytes] = []
-        self._buffered = 0
-        self._error: OSError | None = None
-        self._created = False  # the file in tmp/ is ours (not another's of the same id)
-        self._done = False  # committed or discarded
-        self.size = 0
-        spool.reserve(0)
-
-    def write(self, lines: Sequence[bytes]) -> None:
-        """Body lines, unstuffed and without line endings."""
-        if self._done or not lines:
-            return
-        data = b"\r\n".join(lines) + b"\r\n"
-        self.size += len(data)
-        self._spool.reserve(len(data))
-        if self._error is not None:
-            return
-        self._buffer.append(data)
-        self._buffered += len(data)
-        if self._file is None and self._buffered <= self.MEMORY:
-            return
-        try:
-            self._write_out()
-        except OSError as e:
-            self._error = e
-            self._close()
-
-    def _write_out(self) -> None:
-        """The file, created if need be, gets what the buffer holds."""
-        if self._file is None:
-            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            self._created = True
-            # Buffered: its write() writes everything or raises (a raw one may write
-            # part of the data, on a full disk or at a file size limit).
-            self._file = os.fdopen(fd, "wb")
-        self._file.write(b"".join(self._buffer))
-        self._buffer.clear()
-        self._buffered = 0
-
-    def _close(self) -> None:
-        f, self._file = self._file, None
-        if f is not None:
-            with suppress(OSError):
-                f.close()
-
-    def commit(self, envelope: Envelope) -> None:
-        """Make the message durable in the queue (blocking: fsyncs; run it in a thread).
-        Raises OSError when it cannot be stored; then nothing is in the queue."""
-        if self._done:
-            raise OSError(errno.EBADF, "the message was already committed or discarded")
-        self._done = True
-        spool = self._spool
-        queue = os.path.join(spool.directory, "queue")
-        temporary = os.path.join(spool.directory, "tmp", f"{self.id}.json")
-        made: list[str] = []  # what this commit made, to remove if it fails
-        try:
-            if self._error is not None:
-                raise self._error
-            self._write_out()
-            f = self._file
-            assert f is not None
-            f.flush()
-            os.fsync(f.fileno())
-            self._file = None
-            f.close()
-            # Linked, not renamed: a message of the same id (ids are random) is never
-            # replaced; this one fails instead, and the device tries again.
-            os.link(self._path, spool.path(self.id))
-            made.append(spool.path(self.id))
-            os.unlink(self._path)
-            made.append(temporary)
-            _write_file(temporary, envelope.to_json().encode("utf-8"))
-            os.link(temporary, spool.path(self.id, "json"))
-            made.append(spool.path(self.id, "json"))
-            os.unlink(temporary)
-            fsync_directory(queue)
-        except OSError:
-            self._close()
-            if self._created:
-                made.append(self._path)
-            for leftover in reversed(made):  # the envelope first: without it, no message
-                with suppress(OSError):
-                    os.unlink(leftover)
-            spool.release(self.size)
-            raise
-        spool.committed(self.size)
-
-    def discard(self) -> None:
-        """Forget the message: nothing of it stays."""
-        if self._done:
-            return
-        self._done = True
-        self._buffer.clear()
-        self._close()
-        if self._created:
-            with suppress(OSError):
-                os.unlink(self._path)
-        self._spool.release(self.size)
+        return read_envelope(path) is None
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 class Spool:
@@ -206,15 +88,19 @@ class Spool:
         self.stored = 0
         for name in names:
             stem, _, suffix = name.rpartition(".")
-            if suffix == "eml" and f"{stem}.json" not in names:
+            path = os.path.join(queue, name)
+            if suffix == "json" and f"{stem}.msg" not in names:
+                with suppress(OSError):  # a removal that did not finish
+                    os.unlink(path)
+            elif suffix == "msg" and f"{stem}.json" not in names and _unfinished(path):
                 with suppress(OSError):
-                    os.unlink(os.path.join(queue, name))  # a commit that did not finish
-            elif suffix == "eml":
+                    os.unlink(path)
+            elif suffix == "msg":
                 with suppress(OSError):
-                    self.stored += os.path.getsize(os.path.join(queue, name))
+                    self.stored += os.path.getsize(path)
         for marker in ("hold", "flush"):  # markers of messages gone since (not "all")
             for name in os.listdir(os.path.join(self.directory, marker)):
-                if name != "all" and f"{name}.json" not in names:
+                if name != "all" and f"{name}.msg" not in names:
                     with suppress(OSError):
                         os.unlink(os.path.join(self.directory, marker, name))
 
@@ -234,10 +120,11 @@ class Spool:
         with self._lock:
             self.writing = max(0, self.writing - size)
 
-    def committed(self, size: int) -> None:
+    def committed(self, written: int, stored: int) -> None:
+        """A message of C{written} bytes is stored, in a file of C{stored} bytes."""
         with self._lock:
-            self.writing = max(0, self.writing - size)
-            self.stored += size
+            self.writing = max(0, self.writing - written)
+            self.stored += stored
 
     def forget(self, size: int) -> None:
         """C{size} bytes of stored messages are gone."""
@@ -254,19 +141,30 @@ class Spool:
     def writer(self, now: float | None = None) -> SpoolWriter:
         return SpoolWriter(self, new_id(time.time() if now is None else now))
 
-    def path(self, message_id: str, suffix: str = "eml") -> str:
-        return os.path.join(self.directory, "queue", f"{message_id}.{suffix}")
+    def path(self, message_id: str, suffix: str = "msg") -> str:
+        return queue_path(self.directory, message_id, suffix)
+
+    def stored_size(self, message_id: str) -> int:
+        """The bytes the message takes in the queue (0: gone)."""
+        try:
+            return os.path.getsize(self.path(message_id))
+        except FileNotFoundError:
+            return 0
 
     def ids(self) -> list[str]:
         """The ids of every message in the queue, oldest first."""
         names = os.listdir(os.path.join(self.directory, "queue"))
-        return sorted(name[:-5] for name in names if name.endswith(".json"))
+        return sorted(name[:-4] for name in names if name.endswith(".msg"))
 
     def load(self, message_id: str) -> Envelope | None:
         """The message's envelope, or None when it is gone (delivered or deleted)."""
+        try:  # its state once it changed, else the envelope it was accepted with
+            with open(self.path(message_id, "json"), "rb") as f:
+                return Envelope.from_json(f.read().decode("utf-8"))
+        except FileNotFoundError:
+            pass
         try:
-            with open(self.path(message_id, "json"), encoding="utf-8") as f:
-                return Envelope.from_json(f.read())
+            return read_envelope(self.path(message_id))
         except FileNotFoundError:
             return None
 
@@ -280,52 +178,57 @@ class Spool:
         """Replace the message's envelope (its state after an attempt); False when the
         message is gone meanwhile (then nothing is written)."""
         final = self.path(envelope.id, "json")
-        if not os.path.exists(final):
+        if not os.path.exists(self.path(envelope.id)):
             return False
         temporary = os.path.join(self.directory, "tmp", f"{envelope.id}.json")
-        _write_file(temporary, envelope.to_json().encode("utf-8"))
+        write_file(temporary, envelope.to_json().encode("utf-8"))
         os.replace(temporary, final)
         return True
 
     def remove(self, message_id: str) -> bool:
-        """Remove a message (envelope first: without it the data is no message); False
-        when it was not there."""
+        """Remove a message (its ``.msg`` first: without it the state is no message);
+        False when it was not there."""
         existed = False
-        with suppress(FileNotFoundError):
-            os.unlink(self.path(message_id, "json"))
-            existed = True
         with suppress(FileNotFoundError):
             size = os.path.getsize(self.path(message_id))
             os.unlink(self.path(message_id))
             self.forget(size)
+            existed = True
+        with suppress(FileNotFoundError):
+            os.unlink(self.path(message_id, "json"))
         for marker in ("hold", "flush"):
             with suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.directory, marker, message_id))
         return existed
 
     @contextmanager
+    def data(self, message_id: str) -> Iterator[BinaryIO]:
+        """The message as it goes upstream: its file, read from where the message begins
+        to its end.  Raises FileNotFoundError when it is gone."""
+        with open_data(self.path(message_id)) as f:
+            yield f
+
+    @contextmanager
     def locked(self, message_id: str) -> Iterator[BinaryIO | None]:
-        """The message's data, opened and locked for one delivery attempt (or for the
-        queue command that changes it); None when it is gone or locked by another."""
+        """The message (as L{data}), locked for one delivery attempt (or for the queue
+        command that changes it); None when it is gone or locked by another."""
         try:
-            f = open(self.path(message_id), "rb")  # noqa: SIM115 - closed below
+            f = open_data(self.path(message_id))
         except FileNotFoundError:
             yield None
             return
-        try:
+        with f:
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 yield None
                 return
             yield f
-        finally:
-            f.close()
 
     # The processes that deliver from this spool, for the queue command's signals.
 
     def register(self, pid: int) -> None:
-        _write_file(os.path.join(self.directory, "run", str(pid)), b"")
+        write_file(os.path.join(self.directory, "run", str(pid)), b"")
 
     def unregister(self, pid: int) -> None:
         with suppress(FileNotFoundError):
@@ -347,13 +250,13 @@ class Spool:
     def hold(self, message_id: str, on: bool = True) -> None:
         marker = self._marker("hold", message_id)
         if on:
-            _write_file(marker, b"")
+            write_file(marker, b"")
         else:
             with suppress(FileNotFoundError):
                 os.unlink(marker)
 
     def request_flush(self, message_id: str = "all") -> None:
-        _write_file(self._marker("flush", message_id), b"")
+        write_file(self._marker("flush", message_id), b"")
 
     def take_flush_requests(self) -> set[str]:
         """The ids asked to be retried at once ("all" for every message), cleared."""
@@ -363,25 +266,3 @@ class Spool:
             with suppress(OSError):
                 os.unlink(os.path.join(directory, name))
         return names
-
-
-class SafetyNet(Protocol):
-    """Where a message goes when the upstream cannot take it now: the spool, with the
-    queue runner that delivers it later."""
-
-    def accepts(self, account: UpstreamAccount | None) -> bool:
-        """True when the account can deliver later (a configured account, not a client's
-        own login, which is kept nowhere)."""
-
-    def full(self) -> bool:
-        """True when no more messages fit."""
-
-    def writer(self) -> SpoolWriter:
-        """A new message being written."""
-
-    def keep(self, writer: SpoolWriter, sender: str, recipients: Sequence[str],
-             account: UpstreamAccount, params: Params, client: ClientInfo,
-             tried: bool = True) -> Deferred[str]:
-        """Make the message durable and queue it; fires with its queue id, or fails with
-        OSError (then nothing is queued).  C{tried}: the upstream was just tried, so the
-        first delivery waits for the first retry."""

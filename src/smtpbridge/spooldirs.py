@@ -16,7 +16,8 @@ import os
 import re
 from contextlib import suppress
 
-from smtpbridge.spool import Spool, fsync_directory
+from smtpbridge.spool import Spool
+from smtpbridge.spoolfile import fsync_directory
 
 _WORKER = re.compile(r"worker-([1-9][0-9]*)")
 
@@ -90,28 +91,32 @@ def adopt(spool: Spool, directory: str) -> tuple[int, list[str]]:
 
 
 def _move(other: Spool, spool: Spool, message_id: str) -> None:
-    if os.path.exists(spool.path(message_id, "json")) or os.path.exists(spool.path(message_id)):
+    if os.path.exists(spool.path(message_id)):
         raise FileExistsError(errno.EEXIST, f"a message of that id is in {spool.directory}")
     held = other.held(message_id)
     if held:  # held before it arrives, so that it is never sent
         spool.hold(message_id)
-    queue = os.path.join(spool.directory, "queue")
     try:
-        # The data is linked in first: until the envelope moves, C{spool} holds data
-        # without an envelope (which a start clears) and the other spool the message.
-        os.link(other.path(message_id), spool.path(message_id))
-        fsync_directory(queue)
-        os.replace(other.path(message_id, "json"), spool.path(message_id, "json"))
+        if os.path.exists(other.path(message_id, "json")):  # its state goes first
+            temporary = os.path.join(spool.directory, "tmp", f"{message_id}.json")
+            with suppress(FileNotFoundError):
+                os.unlink(temporary)
+            os.link(other.path(message_id, "json"), temporary)
+            os.replace(temporary, spool.path(message_id, "json"))
+            fsync_directory(os.path.join(spool.directory, "queue"))
+        # Renamed: the message is in one spool or the other, never in both.
+        os.rename(other.path(message_id), spool.path(message_id))
     except OSError:
         if held:
             spool.hold(message_id, on=False)
         raise
-    # Moved.  What is left in the other spool is cleared by its next start if not here.
+    # Moved.  A state left in the other spool is cleared by its next start.
     with suppress(OSError):
-        fsync_directory(queue)
-        os.unlink(other.path(message_id))
+        fsync_directory(os.path.join(spool.directory, "queue"))
+        fsync_directory(os.path.join(other.directory, "queue"))
     with suppress(OSError):
-        spool.counted(os.path.getsize(spool.path(message_id)))
+        os.unlink(other.path(message_id, "json"))
+    spool.counted(spool.stored_size(message_id))
     flush = os.path.join(other.directory, "flush", message_id)
     with suppress(OSError):
         other.hold(message_id, on=False)
