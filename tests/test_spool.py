@@ -330,6 +330,10 @@ def test_a_refusal_bounces_to_the_sender_through_the_same_account(spool: Spool) 
     assert bounce.recipients == ["scanner@example.com"]
     assert b"multipart/report" in bounce.body and b"gone@example.com" in bounce.body
     assert b"Status: 5.1.1" in bounce.body
+    parsed = email.message_from_bytes(bounce.body, policy=email.policy.default)
+    headers = parsed.get_payload()[2]  # the original's header section, and nothing else
+    assert headers.get_content_type() == "text/rfc822-headers"
+    assert headers.get_content().split() == ["From:", "scanner@example.com", "Subject:", "scan"]
     assert spool.ids() == []
 
 

@@ -266,6 +266,7 @@ class QueueRunner(Service):
             outcome = Outcome(list(envelope.recipients),
                               error=f"account {envelope.account} is not configured")
         else:
+            start = data.tell()  # where the message begins, after the file's envelope
             outcome = await attempt(self._connector, self._reactor, self._sessions,
                                     envelope, data, assignment)
         attempts = envelope.attempts + 1
@@ -278,7 +279,7 @@ class QueueRunner(Service):
         else:
             reason = "the upstream refused it"
         if outcome.failed:
-            data.seek(0)
+            data.seek(start)
             if not await self._bounce(envelope, outcome.failed, data, reason):
                 # The bounce could not be queued: the refused recipients stay in the
                 # message, and their bounce is tried again at its next attempt.
