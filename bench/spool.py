@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 note(f"{name} msg/s", many.rate)
                 note(f"{name} errors", float(sum(many.errors.values())))
         # With workers, each keeps its messages in spool/worker-K/queue.
-        queued = sum(len(list((directory / name / "spool").glob("**/queue/*.json")))
+        queued = sum(len(list((directory / name / "spool").glob("**/queue/*.msg")))
                      for name in ("down", "down-workers"))
 
     result = {key: median(values) for key, values in figures.items()}
