@@ -87,6 +87,11 @@ def test_a_small_message_is_kept_with_two_fsyncs(spool: Spool, monkeypatch: Any)
     writer.commit(Envelope(writer.id, "", ("b@example.com",), "office", 0.0, writer.size))
     assert synced == [os.path.join(spool.directory, "tmp", f"{writer.id}.msg"),
                       os.path.join(spool.directory, "queue")]
+    synced.clear()  # a new state is durable before the next attempt relies on it
+    assert spool.update(Envelope(writer.id, "", ("b@example.com",), "office", 0.0,
+                                 writer.size, attempts=1))
+    assert synced == [os.path.join(spool.directory, "tmp", f"{writer.id}.json"),
+                      os.path.join(spool.directory, "queue")]
 
 
 def test_a_discarded_message_leaves_nothing(spool: Spool) -> None:
@@ -171,7 +176,32 @@ def test_what_a_crash_leaves_is_cleared_at_start(spool: Spool) -> None:
     assert os.listdir(os.path.join(spool.directory, "tmp")) == []
     with pytest.raises(ValueError, match="not a spool file"):
         again.load("0000000000000001")
+    unreadable: list[str] = []
+    assert [e.id for e in again.envelopes(unreadable)] == [kept.id]
+    assert len(unreadable) == 1 and unreadable[0].startswith("0000000000000001: ")
     assert again.stored == sum(os.path.getsize(again.path(i)) for i in again.ids())
+
+
+def test_messages_of_the_first_format_are_kept_and_delivered(spool: Spool) -> None:
+    """A spool written before the envelope went into the message's file: data in
+    ``<id>.eml``, envelope in ``<id>.json``."""
+    queue = os.path.join(spool.directory, "queue")
+    data = b"".join(line + b"\r\n" for line in BODY)
+    old = Envelope("0000000000000001", "a@example.com", ("b@example.com",), "office", 0.0,
+                   len(data), attempts=3)
+    for message_id in ("0000000000000001", "0000000000000002"):
+        with open(os.path.join(queue, f"{message_id}.eml"), "wb") as f:
+            f.write(data)
+    with open(os.path.join(queue, "0000000000000001.json"), "w") as f:
+        f.write(old.to_json())  # 2 has none: its commit did not finish
+    again = Spool(spool.directory, spool.max_size)
+    again.prepare()
+    assert queue_files(again) == ["0000000000000001.json", "0000000000000001.msg"]
+    assert again.ids() == ["0000000000000001"] and again.load("0000000000000001") == old
+    with again.data("0000000000000001") as f:
+        assert f.read() == data
+    assert stat.S_IMODE(os.stat(again.path("0000000000000001")).st_mode) == 0o600
+    assert again.stored == os.path.getsize(again.path("0000000000000001"))
 
 
 def test_the_size_budget(tmp_path: Any) -> None:
@@ -559,10 +589,12 @@ def test_the_queue_command_acts_on_every_workers_spool(
     assert first.take_flush_requests() == {one} and second.take_flush_requests() == set()
     assert signalled == [1001]  # to worker 2, a signal alone would mean "flush all"
     assert queue("show", "NOSUCHMESSAGE")[0] == 1
-    assert first.update(attr.evolve(first.load(one), attempts=1))
-    os.unlink(first.path(one))  # delivered between reading its state and its data
+    envelope = first.load(one)
+    os.unlink(first.path(one))  # delivered between reading its envelope and its data
+    monkeypatch.setattr(Spool, "load", lambda spool, message_id: envelope)
     code, said = queue("show", one)
     assert code == 1 and said.endswith(f"{one} left the queue just now\n")
+    monkeypatch.undo()
     first.prepare()  # worker 1 starts again: the process ids it finds are gone
     assert first.runners() == [] and second.runners() == [1002]
 
@@ -650,15 +682,26 @@ def test_a_writer_removes_only_files_it_made(spool: Spool) -> None:
         assert f.read() == (b"a" * 1000 + b"\r\n") * 40
 
 
-def test_a_take_over_that_fails_leaves_no_hold_marker_behind(tmp_path: Any) -> None:
+@pytest.mark.parametrize("failing", ["state", "message"])
+def test_a_take_over_that_fails_leaves_nothing_behind(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
     base = str(tmp_path / "spool")
     top, [kept] = kept_in(base)
     top.hold(kept)
     assert top.update(attr.evolve(top.load(kept), attempts=2))
     first = Spool(worker_directory(base, 1), 10 * 1024 * 1024)
     first.prepare()
-    os.mkdir(first.path(kept, "json"))  # its state cannot be moved there
+    if failing == "state":
+        os.mkdir(first.path(kept, "json"))  # its state cannot be moved there
+    else:  # its state moved, the message cannot follow (another file system)
+        import errno
+
+        def rename(source: str, target: str) -> None:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        monkeypatch.setattr(os, "rename", rename)
     moved, problems = adopt(first, base)
     assert (moved, len(problems)) == (0, 1) and kept in problems[0]
     assert not first.held(kept) and top.held(kept) and top.load(kept) is not None
     assert first.ids() == [] and top.ids() == [kept]
+    if failing == "message":
+        assert queue_files(first) == []  # its state is not left there

@@ -71,8 +71,11 @@ def _age(seconds: float) -> str:
 
 def _list(spools: list[Spool], args: argparse.Namespace) -> int:
     now = time.time()
+    unreadable: list[str] = []
     envelopes = sorted(((envelope, spool) for spool in spools
-                        for envelope in spool.envelopes()), key=lambda pair: pair[0].id)
+                        for envelope in spool.envelopes(unreadable)), key=lambda pair: pair[0].id)
+    for problem in unreadable:
+        print(f"{PROG}: message {problem}", file=sys.stderr)
     print(f"{'id':<16} {'age':>5} {'size':>9} {'tries':>5}  sender -> recipients")
     for envelope, spool in envelopes:
         held = " (held)" if spool.held(envelope.id) else ""
@@ -89,7 +92,11 @@ def _find(spools: list[Spool], message_id: str) -> tuple[Envelope, Spool] | None
     """The message C{message_id} and the spool that holds it; None (and said so) when
     no spool does."""
     for spool in spools:
-        envelope = spool.load(message_id)
+        try:
+            envelope = spool.load(message_id)
+        except ValueError as e:  # (its files are for the administrator to look at)
+            print(f"{PROG}: message {message_id} cannot be read: {e}", file=sys.stderr)
+            return None
         if envelope is not None:
             return envelope, spool
     print(f"{PROG}: no message {message_id}", file=sys.stderr)

@@ -145,9 +145,12 @@ class QueueRunner(Service):
             for problem in problems:
                 log.error("spool: not taken over: {problem}", problem=problem)
         now = self._reactor.seconds()
-        for envelope in self.spool.envelopes():
+        unreadable: list[str] = []
+        for envelope in self.spool.envelopes(unreadable):
             self._sizes[envelope.id] = self.spool.stored_size(envelope.id)
             self._schedule(envelope.id, max(now, envelope.next_attempt))
+        for problem in unreadable:  # (left where it is, for the administrator)
+            log.error("spool: message {problem}", problem=problem)
         self.spool.register(os.getpid())
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(

@@ -31,9 +31,12 @@ from typing import BinaryIO
 from smtpbridge.model import Envelope
 from smtpbridge.spoolfile import (
     SpoolWriter,
+    fsync_directory,
     open_data,
+    parse_envelope,
     queue_path,
     read_envelope,
+    upgrade,
     write_file,
 )
 
@@ -52,7 +55,7 @@ def _unfinished(path: str) -> bool:
     is left alone)."""
     try:
         return read_envelope(path) is None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return False
 
 
@@ -84,6 +87,14 @@ class Spool:
                 with suppress(OSError):
                     os.unlink(os.path.join(self.directory, name, entry))
         queue = os.path.join(self.directory, "queue")
+        names = set(os.listdir(queue))
+        for name in names:
+            stem, _, suffix = name.rpartition(".")
+            if suffix == "eml" and f"{stem}.json" in names:  # the first format's
+                upgrade(self.directory, stem)
+            elif suffix == "eml":  # its commit did not finish
+                with suppress(OSError):
+                    os.unlink(os.path.join(queue, name))
         names = set(os.listdir(queue))
         self.stored = 0
         for name in names:
@@ -157,20 +168,32 @@ class Spool:
         return sorted(name[:-4] for name in names if name.endswith(".msg"))
 
     def load(self, message_id: str) -> Envelope | None:
-        """The message's envelope, or None when it is gone (delivered or deleted)."""
+        """The message's envelope, or None when it is gone (delivered or deleted).
+        Raises ValueError when its files are no spool files."""
         try:  # its state once it changed, else the envelope it was accepted with
             with open(self.path(message_id, "json"), "rb") as f:
-                return Envelope.from_json(f.read().decode("utf-8"))
+                state = f.read()
         except FileNotFoundError:
             pass
+        else:
+            if not os.path.exists(self.path(message_id)):  # a state left of a message gone
+                return None
+            return parse_envelope(self.path(message_id, "json"), state)
         try:
             return read_envelope(self.path(message_id))
         except FileNotFoundError:
             return None
 
-    def envelopes(self) -> Iterator[Envelope]:
+    def envelopes(self, unreadable: list[str] | None = None) -> Iterator[Envelope]:
+        """Every message's envelope; those that cannot be read are left out (and said in
+        C{unreadable}, with why)."""
         for message_id in self.ids():
-            envelope = self.load(message_id)
+            try:
+                envelope = self.load(message_id)
+            except ValueError as e:
+                if unreadable is not None:
+                    unreadable.append(f"{message_id}: {e}")
+                continue
             if envelope is not None:
                 yield envelope
 
@@ -183,6 +206,8 @@ class Spool:
         temporary = os.path.join(self.directory, "tmp", f"{envelope.id}.json")
         write_file(temporary, envelope.to_json().encode("utf-8"))
         os.replace(temporary, final)
+        # Durable before the next attempt: recipients it took are not tried again.
+        fsync_directory(os.path.join(self.directory, "queue"))
         return True
 
     def remove(self, message_id: str) -> bool:

@@ -109,11 +109,14 @@ def _move(other: Spool, spool: Spool, message_id: str) -> None:
     except OSError:
         if held:
             spool.hold(message_id, on=False)
+        with suppress(OSError):  # (a state with no message is none; gone at a start)
+            if not os.path.exists(spool.path(message_id)):
+                os.unlink(spool.path(message_id, "json"))
         raise
     # Moved.  A state left in the other spool is cleared by its next start.
-    with suppress(OSError):
-        fsync_directory(os.path.join(spool.directory, "queue"))
-        fsync_directory(os.path.join(other.directory, "queue"))
+    for directory in (spool.directory, other.directory):
+        with suppress(OSError):
+            fsync_directory(os.path.join(directory, "queue"))
     with suppress(OSError):
         os.unlink(other.path(message_id, "json"))
     spool.counted(spool.stored_size(message_id))

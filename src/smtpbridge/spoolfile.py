@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from collections.abc import Sequence
 from contextlib import suppress
 from typing import BinaryIO, Protocol
@@ -201,6 +202,24 @@ class SpoolWriter:
         self._spool.release(self.size)
 
 
+def upgrade(directory: str, message_id: str) -> None:
+    """A message kept in the first format of the spool (``<id>.eml``, the data alone,
+    and ``<id>.json``) gets its ``.msg`` (a header with no envelope, then the data), the
+    ``.json`` staying its envelope; then the ``.eml`` goes."""
+    old, new = queue_path(directory, message_id, "eml"), queue_path(directory, message_id)
+    if not os.path.exists(new):  # (else a crash came after the link: the .msg is whole)
+        temporary = os.path.join(directory, "tmp", f"{message_id}.msg")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(old, "rb") as source, os.fdopen(fd, "wb") as target:
+            target.write(_header(0))
+            shutil.copyfileobj(source, target)
+            target.flush()
+            os.fsync(target.fileno())
+        _link(temporary, new, [])
+        fsync_directory(os.path.join(directory, "queue"))
+    os.unlink(old)
+
+
 def open_data(path: str) -> BinaryIO:
     """The ``.msg`` file at C{path}, opened and read from where the message begins."""
     f = open(path, "rb")  # noqa: SIM115 - the caller closes it
@@ -222,7 +241,16 @@ def read_envelope(path: str) -> Envelope | None:
         return None
     if len(state) != size:
         raise ValueError(f"{path}: its envelope is cut short")
-    return Envelope.from_json(state.decode("utf-8"))
+    return parse_envelope(path, state)
+
+
+def parse_envelope(path: str, state: bytes) -> Envelope:
+    """The envelope written as C{state} in the file at C{path}; ValueError when it is
+    none."""
+    try:
+        return Envelope.from_json(state.decode("utf-8"))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: no envelope ({e.__class__.__name__})") from None
 
 
 class Store(Protocol):
