@@ -40,7 +40,7 @@ class Bridge:
     """A transaction factory over a fake upstream and a real spool."""
 
     def __init__(self, tmp_path: Any, max_size: int = 10 * 1024 * 1024,
-                 account: UpstreamAccount = ACCOUNT, commit_fails: bool = False) -> None:
+                 account: UpstreamAccount = ACCOUNT, commit_fails: int = 0) -> None:
         self.upstream = FakeUpstream()
         self.spool = Spool(str(tmp_path / "spool"), max_size)
         self.spool.prepare()
@@ -48,7 +48,7 @@ class Bridge:
 
         def run_blocking(f: Any, *args: Any) -> Deferred[Any]:
             if commit_fails:
-                return fail(OSError(errno.ENOSPC, "No space left on device"))
+                return fail(OSError(commit_fails, os.strerror(commit_fails)))
             return maybeDeferred(f, *args)
 
         self.runner = QueueRunner(self.spool, self.upstream,
@@ -68,13 +68,14 @@ class Bridge:
         return result
 
 
-def send(t: InlineTransaction, recipients: tuple[str, ...] = (ONE,)) -> list[Reply]:
+def send(t: InlineTransaction, recipients: tuple[str, ...] = (ONE,),
+         body: list[bytes] = BODY) -> list[Reply]:
     """The whole transaction; every reply the client hears."""
     replies = [outcome(t.mail(SENDER, {}))]
     replies += [outcome(t.rcpt(r, {})) for r in recipients]
     replies.append(outcome(t.data(Producer())))
-    t.write(BODY[:2])
-    t.write(BODY[2:])
+    t.write(body[:2])
+    t.write(body[2:])
     replies.append(outcome(t.finish()))
     return replies
 
@@ -216,12 +217,28 @@ def test_a_clients_own_login_is_never_spooled(tmp_path):
     assert bridge.spooled() == []
 
 
-def test_a_spool_that_cannot_write_answers_451(tmp_path, logged):
-    bridge = Bridge(tmp_path, commit_fails=True)
+@pytest.mark.parametrize(("error", "answer"), [(errno.ENOSPC, (452, "4.3.1")),
+                                               (errno.EIO, (451, "4.3.0"))])
+def test_a_spool_that_cannot_write_says_so(tmp_path, logged, error, answer):
+    bridge = Bridge(tmp_path, commit_fails=error)
     bridge.upstream.replies["end_data"] = Reply(451, "4.3.0", "Try again later")
     reply = send(bridge.transaction())[-1]
-    assert (reply.code, reply.enhanced) == (451, "4.3.0")
+    assert (reply.code, reply.enhanced) == answer  # a full disk: insufficient storage
     assert bridge.spooled() == []
-    assert "s9 the message could not be spooled: [Errno 28] No space left on device " \
+    assert f"s9 the message could not be spooled: [Errno {error}] {os.strerror(error)} " \
         "(the upstream: 451 4.3.0 Try again later)" in logged
+
+
+def test_a_message_that_would_overrun_max_size_is_not_kept(tmp_path):
+    """The budget is checked at MAIL (with what is being written) and again when the
+    message is kept: one that began while there was room, but no longer fits, is not."""
+    bridge = Bridge(tmp_path, max_size=1024)
+    bridge.upstream.replies["end_data"] = Reply(451, "4.3.0", "Try again later")
+    t = bridge.transaction()
+    replies = send(t, body=[b"Subject: big", b""] + [b"x" * 100] * 12)
+    assert replies[0].code == 250  # room at MAIL
+    assert (replies[-1].code, replies[-1].enhanced) == (452, "4.3.1")
+    assert bridge.spooled() == [] and bridge.spool.stored == 0 == bridge.spool.writing
+    assert queued(send(bridge.transaction())[-1])  # a small one still fits
+    assert 0 < bridge.spool.stored <= 1024
 

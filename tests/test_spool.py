@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import errno
 import os
 import stat
 from typing import Any
@@ -214,6 +215,17 @@ def test_the_size_budget(tmp_path: Any) -> None:
     assert spool.full()
     writer.discard()
     assert not spool.full()
+    # A commit that would go beyond max_size fails, and leaves nothing.
+    big = spool.writer()
+    big.write([b"y" * 900])
+    with pytest.raises(OSError) as raised:
+        big.commit(Envelope(big.id, "", ("b@example.com",), "office", 0.0, big.size))
+    assert raised.value.errno == errno.ENOSPC
+    assert spool.stored == spool.writing == 0 and spool.ids() == [] and tmp_files(spool) == []
+    small = spool.writer()
+    small.write([b"z" * 100])
+    small.commit(Envelope(small.id, "", ("b@example.com",), "office", 0.0, small.size))
+    assert spool.stored == os.path.getsize(spool.path(small.id)) and spool.writing == 0
 
 
 def test_message_lines_survive_any_chunking() -> None:
@@ -624,7 +636,6 @@ for message_id in spool.ids():
     with spool.data(message_id) as f:
         print("queued", len(f.read()))
 """
-    import errno
     import subprocess
     import sys
 
@@ -636,8 +647,6 @@ for message_id in spool.ids():
 
 
 def test_a_commit_the_threads_refuse_leaves_no_reserved_bytes(spool: Spool) -> None:
-    import errno
-
     from twisted.internet.defer import fail
 
     busy = QueueRunner(spool, FakeUpstream(), {ACCOUNT.name: Assignment((ROUTE,), ACCOUNT)},
@@ -694,8 +703,6 @@ def test_a_take_over_that_fails_leaves_nothing_behind(
     if failing == "state":
         os.mkdir(first.path(kept, "json"))  # its state cannot be moved there
     else:  # its state moved, the message cannot follow (another file system)
-        import errno
-
         def rename(source: str, target: str) -> None:
             raise OSError(errno.EXDEV, "Invalid cross-device link")
         monkeypatch.setattr(os, "rename", rename)

@@ -3,6 +3,7 @@ and the metrics read, and the spool that keeps the message when the upstream can
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
 
 from twisted.logger import Logger
@@ -13,7 +14,7 @@ from smtpbridge.errors import SMTPReplyError
 from smtpbridge.interfaces import IUpstreamSession, Params
 from smtpbridge.model import ClientInfo, MessageOutcome, Reply, UpstreamAccount, status_for
 from smtpbridge.ratelimit import Quota
-from smtpbridge.replies import QUEUE_FAILED
+from smtpbridge.replies import QUEUE_FAILED, SPOOL_FULL
 from smtpbridge.spoolfile import SafetyNet, SpoolWriter
 from smtpbridge.summary import queue_id as upstream_queue_id
 from smtpbridge.wire import reply_line
@@ -75,8 +76,9 @@ class TransactionRecord:
                       session=self._client.session_id, error=e,
                       upstream="" if self._why is None else
                       f" (the upstream: {reply_line(self._why)})")
-            self._note(QUEUE_FAILED, upstream=False)
-            return QUEUE_FAILED
+            refusal = SPOOL_FULL if e.errno in (errno.ENOSPC, errno.EDQUOT) else QUEUE_FAILED
+            self._note(refusal, upstream=False)
+            return refusal
         reply = Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
         self._note(reply, upstream=False, status="spooled", queue_id=queue_id, why=self._why)
         return reply

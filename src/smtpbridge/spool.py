@@ -62,8 +62,8 @@ def _unfinished(path: str) -> bool:
 class Spool:
     """A spool directory: messages written, committed, listed, updated and removed.
 
-    C{max_size} bounds the bytes it holds, committed and being written: L{full} says
-    when no new message should be taken.
+    C{max_size} bounds the bytes it holds: L{full} says when no new message should be
+    taken (counting those being written), and a commit that would go beyond it fails.
     """
 
     def __init__(self, directory: str, max_size: int) -> None:
@@ -131,11 +131,14 @@ class Spool:
         with self._lock:
             self.writing = max(0, self.writing - size)
 
-    def committed(self, written: int, stored: int) -> None:
-        """A message of C{written} bytes is stored, in a file of C{stored} bytes."""
+    def claim(self, size: int) -> bool:
+        """Count C{size} bytes of a message being committed, if they fit in C{max_size}
+        (what is being written besides does not count: the first to commit has it)."""
         with self._lock:
-            self.writing = max(0, self.writing - written)
-            self.stored += stored
+            if self.stored + size > self.max_size:
+                return False
+            self.stored += size
+            return True
 
     def forget(self, size: int) -> None:
         """C{size} bytes of stored messages are gone."""

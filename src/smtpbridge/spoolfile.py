@@ -147,19 +147,23 @@ class SpoolWriter:
         self._done = True
         spool = self._spool
         made: list[str] = []  # what this commit made, to remove if it fails
+        claimed = 0
         try:
             if self._error is not None:
                 raise self._error
             state = envelope.to_json().encode("utf-8")
-            if self._file is None:  # all of it in memory: one file, the envelope in it
+            embedded = self._file is None  # all of it in memory: one file, the envelope in it
+            stored = HEADER_SIZE + self.size + (len(state) if embedded else 0)
+            if not spool.claim(stored):
+                raise OSError(errno.ENOSPC, "the spool is full (max_size)")
+            claimed = stored
+            if embedded:
                 self._buffer.insert(0, state)
                 self._write_out(len(state))
                 self._sync()
-                stored = HEADER_SIZE + len(state) + self.size
             else:
                 self._write_out()
                 self._sync()
-                stored = HEADER_SIZE + self.size
                 temporary = os.path.join(spool.directory, "tmp", f"{self.id}.json")
                 made.append(temporary)
                 write_file(temporary, state)
@@ -176,9 +180,10 @@ class SpoolWriter:
                 with suppress(OSError):
                     os.unlink(leftover)
             spool.release(self.size)
+            spool.forget(claimed)
             raise
         self.stored = stored
-        spool.committed(self.size, stored)
+        spool.release(self.size)
 
     def _sync(self) -> None:
         f, self._file = self._file, None
@@ -254,7 +259,8 @@ def parse_envelope(path: str, state: bytes) -> Envelope:
 
 
 class Store(Protocol):
-    """What a writer needs of its spool: the directory, and the count of its bytes."""
+    """What a writer needs of its spool: the directory, and the count of its bytes
+    (being written: L{reserve}, L{release}; stored: L{claim}, L{forget})."""
 
     directory: str
 
@@ -262,7 +268,9 @@ class Store(Protocol):
 
     def release(self, size: int) -> None: ...
 
-    def committed(self, written: int, stored: int) -> None: ...
+    def claim(self, size: int) -> bool: ...
+
+    def forget(self, size: int) -> None: ...
 
 
 class SafetyNet(Protocol):
