@@ -456,6 +456,29 @@ def test_received_header_plain_helo_several_recipients(
     assert stored.sent == b"Subject: plain\r\n\r\nhello\r\n"
 
 
+def test_a_message_opening_with_a_folded_line_does_not_join_received(
+        bridge_for: Bridge, upstream_factory: Start, tmp_path: Any) -> None:
+    """A first line that begins with a blank would continue the bridge's Received:
+    field; an empty line goes between (the message then has no header section of its
+    own, as Postfix sends it)."""
+    server = upstream_factory()
+    bridge = bridge_for(route("default", server) + account(tmp_path, "main", server, "default")
+                        + '\n[credentials]\naccount = "main"\n')
+    client = RawClient(bridge.ports["legacy"])
+    assert client.code() == "220"
+    for command, code in ((b"HELO old-device", "250"), (f"MAIL FROM:<{DEVICE}>".encode(), "250"),
+                          (f"RCPT TO:<{RECIPIENT}>".encode(), "250"), (b"DATA", "354")):
+        client.send(command + b"\r\n")
+        assert client.code() == code
+    client.send(b"\tfolded first\r\nSubject: late\r\n\r\nhello\r\n.\r\n")
+    assert client.code() == "250"
+    quit_and_close(client)
+    [stored] = server.stored()
+    assert header_fields(stored.content)[1:] == []  # the Received: field alone
+    check_date(bridge_received(stored.content).rsplit("; ", 1)[1])
+    assert stored.sent == b"\r\n\tfolded first\r\nSubject: late\r\n\r\nhello\r\n"
+
+
 def test_no_received_header_when_turned_off(bridge_for: Bridge, upstream_factory: Start,
                                             certificate: tuple[str, str], tmp_path: Any,
                                             ) -> None:

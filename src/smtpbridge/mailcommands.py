@@ -76,6 +76,7 @@ class MailCommands(ServerSession):
         self._progress = 0  # body bytes since the idle deadline last restarted
         self._smtputf8 = False  # the transaction's MAIL FROM said SMTPUTF8
         self._body_refusal: Reply | None = None
+        self._opening = False  # the next body line is the first, after our Received:
         self._sender = ""
         self._started = 0.0  # when MAIL came
         self._waited = 0.0  # seconds since then spent waiting on the delivery
@@ -196,6 +197,7 @@ class MailCommands(ServerSession):
         self._size = self._progress = 0
         self._body_refusal = None
         self.setRawMode()
+        self._opening = self.settings.received_header
         if self.settings.received_header:
             now = datetime.datetime.fromtimestamp(self.services.clock.seconds(), datetime.UTC)
             transaction.write(received_header(
@@ -219,6 +221,10 @@ class MailCommands(ServerSession):
                 self._body_refusal = TOO_BIG
                 transaction.abort()
             else:
+                if self._opening:
+                    self._opening = False
+                    if lines[0][:1] in (b" ", b"\t"):  # it would fold into Received:
+                        lines = [b"", *lines]  # (so no header section, as Postfix does)
                 transaction.write(lines)
         if rest is not None:
             self._end_of_data(transaction, decoder.size, rest)
