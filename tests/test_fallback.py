@@ -160,6 +160,21 @@ def test_a_recipient_deferred_in_line_is_spooled_alone(tmp_path):
     assert "1 recipient(s) queued as " in final.text
 
 
+def test_recipients_left_of_a_message_the_upstream_took_are_kept_past_max_size(tmp_path):
+    """The upstream took the message for one recipient: a refusal of the other's copy
+    would have the device send it to both again, so the budget gives way."""
+    bridge = Bridge(tmp_path, max_size=100)  # room at MAIL; the message itself is bigger
+    bridge.upstream.replies[f"rcpt:{TWO}"] = Reply(452, "4.2.2", "Mailbox full")
+    final = send(bridge.transaction(), (ONE, TWO))[-1]
+    assert final.code == 250 and "1 recipient(s) queued as " in final.text
+    assert bridge.spooled() == [(SENDER, (TWO,), ON_DISK)] and bridge.spool.stored > 100
+    # A whole message, which can be refused as a whole, is held to the budget.
+    bridge.upstream.replies["end_data"] = Reply(451, "4.3.0", "Try again later")
+    assert bridge.spool.full()
+    assert send(bridge.transaction())[-1] == Reply(451, "4.3.0", "Try again later")
+    assert len(bridge.spooled()) == 1
+
+
 def test_a_recipient_refused_with_5xx_is_refused(tmp_path):
     bridge = Bridge(tmp_path)
     refusal = Reply(550, "5.1.1", "No such user")

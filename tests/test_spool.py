@@ -183,6 +183,26 @@ def test_what_a_crash_leaves_is_cleared_at_start(spool: Spool) -> None:
     assert again.stored == sum(os.path.getsize(again.path(i)) for i in again.ids())
 
 
+def test_a_message_of_the_first_format_that_cannot_be_moved_on_stays(spool: Spool) -> None:
+    queue = os.path.join(spool.directory, "queue")
+    os.mkdir(os.path.join(queue, "0000000000000001.eml"))  # (here: cannot be read)
+    envelope = Envelope("0000000000000001", "a@example.com", ("b@example.com",), "office",
+                        0.0, 10)
+    with open(os.path.join(queue, "0000000000000001.json"), "w") as f:
+        f.write(envelope.to_json())
+    spool.hold("0000000000000001")
+    kept = spool.writer()
+    kept.write(BODY)
+    kept.commit(Envelope(kept.id, "", ("b@example.com",), "office", 0.0, kept.size))
+    again = Spool(spool.directory, spool.max_size)
+    problems = again.prepare()  # the start goes on, and says what it could not do
+    assert len(problems) == 1 and problems[0].startswith("message 0000000000000001 ")
+    assert queue_files(again) == ["0000000000000001.eml", "0000000000000001.json",
+                                  f"{kept.id}.msg"]
+    assert again.ids() == [kept.id] and again.held("0000000000000001")
+    assert tmp_files(again) == []
+
+
 def test_messages_of_the_first_format_are_kept_and_delivered(spool: Spool) -> None:
     """A spool written before the envelope went into the message's file: data in
     ``<id>.eml``, envelope in ``<id>.json``."""
@@ -358,6 +378,18 @@ def test_a_temporary_failure_is_retried_on_a_doubling_schedule(spool: Spool) -> 
     del t.upstream.connect_errors[ROUTE.host]
     t.run(1000)
     assert len(t.upstream.messages) == 1 and spool.ids() == []
+
+
+def test_a_bounce_is_kept_past_max_size(spool: Spool) -> None:
+    """A full spool still takes the bounce that lets a refused message leave it."""
+    t = Runner(spool)
+    t.upstream.replies["rcpt:gone@example.com"] = Reply(550, "5.1.1", "No such user")
+    refused = t.keep(recipients=("gone@example.com",))
+    spool.max_size = spool.stored  # full
+    t.run()
+    t.run()
+    assert [m.recipients for m in t.upstream.messages] == [["scanner@example.com"]]
+    assert refused not in spool.ids() and spool.ids() == [] and spool.stored == 0
 
 
 def test_a_refusal_bounces_to_the_sender_through_the_same_account(spool: Spool) -> None:

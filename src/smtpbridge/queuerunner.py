@@ -136,7 +136,8 @@ class QueueRunner(Service):
     def startService(self) -> None:  # noqa: N802
         super().startService()
         self._stopping = False
-        self.spool.prepare()
+        for problem in self.spool.prepare():
+            log.error("spool: {problem}", problem=problem)
         for directory in self._adopt:
             moved, problems = adopt(self.spool, directory)
             if moved:
@@ -351,6 +352,7 @@ class QueueRunner(Service):
             failures=failed, original_headers=dsn.header_section(
                 data.read(dsn.HEADER_LIMIT + 1024).split(b"\r\n")), reason=reason)
         writer = self.writer()
+        writer.budgeted = False  # (it lets its message leave the spool)
         writer.write(lines)
         client = ClientInfo(envelope.client, 0, "spool", envelope.session)
         try:

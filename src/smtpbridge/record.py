@@ -63,11 +63,14 @@ class TransactionRecord:
 
     # The spool.
 
-    async def _keep(self, recipients: Sequence[str]) -> Reply:
-        """Spool the message for C{recipients}: 250 once it is durable."""
+    async def _keep(self, recipients: Sequence[str], delivered: bool = False) -> Reply:
+        """Spool the message for C{recipients}: 250 once it is durable.  C{delivered}:
+        the upstream took it for the other recipients, so that a refusal would have it
+        sent again: it is kept past the spool's max_size too."""
         writer, net, account = self._writer, self._net, self._account
         assert writer is not None and net is not None and account is not None
         self._writer = None
+        writer.budgeted = not delivered
         try:
             queue_id = await net.keep(writer, self._sender, recipients, account, self._params,
                                       self._client, tried=not self._always)

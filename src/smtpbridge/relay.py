@@ -352,7 +352,7 @@ class InlineTransaction(TransactionRecord):
             self._why = reply
             return await self._keep(self._accepted + self._deferred)
         if reply.positive and self._deferred:
-            queued = await self._keep(self._deferred)
+            queued = await self._keep(self._deferred, delivered=True)
             if not queued.positive:
                 return queued  # the deferred ones could not be kept: the client retries
             self._note(reply, upstream=True)

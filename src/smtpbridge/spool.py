@@ -73,10 +73,12 @@ class Spool:
         self.writing = 0  # bytes of messages being written
         self._lock = threading.Lock()
 
-    def prepare(self) -> None:
+    def prepare(self) -> list[str]:
         """Create the directories (0700); clear what a crash left in ``tmp/`` and ``run/``
         and message data without an envelope; count what is stored.  Only the one process
-        that owns the directory does this, when it starts."""
+        that owns the directory does this, when it starts.  Returns what it could not do
+        (messages of the first format it could not give their ``.msg``: they stay as they
+        are, and the next start tries again)."""
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         for name in SUBDIRECTORIES:
             os.makedirs(os.path.join(self.directory, name), mode=0o700, exist_ok=True)
@@ -88,10 +90,14 @@ class Spool:
                     os.unlink(os.path.join(self.directory, name, entry))
         queue = os.path.join(self.directory, "queue")
         names = set(os.listdir(queue))
+        problems = []
         for name in names:
             stem, _, suffix = name.rpartition(".")
             if suffix == "eml" and f"{stem}.json" in names:  # the first format's
-                upgrade(self.directory, stem)
+                try:
+                    upgrade(self.directory, stem)
+                except OSError as e:
+                    problems.append(f"message {stem} (kept as it was): {e.strerror or e}")
             elif suffix == "eml":  # its commit did not finish
                 with suppress(OSError):
                     os.unlink(os.path.join(queue, name))
@@ -100,7 +106,7 @@ class Spool:
         for name in names:
             stem, _, suffix = name.rpartition(".")
             path = os.path.join(queue, name)
-            if suffix == "json" and f"{stem}.msg" not in names:
+            if suffix == "json" and not {f"{stem}.msg", f"{stem}.eml"} & names:
                 with suppress(OSError):  # a removal that did not finish
                     os.unlink(path)
             elif suffix == "msg" and f"{stem}.json" not in names and _unfinished(path):
@@ -111,9 +117,10 @@ class Spool:
                     self.stored += os.path.getsize(path)
         for marker in ("hold", "flush"):  # markers of messages gone since (not "all")
             for name in os.listdir(os.path.join(self.directory, marker)):
-                if name != "all" and f"{name}.msg" not in names:
+                if name != "all" and not {f"{name}.msg", f"{name}.eml"} & names:
                     with suppress(OSError):
                         os.unlink(os.path.join(self.directory, marker, name))
+        return problems
 
     # Space.
 
@@ -131,13 +138,16 @@ class Spool:
         with self._lock:
             self.writing = max(0, self.writing - size)
 
-    def claim(self, size: int) -> bool:
-        """Count C{size} bytes of a message being committed, if they fit in C{max_size}
-        (what is being written besides does not count: the first to commit has it)."""
+    def claim(self, written: int, stored: int, budgeted: bool = True) -> bool:
+        """A message of C{written} bytes being committed counts as C{stored} bytes held
+        from now on; False (nothing changed) when C{budgeted} and they do not fit in
+        C{max_size} (what is being written besides does not count: the first to commit
+        has the room)."""
         with self._lock:
-            if self.stored + size > self.max_size:
+            if budgeted and self.stored + stored > self.max_size:
                 return False
-            self.stored += size
+            self.writing = max(0, self.writing - written)
+            self.stored += stored
             return True
 
     def forget(self, size: int) -> None:

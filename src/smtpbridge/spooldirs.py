@@ -72,11 +72,11 @@ def adopt(spool: Spool, directory: str) -> tuple[int, list[str]]:
     each message whole in one of the two."""
     other = Spool(directory, 0)
     try:
-        other.prepare()
+        problems = [f"{directory}: {problem}" for problem in other.prepare()]
         ids = other.ids()
     except OSError as e:
         return 0, [f"{directory}: {e.strerror or e}"]
-    moved, problems = 0, []
+    moved = 0
     for message_id in ids:
         try:
             _move(other, spool, message_id)

@@ -97,6 +97,9 @@ class SpoolWriter:
         self._done = False  # committed or discarded
         self.size = 0  # bytes of the message
         self.stored = 0  # bytes of its file in the queue, once committed
+        # False: kept even past the spool's max_size (a bounce, or the recipients left
+        # of a message the upstream took for the others: refusing it helps nobody).
+        self.budgeted = True
         spool.reserve(0)
 
     def write(self, lines: Sequence[bytes]) -> None:
@@ -147,14 +150,14 @@ class SpoolWriter:
         self._done = True
         spool = self._spool
         made: list[str] = []  # what this commit made, to remove if it fails
-        claimed = 0
+        claimed = 0  # its bytes, once counted as stored
         try:
             if self._error is not None:
                 raise self._error
             state = envelope.to_json().encode("utf-8")
             embedded = self._file is None  # all of it in memory: one file, the envelope in it
             stored = HEADER_SIZE + self.size + (len(state) if embedded else 0)
-            if not spool.claim(stored):
+            if not spool.claim(self.size, stored, self.budgeted):
                 raise OSError(errno.ENOSPC, "the spool is full (max_size)")
             claimed = stored
             if embedded:
@@ -172,18 +175,19 @@ class SpoolWriter:
             # replaced; this one fails instead, and the device tries again.
             _link(self._path, queue_path(spool.directory, self.id), made)
             fsync_directory(os.path.join(spool.directory, "queue"))
-        except OSError:
+        except BaseException:
             self._close()
             if self._created:
                 made.append(self._path)
             for leftover in reversed(made):  # the .msg first: without it, no message
                 with suppress(OSError):
                     os.unlink(leftover)
-            spool.release(self.size)
-            spool.forget(claimed)
+            if claimed:
+                spool.forget(claimed)
+            else:
+                spool.release(self.size)
             raise
         self.stored = stored
-        spool.release(self.size)
 
     def _sync(self) -> None:
         f, self._file = self._file, None
@@ -214,14 +218,19 @@ def upgrade(directory: str, message_id: str) -> None:
     old, new = queue_path(directory, message_id, "eml"), queue_path(directory, message_id)
     if not os.path.exists(new):  # (else a crash came after the link: the .msg is whole)
         temporary = os.path.join(directory, "tmp", f"{message_id}.msg")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with open(old, "rb") as source, os.fdopen(fd, "wb") as target:
-            target.write(_header(0))
-            shutil.copyfileobj(source, target)
-            target.flush()
-            os.fsync(target.fileno())
-        _link(temporary, new, [])
-        fsync_directory(os.path.join(directory, "queue"))
+        try:
+            with open(old, "rb") as source, os.fdopen(os.open(
+                    temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as target:
+                target.write(_header(0))
+                shutil.copyfileobj(source, target)
+                target.flush()
+                os.fsync(target.fileno())
+            _link(temporary, new, [])
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(temporary)
+            raise
+    fsync_directory(os.path.join(directory, "queue"))  # the .msg is there for good
     os.unlink(old)
 
 
@@ -260,7 +269,8 @@ def parse_envelope(path: str, state: bytes) -> Envelope:
 
 class Store(Protocol):
     """What a writer needs of its spool: the directory, and the count of its bytes
-    (being written: L{reserve}, L{release}; stored: L{claim}, L{forget})."""
+    (being written: L{reserve}, L{release}; from being written to stored: L{claim};
+    stored: L{forget})."""
 
     directory: str
 
@@ -268,7 +278,7 @@ class Store(Protocol):
 
     def release(self, size: int) -> None: ...
 
-    def claim(self, size: int) -> bool: ...
+    def claim(self, written: int, stored: int, budgeted: bool) -> bool: ...
 
     def forget(self, size: int) -> None: ...
 
