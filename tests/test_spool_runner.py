@@ -90,7 +90,9 @@ def test_a_refusal_whose_bounce_cannot_be_queued_keeps_the_message(spool: Spool)
     t.upstream.replies["rcpt:office@example.com"] = Reply(550, "5.1.1", "No such user")
     queue_id = t.keep()
     blocking = t.runner._run_blocking
-    t.runner._run_blocking = lambda call, *args: fail(OSError(errno.ENOSPC, "disk full"))
+    t.runner._run_blocking = lambda call, *args: (  # no commit goes through
+        fail(OSError(errno.ENOSPC, "disk full")) if call.__name__ == "commit"
+        else blocking(call, *args))
     t.run()
     assert spool.ids() == [queue_id]  # no bounce, so the message stays
     envelope = spool.load(queue_id)
@@ -103,6 +105,20 @@ def test_a_refusal_whose_bounce_cannot_be_queued_keeps_the_message(spool: Spool)
     assert bounce.recipients == ["scanner@example.com"]
     assert b"multipart/report" in bounce.body
     assert spool.ids() == []
+
+
+def test_a_new_state_is_written_outside_the_reactors_thread(spool: Spool) -> None:
+    """Its fsyncs run where the commits do: the reactor never waits on the disk."""
+    t = Runner(spool, first_retry=300, max_retry=300)
+    t.upstream.replies["rcpt:office@example.com"] = Reply(451, "4.2.1", "Later")
+    queue_id = t.keep()
+    blocking, called = t.runner._run_blocking, []
+    t.runner._run_blocking = lambda call, *args: (called.append(call.__name__),
+                                                  blocking(call, *args))[1]
+    t.run()
+    assert called == ["update"]
+    envelope = spool.load(queue_id)
+    assert envelope is not None and envelope.last_error == "451 4.2.1 Later"
 
 
 def test_the_retries_after_an_in_line_try_double(spool: Spool) -> None:

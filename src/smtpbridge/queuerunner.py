@@ -305,7 +305,7 @@ class QueueRunner(Service):
         later = now + self.settings.delay(attempts)
         updated = attr.evolve(envelope, recipients=tuple(outcome.deferred), attempts=attempts,
                               next_attempt=later, last_error=outcome.error)
-        if self.spool.update(updated):
+        if await self._run_blocking(self.spool.update, updated):  # (its fsyncs)
             log.info("{session} queue {id}: deferred ({error}); next attempt in {delay:g} s",
                      session=envelope.session, id=envelope.id, error=outcome.error,
                      delay=later - now)
