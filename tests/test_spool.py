@@ -632,12 +632,25 @@ def test_the_queue_command_acts_on_every_workers_spool(
     assert queue("flush", one)[0] == 0
     assert first.take_flush_requests() == {one} and second.take_flush_requests() == set()
     assert signalled == [1001]  # to worker 2, a signal alone would mean "flush all"
-    assert queue("show", "NOSUCHMESSAGE")[0] == 1
+    assert queue("show", "0000000000000000")[0] == 1  # no such message
     envelope = first.load(one)
     os.unlink(first.path(one))  # delivered between reading its envelope and its data
+    load = Spool.load
     monkeypatch.setattr(Spool, "load", lambda spool, message_id: envelope)
     code, said = queue("show", one)
     assert code == 1 and said.endswith(f"{one} left the queue just now\n")
+    monkeypatch.setattr(Spool, "load", load)
+    for action in ("show", "hold", "flush"):  # an id is never a path
+        code, said = queue(action, "../../escaped")
+        assert code == 2 and "not a queue id" in said
+    assert sorted(os.listdir(tmp_path)) == ["smtpbridge.toml", "spool"]
+    assert queue("show", three.lower())[0] == 0  # (as typed, in either case)
+    with open(first.path("00000000DEADBEEF"), "wb") as f:  # no spool file
+        f.write(b"garbage")
+    code, said = queue("list")
+    assert code == 0 and "00000000DEADBEEF: " in said and "not a spool file" in said
+    assert queue("delete", "00000000deadbeef") == (0, "00000000DEADBEEF deleted\n")
+    assert not os.path.exists(first.path("00000000DEADBEEF"))
     monkeypatch.undo()
     first.prepare()  # worker 1 starts again: the process ids it finds are gone
     assert first.runners() == [] and second.runners() == [1002]

@@ -236,7 +236,8 @@ def queue_commands(setup: Setup) -> None:
     assert upstream.stored() == [] and setup.spooled() == [first]  # held
     assert setup.queue("release", first).returncode == 0
     wait_for(lambda: len(upstream.stored()) == 1 and not setup.spooled())
-    assert setup.queue("show", "NOSUCHMESSAGE").returncode == 1
+    assert setup.queue("show", "0000000000000000").returncode == 1  # no such message
+    assert setup.queue("delete", "../spool").returncode == 2  # never a path
 
 
 def test_a_stop_lets_an_open_transaction_finish(setup: Setup) -> None:

@@ -107,6 +107,25 @@ def test_a_refusal_whose_bounce_cannot_be_queued_keeps_the_message(spool: Spool)
     assert spool.ids() == []
 
 
+def test_an_unreadable_message_deleted_by_the_queue_command_frees_its_space(
+        spool: Spool) -> None:
+    with open(spool.path("00000000DEADBEEF"), "wb") as f:
+        f.write(b"not a spool file" * 100)
+    t = Runner(spool)
+    t.runner.startService()  # it says so, and goes on
+    t.run()
+    assert spool.stored == 1600 and t.upstream.attempts == []
+    command = Spool(spool.directory, spool.max_size)
+    with command.locked("00000000DEADBEEF", read=False) as data:
+        assert data is not None
+        command.remove("00000000DEADBEEF")
+    command.request_flush("00000000DEADBEEF")
+    t.runner.flush()
+    t.run()
+    assert spool.ids() == [] and spool.stored == 0
+    t.runner.stopService()
+
+
 def test_a_new_state_is_written_outside_the_reactors_thread(spool: Spool) -> None:
     """Its fsyncs run where the commits do: the reactor never waits on the disk."""
     t = Runner(spool, first_retry=300, max_retry=300)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import time
@@ -20,6 +21,13 @@ from smtpbridge.spool import Spool
 from smtpbridge.spooldirs import spool_directories
 
 PROG = "smtpbridge: queue"
+
+
+def queue_id(text: str) -> str:
+    """A queue id as the bridge makes them (16 hex digits), never a path."""
+    if not re.fullmatch(r"[0-9A-Fa-f]{16}", text):
+        raise argparse.ArgumentTypeError(f"not a queue id (16 hex digits): {text!r}")
+    return text.upper()
 
 
 def add_command(commands: Any) -> None:
@@ -36,9 +44,9 @@ def add_command(commands: Any) -> None:
                        ("delete", "remove a message for good"),
                        ("hold", "keep a message from being delivered"),
                        ("release", "deliver a held message again (at once)")):
-        actions.add_parser(name, help=text).add_argument("id")
+        actions.add_parser(name, help=text).add_argument("id", type=queue_id)
     flush = actions.add_parser("flush", help="try every message (or one) now")
-    flush.add_argument("id", nargs="?")
+    flush.add_argument("id", nargs="?", type=queue_id)
     parser.set_defaults(func=main)
 
 
@@ -157,11 +165,12 @@ def _flush(spools: list[Spool], args: argparse.Namespace) -> int:
 
 
 def _delete(spools: list[Spool], args: argparse.Namespace) -> int:
-    found = _find(spools, args.id)
-    if found is None:
+    # Found by its file, not its envelope: one whose files cannot be read goes too.
+    spool = next((s for s in spools if os.path.exists(s.path(args.id))), None)
+    if spool is None:
+        print(f"{PROG}: no message {args.id}", file=sys.stderr)
         return 1
-    spool = found[1]
-    with spool.locked(args.id) as data:
+    with spool.locked(args.id, read=False) as data:
         if data is None:
             print(f"{PROG}: {args.id} is being delivered right now; try again",
                   file=sys.stderr)

@@ -147,8 +147,9 @@ class QueueRunner(Service):
                 log.error("spool: not taken over: {problem}", problem=problem)
         now = self._reactor.seconds()
         unreadable: list[str] = []
+        for message_id in self.spool.ids():  # (those unreadable too: `queue delete` them)
+            self._sizes[message_id] = self.spool.stored_size(message_id)
         for envelope in self.spool.envelopes(unreadable):
-            self._sizes[envelope.id] = self.spool.stored_size(envelope.id)
             self._schedule(envelope.id, max(now, envelope.next_attempt))
         for problem in unreadable:  # (left where it is, for the administrator)
             log.error("spool: message {problem}", problem=problem)

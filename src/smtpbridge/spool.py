@@ -36,6 +36,7 @@ from smtpbridge.spoolfile import (
     parse_envelope,
     queue_path,
     read_envelope,
+    skip_header,
     upgrade,
     write_file,
 )
@@ -247,11 +248,12 @@ class Spool:
             yield f
 
     @contextmanager
-    def locked(self, message_id: str) -> Iterator[BinaryIO | None]:
-        """The message (as L{data}), locked for one delivery attempt (or for the queue
-        command that changes it); None when it is gone or locked by another."""
+    def locked(self, message_id: str, read: bool = True) -> Iterator[BinaryIO | None]:
+        """The message (as L{data}; not read when not C{read}), locked for one delivery
+        attempt (or for the queue command that changes it); None when it is gone or
+        locked by another."""
         try:
-            f = open_data(self.path(message_id))
+            f = open(self.path(message_id), "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError:
             yield None
             return
@@ -261,6 +263,8 @@ class Spool:
             except BlockingIOError:
                 yield None
                 return
+            if read:
+                skip_header(f)
             yield f
 
     # The processes that deliver from this spool, for the queue command's signals.

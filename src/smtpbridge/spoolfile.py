@@ -234,11 +234,17 @@ def upgrade(directory: str, message_id: str) -> None:
     os.unlink(old)
 
 
+def skip_header(f: BinaryIO) -> None:
+    """C{f}, a ``.msg`` file, is read from where the message begins from now on."""
+    f.seek(0)
+    f.seek(HEADER_SIZE + envelope_size(f))
+
+
 def open_data(path: str) -> BinaryIO:
     """The ``.msg`` file at C{path}, opened and read from where the message begins."""
     f = open(path, "rb")  # noqa: SIM115 - the caller closes it
     try:
-        f.seek(HEADER_SIZE + envelope_size(f))
+        skip_header(f)
     except BaseException:
         f.close()
         raise
