@@ -216,6 +216,24 @@ def test_device_flow_slows_down_when_asked(endpoints, token_file):
     assert times[2] - times[1] >= 5.8  # 1 + 5 after slow_down
 
 
+def test_device_flow_waits_no_longer_than_its_timeout(endpoints, token_file, tmp_path):
+    """An endpoint asking for a long interval does not make the flow outlast --timeout,
+    and a client secret file that is no secret is refused (not read to its end)."""
+    endpoints.resource.device_answers.append(device_code_answer(interval=3600))
+    endpoints.resource.token_answers += [PENDING, PENDING]
+    command = device_command(endpoints, token_file)
+    command[command.index("--timeout") + 1] = "2"
+    result = run(command)
+    assert_failed(result, "no sign-in within 2 s, nothing written")
+    assert not os.path.exists(token_file)
+    assert len(endpoints.requests("/token")) == 1  # once, when the 2 s were up
+    huge = tmp_path / "client-secret"
+    huge.write_text("x" * 100_000)
+    result = run(device_command(endpoints, token_file, "--client-secret-file", str(huge)))
+    assert result.returncode != 0 and "longer than 65536 characters" in result.stderr
+    assert "x" * 100 not in result.stderr
+
+
 def test_device_flow_access_denied(endpoints, token_file):
     endpoints.resource.device_answers.append(device_code_answer())
     endpoints.resource.token_answers += [

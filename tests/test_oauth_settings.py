@@ -282,6 +282,14 @@ def test_keepalive_interval(token_dir):
                                    "'client_credentials'")
 
 
+@pytest.mark.parametrize("url", ["https://[::1/token", "https://t.example:port/token",
+                                 "http://t.example/token", "https://"])
+def test_a_token_url_that_is_none_is_a_clear_error(url):
+    text = f'grant = "client_credentials"\ntoken_url = "{url}"\n' \
+           'client_id = "x"\nscope = "s"\nclient_secret_env = "SMTPBRIDGE_TEST_SECRET"\n'
+    assert error_of(text).endswith("token_url: must be an https:// URL")
+
+
 def keepalive(clock: Clock, fetch: Fetches, path: str, interval: float = 86400.0,
               ) -> tuple[TokenKeepalive, CachedTokenSource]:
     source = CachedTokenSource(fetch, clock)

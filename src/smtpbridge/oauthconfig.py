@@ -79,7 +79,12 @@ PROVIDERS: dict[str, Provider] = {
 
 def is_https_url(url: str) -> bool:
     """True for an ``https://`` URL with a host: endpoints are never asked in clear text."""
-    return url.startswith("https://") and bool(urlsplit(url).hostname)
+    try:
+        parts = urlsplit(url)
+        return url.startswith("https://") and bool(parts.hostname) and \
+            (parts.port is None or parts.port > 0)
+    except ValueError:  # (an IPv6 literal left open, a port that is no number)
+        return False
 
 
 @attr.frozen

@@ -147,8 +147,9 @@ async def device_flow(reactor: Any, settings: LoginSettings,
     say(f"Waiting for the sign-in (up to {wait:.0f} s) ...")
     form = token_form(settings, grant_type=DEVICE_GRANT, device_code=device_code)
     deadline = reactor.seconds() + wait
-    while True:
-        await deferLater(reactor, interval, lambda: None)
+    while True:  # (an interval the endpoint asks for does not outlast the wait)
+        await deferLater(reactor, max(0.0, min(interval, deadline - reactor.seconds())),
+                         lambda: None)
         try:
             return await poster.post("token", settings.token_url, form)
         except LoginError as e:

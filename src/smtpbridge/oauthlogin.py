@@ -33,7 +33,7 @@ from smtpbridge.oauthflows import (
     device_flow,
     say,
 )
-from smtpbridge.oauthwire import read_text, write_atomically
+from smtpbridge.oauthwire import read_text, reason, write_atomically
 from smtpbridge.secret import Secret
 
 PROG = "smtpbridge: oauth-login"
@@ -164,8 +164,7 @@ def settings_from(args: argparse.Namespace) -> LoginSettings:
         try:
             client_secret = Secret(read_text(path))
         except (OSError, ValueError) as e:  # the text is not shown: it is a secret
-            raise LoginError(f"cannot read the client secret file {path}: "
-                             f"{getattr(e, 'strerror', None) or 'not UTF-8 text'}")
+            raise LoginError(f"cannot read the client secret file {path}: {reason(e)}")
         if not client_secret.value:
             raise LoginError(f"the client secret file {path} is empty")
     path = args.refresh_token_file  # checked now rather than after the sign-in

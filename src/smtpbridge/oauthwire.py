@@ -299,10 +299,18 @@ def transport_detail(failure: Failure) -> str:
     return f"unreachable: {clip(str(error) or type(error).__name__)}"
 
 
+#: The most a file holding a secret or a token may hold.
+SECRET_FILE_LIMIT = 64 * 1024
+
+
 def read_text(path: str) -> str:
-    """The stripped text of a UTF-8 file; OSError or ValueError, never with the content."""
+    """The stripped text of a UTF-8 file (at most L{SECRET_FILE_LIMIT} characters);
+    OSError or ValueError, never with the content."""
     with open(path, encoding="utf-8") as f:
-        return f.read().strip()
+        text = f.read(SECRET_FILE_LIMIT + 1)
+    if len(text) > SECRET_FILE_LIMIT:
+        raise ValueError(f"longer than {SECRET_FILE_LIMIT} characters")
+    return text.strip()
 
 
 def write_atomically(path: str, text: str, owner: tuple[int, int] | None = None) -> None:
