@@ -76,6 +76,18 @@ def test_hash_password_without_newline(
     assert verify_password("  spaces kept  ", capsys.readouterr().out.strip())
 
 
+def test_hash_password_refuses_what_is_no_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "stdin", FakeStdin("\udcff\udcfepass\n"))  # bytes, not UTF-8
+    assert cli.main(["hash-password"]) == 2
+    assert capsys.readouterr() == ("", "smtpbridge: the password is not UTF-8 text\n")
+    monkeypatch.setattr(sys, "stdin", FakeStdin("x" * 100_000))  # read no further than 4 KiB
+    assert cli.main(["hash-password"]) == 2
+    assert capsys.readouterr() == ("", "smtpbridge: a password is at most 4096 characters\n")
+    assert sys.stdin.read(1) == "x"
+
+
 @pytest.mark.parametrize("text", ["", "\n", "\r\n"])
 def test_hash_password_refuses_empty(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], text: str

@@ -129,6 +129,14 @@ def test_missing_file(tmp_path):
     assert str(info.value) == f"{path}: cannot read configuration: No such file or directory"
 
 
+def test_a_file_too_large_to_be_a_configuration(tmp_path):
+    path = tmp_path / "huge.toml"
+    path.write_bytes(b"#" * (1024 * 1024 + 1))
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value) == f"{path}: larger than 1 MiB: not a configuration"
+
+
 def test_secret_from_file_and_env(tmp_path):
     secret = tmp_path / "pw"
     secret.write_text("from-file\n")

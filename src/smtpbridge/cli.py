@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from smtpbridge.oauthconfig import OAuthSettings
 
 PROG = "smtpbridge"
+#: The longest password the command takes.
+MAX_PASSWORD = 4096
 
 
 class _InputError(Exception):
@@ -39,11 +41,17 @@ def _read_password() -> str:
         return first
     if sys.stdin is None:
         raise _InputError("no standard input")
-    line = sys.stdin.readline()
+    line = sys.stdin.readline(MAX_PASSWORD + 3)
     if line.endswith("\n"):
         line = line[:-1]
         if line.endswith("\r"):
             line = line[:-1]
+    if len(line) > MAX_PASSWORD:
+        raise _InputError(f"a password is at most {MAX_PASSWORD} characters")
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # (bytes that are no UTF-8, kept as surrogates)
+        raise _InputError("the password is not UTF-8 text") from None
     return line
 
 

@@ -53,6 +53,7 @@ TLS_MODES = ("implicit", "starttls", "none")
 AUTH_MODES = ("required", "optional")
 CLIENT_CERTIFICATE_MODES = ("none", "request", "require")
 DEFAULT_MAX_MESSAGE_SIZE = 36_700_160  # 35 MiB, like Microsoft 365's limit
+MAX_CONFIG = 1024 * 1024  # bytes: a configuration file is far smaller
 DEFAULT_TRUSTED_NETWORKS = (parse_network("127.0.0.0/8"), parse_network("::1/128"))
 
 
@@ -385,9 +386,12 @@ def load_config(path: str) -> Config:
     """Read and check the configuration file at C{path}."""
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            raw = f.read(MAX_CONFIG + 1)
     except OSError as e:
         raise ConfigError(path, None, f"cannot read configuration: {e.strerror}")
+    if len(raw) > MAX_CONFIG:
+        raise ConfigError(path, None, f"larger than {MAX_CONFIG // 1024 // 1024} MiB: "
+                          "not a configuration")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
