@@ -649,11 +649,28 @@ def test_the_queue_command_acts_on_every_workers_spool(
         f.write(b"garbage")
     code, said = queue("list")
     assert code == 0 and "00000000DEADBEEF: " in said and "not a spool file" in said
+    with open(first.path("00000000DEADBEEF", "json"), "w") as f:  # its state is fine
+        f.write(attr.evolve(envelope, id="00000000DEADBEEF").to_json())
+    code, said = queue("show", "00000000DEADBEEF")
+    assert code == 1 and said.endswith("cannot be read: " + first.path("00000000DEADBEEF")
+                                       + ": not a spool file\n")
     assert queue("delete", "00000000deadbeef") == (0, "00000000DEADBEEF deleted\n")
     assert not os.path.exists(first.path("00000000DEADBEEF"))
+    def denied(spool: Spool) -> list[str]:  # as for a user who may not read the spool
+        raise PermissionError(13, "Permission denied", os.path.join(spool.directory, "queue"))
+    monkeypatch.setattr(Spool, "ids", denied)
+    code, said = queue("list")
+    assert code == 1 and said.endswith("/queue: Permission denied\n")
     monkeypatch.undo()
     first.prepare()  # worker 1 starts again: the process ids it finds are gone
     assert first.runners() == [] and second.runners() == [1002]
+
+
+def test_the_queue_command_shows_no_terminal_controls() -> None:
+    from smtpbridge.queuecli import printable
+
+    assert printable("Subject: \x1b]0;owned\x07 hi\tthere\x9b") == \
+        "Subject: \\x1b]0;owned\\x07 hi\tthere\\x9b"
 
 
 def test_a_message_the_disk_cannot_hold_whole_is_not_kept(tmp_path: Any) -> None:

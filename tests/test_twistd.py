@@ -60,6 +60,15 @@ def test_missing_config_file(tmp_path):
                     "No such file or directory")
 
 
+def test_a_log_file_that_cannot_be_written(tmp_path):
+    path = demo_copy(tmp_path)
+    result = subprocess.run([TWISTD, "--nodaemon", "--pidfile=", f"--logfile={tmp_path}",
+                             "smtpbridge", "--config", path],
+                            capture_output=True, text=True, timeout=30)
+    line = one_line_error(result)
+    assert line == f"smtpbridge: cannot write the log: {tmp_path}: Is a directory"
+
+
 def test_unknown_key_and_wrong_type(tmp_path):
     path = demo_copy(tmp_path)
     text = open(path, encoding="utf-8").read()

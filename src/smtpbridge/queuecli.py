@@ -21,6 +21,7 @@ from smtpbridge.spool import Spool
 from smtpbridge.spooldirs import spool_directories
 
 PROG = "smtpbridge: queue"
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def queue_id(text: str) -> str:
@@ -66,7 +67,11 @@ def main(args: argparse.Namespace) -> int:
         return 1
     action = {"list": _list, "show": _show, "flush": _flush, "delete": _delete,
               "hold": _hold, "release": _release}[args.action]
-    code: int = action(spools, args)
+    try:
+        code: int = action(spools, args)
+    except OSError as e:  # (run as a user who may not read the spool, most often)
+        print(f"{PROG}: {e.filename or directory}: {e.strerror or e}", file=sys.stderr)
+        return 1
     return code
 
 
@@ -87,11 +92,11 @@ def _list(spools: list[Spool], args: argparse.Namespace) -> int:
     print(f"{'id':<16} {'age':>5} {'size':>9} {'tries':>5}  sender -> recipients")
     for envelope, spool in envelopes:
         held = " (held)" if spool.held(envelope.id) else ""
-        print(f"{envelope.id:<16} {_age(now - envelope.created):>5} {envelope.size:>9} "
-              f"{envelope.attempts:>5}  <{envelope.sender}> -> "
-              f"{', '.join(f'<{r}>' for r in envelope.recipients)}{held}")
-        if envelope.last_error:
-            print(f"{'':<16} last error: {envelope.last_error}")
+        print(printable(f"{envelope.id:<16} {_age(now - envelope.created):>5} "
+                        f"{envelope.size:>9} {envelope.attempts:>5}  <{envelope.sender}> -> "
+                        f"{', '.join(f'<{r}>' for r in envelope.recipients)}{held}"))
+        if envelope.last_error:  # (an upstream's words)
+            print(printable(f"{'':<16} last error: {envelope.last_error}"))
     print(f"{len(envelopes)} message(s), {sum(e.size for e, _ in envelopes)} bytes")
     return 0
 
@@ -119,16 +124,24 @@ def _show(spools: list[Spool], args: argparse.Namespace) -> int:
     print(envelope.to_json())
     print()
     try:
-        with spool.data(envelope.id) as f:
+        with spool.data(args.id) as f:
             header = f.read(64 * 1024)
     except FileNotFoundError:
         print(f"{PROG}: {args.id} left the queue just now", file=sys.stderr)
         return 1
+    except ValueError as e:
+        print(f"{PROG}: message {args.id} cannot be read: {e}", file=sys.stderr)
+        return 1
     for line in header.split(b"\r\n"):
         if not line:
             break
-        print(line.decode("utf-8", "replace"))
+        print(printable(line.decode("utf-8", "replace")))
     return 0
+
+
+def printable(text: str) -> str:
+    """C{text} with what a terminal would act on (escape sequences) made visible."""
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _signal(spools: list[Spool]) -> int:
@@ -164,9 +177,17 @@ def _flush(spools: list[Spool], args: argparse.Namespace) -> int:
     return 0
 
 
+def _holds(spool: Spool, message_id: str) -> bool:
+    try:
+        os.stat(spool.path(message_id))  # (a spool it may not read raises: said so)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _delete(spools: list[Spool], args: argparse.Namespace) -> int:
     # Found by its file, not its envelope: one whose files cannot be read goes too.
-    spool = next((s for s in spools if os.path.exists(s.path(args.id))), None)
+    spool = next((s for s in spools if _holds(s, args.id)), None)
     if spool is None:
         print(f"{PROG}: no message {args.id}", file=sys.stderr)
         return 1

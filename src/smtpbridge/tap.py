@@ -59,7 +59,11 @@ def makeService(options: Options) -> object:  # noqa: N802
         raise SystemExit(1)
     # twistd's own options say where the log goes; [log] format says how.
     twistd_options = getattr(options, "parent", None)
-    output = twistd_output(twistd_options) if twistd_options is not None else None
+    try:
+        output = twistd_output(twistd_options) if twistd_options is not None else None
+    except OSError as e:
+        sys.stderr.write(f"smtpbridge: cannot write the log: {e.filename}: {e.strerror}\n")
+        raise SystemExit(1)
     if output is None:
         return service
     root = LoggingRoot(log_observer(config.log.format, output))
