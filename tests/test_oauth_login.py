@@ -234,6 +234,27 @@ def test_device_flow_waits_no_longer_than_its_timeout(endpoints, token_file, tmp
     assert "x" * 100 not in result.stderr
 
 
+def test_an_interrupted_sign_in_fails(endpoints, token_file):
+    """Ctrl-C while waiting: a failure a script can see, and nothing written."""
+    import signal
+
+    endpoints.resource.device_answers.append(device_code_answer())
+    endpoints.resource.token_answers += [PENDING] * 20
+    process = subprocess.Popen(device_command(endpoints, token_file), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stdout:
+            if line.startswith("Waiting for the sign-in"):
+                break
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert err == "smtpbridge: oauth-login: interrupted, nothing written\n"
+    assert not os.path.exists(token_file)
+
+
 def test_device_flow_access_denied(endpoints, token_file):
     endpoints.resource.device_answers.append(device_code_answer())
     endpoints.resource.token_answers += [

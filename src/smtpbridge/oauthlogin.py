@@ -84,15 +84,22 @@ def add_command(commands: Any) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """The command's entry point: run the login on the global reactor; the exit status."""
+    ended: list[int] = []
+
     async def run(reactor: Any) -> None:
         code = await login(reactor, args)
+        ended.append(code)
         if code:
             raise SystemExit(code)
 
     try:
         react(run)
     except SystemExit as e:
-        return e.code if isinstance(e.code, int) else 1
+        if ended:
+            return e.code if isinstance(e.code, int) else 1
+    if not ended:  # stopped by a signal (Ctrl-C) before the sign-in ended
+        say(f"{PROG}: interrupted, nothing written", sys.stderr)
+        return 130
     return 0
 
 def fail(reason: str) -> int:
