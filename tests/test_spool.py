@@ -666,6 +666,16 @@ def test_the_queue_command_acts_on_every_workers_spool(
     assert first.runners() == [] and second.runners() == [1002]
 
 
+def test_a_process_id_taken_by_another_process_gets_no_signal(spool: Spool) -> None:
+    """After a crash, the runner's process id may be another process's by now: the
+    queue command's SIGUSR1 (which ends a process that does not catch it) is not sent."""
+    spool.register(os.getpid())
+    assert spool.runners() == [os.getpid()]
+    with open(os.path.join(spool.directory, "run", str(os.getpid())), "w") as f:
+        f.write("1")  # another process, started at another time, registered this id
+    assert spool.runners() == []
+
+
 def test_the_queue_command_shows_no_terminal_controls() -> None:
     from smtpbridge.queuecli import printable
 

@@ -50,6 +50,16 @@ def new_id(now: float) -> str:
     return f"{int(now):08X}{secrets.token_hex(4).upper()}"
 
 
+def _started(pid: int) -> str:
+    """When process C{pid} started (in clock ticks since boot), as /proc says; "" when
+    that cannot be known."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode("ascii")
+    except (OSError, IndexError):
+        return ""
+
+
 def _unfinished(path: str) -> bool:
     """True for a ``.msg`` with no envelope in it or beside it: the commit of a large
     message that a crash cut before the device heard 250 (a file that is no spool file
@@ -270,16 +280,27 @@ class Spool:
     # The processes that deliver from this spool, for the queue command's signals.
 
     def register(self, pid: int) -> None:
-        write_file(os.path.join(self.directory, "run", str(pid)), b"")
+        write_file(os.path.join(self.directory, "run", str(pid)), _started(pid).encode())
 
     def unregister(self, pid: int) -> None:
         with suppress(FileNotFoundError):
             os.unlink(os.path.join(self.directory, "run", str(pid)))
 
     def runners(self) -> list[int]:
-        """The process ids that registered (some may be gone)."""
-        return [int(name) for name in os.listdir(os.path.join(self.directory, "run"))
-                if name.isdigit()]
+        """The process ids that registered (some may be gone; one another process took
+        since, after a crash, is left out: it must not get the queue's signals)."""
+        found = []
+        for name in os.listdir(os.path.join(self.directory, "run")):
+            if not name.isdigit():
+                continue
+            try:
+                with open(os.path.join(self.directory, "run", name), "rb") as f:
+                    started = f.read(64).decode("ascii", "replace")
+            except OSError:
+                continue
+            if not started or started == _started(int(name)):
+                found.append(int(name))
+        return found
 
     # Markers the queue command leaves for the runner.
 
