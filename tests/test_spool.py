@@ -620,7 +620,10 @@ def test_the_queue_command_acts_on_every_workers_spool(
     code, listing = queue("list")
     assert code == 0 and "3 message(s)" in listing
     assert all(i in listing for i in (one, two, three))
-    assert queue("hold", three)[0] == 0 and second.held(three)
+    assert queue("hold", three) == (0, f"{three} held\n") and second.held(three)
+    with second.locked(three):  # as the runner holds it while it delivers
+        assert queue("hold", three) == (
+            0, f"{three} held; the delivery attempt under way right now goes on\n")
     assert queue("delete", two)[0] == 0 and second.ids() == [three]
     # The running worker is told, so that it stops counting the message's space.
     assert second.take_flush_requests() == {two} and signalled == [1002]

@@ -207,8 +207,12 @@ def _hold(spools: list[Spool], args: argparse.Namespace) -> int:
     found = _find(spools, args.id)
     if found is None:
         return 1
-    found[1].hold(args.id)
-    print(f"{args.id} held")
+    spool = found[1]
+    spool.hold(args.id)
+    with spool.locked(args.id, read=False) as data:
+        under_way = data is None and _holds(spool, args.id)
+    print(f"{args.id} held" + ("; the delivery attempt under way right now goes on"
+                               if under_way else ""))
     return 0
 
 
