@@ -381,6 +381,15 @@ def test_owner_needs_root(token_file):
     assert_failed(result, f"--owner {other} needs root")
 
 
+def test_proxy_credentials_are_never_taken_on_the_command_line(endpoints, token_file):
+    result = run(device_command(endpoints, token_file, "--proxy",
+                                "http://bob:pw-on-argv@127.0.0.1:3128"), env={})
+    line = assert_failed(result, "--proxy: credentials are not given on the command line",
+                         "HTTPS_PROXY")
+    assert_secret_free(line + result.stdout, "pw-on-argv")
+    assert endpoints.resource.requests == []  # refused before anything was asked
+
+
 @pytest.mark.skipif(shutil.which("tinyproxy") is None, reason="tinyproxy is not installed")
 @pytest.mark.parametrize("how", ["--proxy", "HTTPS_PROXY"])
 def test_the_login_goes_through_a_proxy(endpoints, token_file, tmp_path, how):

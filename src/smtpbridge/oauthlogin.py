@@ -14,7 +14,7 @@ import pwd
 import stat
 import sys
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from twisted.internet.task import react
 
@@ -198,6 +198,9 @@ def login_proxy(given: str | None, token_url: str) -> str | None:
         else environment_proxy(token_url)
     if proxy is not None and (problem := proxy_problem(proxy)) is not None:
         raise LoginError(f"{source}: {problem}")
+    if given and urlsplit(given).username is not None:  # (a command line is for all to see)
+        raise LoginError("--proxy: credentials are not given on the command line; give the "
+                         "proxy URL with them in the HTTPS_PROXY environment variable instead")
     return proxy
 
 
