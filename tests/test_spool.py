@@ -751,6 +751,7 @@ def test_a_message_never_replaces_another_of_the_same_id(spool: Spool) -> None:
         assert f.read() == b"first\r\n"
     assert tmp_files(spool) == [] and spool.writing == 0
     assert spool.stored == os.path.getsize(spool.path(first.id))
+    assert spool.sizes == {first.id: spool.stored}  # the first one's count stays
 
 
 def test_a_writer_removes_only_files_it_made(spool: Spool) -> None:

@@ -41,7 +41,7 @@ def test_a_message_deleted_by_the_queue_command_frees_its_space_in_the_bridge(
     assert spool.ids() == [] and spool.stored == 0
     t.run(3600)  # and nothing is counted twice
     assert spool.stored == 0 and len(t.upstream.attempts) == 1
-    assert t.runner._sizes == {}  # nothing kept of the message either
+    assert spool.sizes == {}  # nothing kept of the message either
 
 
 def test_a_message_held_while_it_waits_for_its_turn_is_not_delivered(spool: Spool) -> None:
@@ -82,7 +82,7 @@ def test_an_attempt_that_breaks_is_made_again_later(spool: Spool,
     assert len(t.upstream.attempts) == 1
     t.run(1)
     assert len(t.upstream.messages) == 1 and spool.ids() == []
-    assert t.runner._broken == {} and t.runner._sizes == {}  # nothing kept once delivered
+    assert t.runner._broken == {} and spool.sizes == {}  # nothing kept once delivered
 
 
 def test_a_refusal_whose_bounce_cannot_be_queued_keeps_the_message(spool: Spool) -> None:

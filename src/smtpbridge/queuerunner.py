@@ -82,7 +82,6 @@ class QueueRunner(Service):
         self._hostname = hostname
         self._run_blocking = run_blocking
         self._timers: dict[str, IDelayedCall] = {}
-        self._sizes: dict[str, int] = {}  # bytes the spool counts for each queued message
         self._broken: dict[str, int] = {}  # attempts that raised in a row, by message
         self._routes: dict[str, DeferredSemaphore] = {}
         self._sessions: set[IUpstreamSession] = set()
@@ -121,7 +120,6 @@ class QueueRunner(Service):
                          "recipient(s), {size} bytes, account {account}",
                          session=envelope.session, id=envelope.id, sender=sender,
                          count=len(recipients), size=envelope.size, account=account.name)
-            self._sizes[envelope.id] = writer.stored
             self._schedule(envelope.id, first)
             return envelope.id
 
@@ -147,8 +145,6 @@ class QueueRunner(Service):
                 log.error("spool: not taken over: {problem}", problem=problem)
         now = self._reactor.seconds()
         unreadable: list[str] = []
-        for message_id in self.spool.ids():  # (those unreadable too: `queue delete` them)
-            self._sizes[message_id] = self.spool.stored_size(message_id)
         for envelope in self.spool.envelopes(unreadable):
             self._schedule(envelope.id, max(now, envelope.next_attempt))
         for problem in unreadable:  # (left where it is, for the administrator)
@@ -218,9 +214,7 @@ class QueueRunner(Service):
     def _gone(self, message_id: str) -> None:
         """The message left the queue without this runner (``smtpbridge queue delete``):
         the spool no longer counts its bytes."""
-        size = self._sizes.pop(message_id, None)
-        if size is not None:
-            self.spool.forget(size)
+        self.spool.gone(message_id)
 
     # Delivery.
 
@@ -297,7 +291,6 @@ class QueueRunner(Service):
         self._summarize(envelope, assignment, delivered, outcome, now)
         if not outcome.deferred:
             self.spool.remove(envelope.id)
-            self._sizes.pop(envelope.id, None)
             log.info("{session} queue {id}: done after {attempts} attempt(s): {delivered} "
                      "delivered, {failed} bounced", session=envelope.session,
                      id=envelope.id, attempts=attempts, delivered=len(delivered),

@@ -19,6 +19,7 @@ Only blocking file operations, no reactor: the callers choose the thread.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import secrets
@@ -81,6 +82,7 @@ class Spool:
         self.directory = directory
         self.max_size = max_size
         self.stored = 0  # bytes of committed messages
+        self.sizes: dict[str, int] = {}  # of each of them, by id
         self.writing = 0  # bytes of messages being written
         self._lock = threading.Lock()
 
@@ -114,6 +116,7 @@ class Spool:
                     os.unlink(os.path.join(queue, name))
         names = set(os.listdir(queue))
         self.stored = 0
+        self.sizes.clear()
         for name in names:
             stem, _, suffix = name.rpartition(".")
             path = os.path.join(queue, name)
@@ -125,7 +128,8 @@ class Spool:
                     os.unlink(path)
             elif suffix == "msg":
                 with suppress(OSError):
-                    self.stored += os.path.getsize(path)
+                    self.sizes[stem] = os.path.getsize(path)
+                    self.stored += self.sizes[stem]
         for marker in ("hold", "flush"):  # markers of messages gone since (not "all")
             for name in os.listdir(os.path.join(self.directory, marker)):
                 if name != "all" and not {f"{name}.msg", f"{name}.eml"} & names:
@@ -149,27 +153,33 @@ class Spool:
         with self._lock:
             self.writing = max(0, self.writing - size)
 
-    def claim(self, written: int, stored: int, budgeted: bool = True) -> bool:
+    def claim(self, message_id: str, written: int, stored: int,
+              budgeted: bool = True) -> bool:
         """A message of C{written} bytes being committed counts as C{stored} bytes held
         from now on; False (nothing changed) when C{budgeted} and they do not fit in
         C{max_size} (what is being written besides does not count: the first to commit
         has the room)."""
         with self._lock:
+            if message_id in self.sizes:  # (ids are random: once in four billion)
+                raise FileExistsError(errno.EEXIST, f"a message {message_id} is queued")
             if budgeted and self.stored + stored > self.max_size:
                 return False
             self.writing = max(0, self.writing - written)
             self.stored += stored
+            self.sizes[message_id] = stored
             return True
 
-    def forget(self, size: int) -> None:
-        """C{size} bytes of stored messages are gone."""
+    def gone(self, message_id: str) -> None:
+        """The message is no longer held (removed, here or by the queue command, or its
+        commit failed): its bytes no longer count."""
         with self._lock:
-            self.stored = max(0, self.stored - size)
+            self.stored = max(0, self.stored - self.sizes.pop(message_id, 0))
 
-    def counted(self, size: int) -> None:
-        """C{size} bytes of stored messages arrived (taken over from another spool)."""
-        with self._lock:
-            self.stored += size
+    def counted(self, message_id: str) -> None:
+        """The message arrived (taken over from another spool): its bytes count."""
+        with suppress(OSError), self._lock:
+            self.sizes[message_id] = os.path.getsize(self.path(message_id))
+            self.stored += self.sizes[message_id]
 
     # Messages.
 
@@ -178,13 +188,6 @@ class Spool:
 
     def path(self, message_id: str, suffix: str = "msg") -> str:
         return queue_path(self.directory, message_id, suffix)
-
-    def stored_size(self, message_id: str) -> int:
-        """The bytes the message takes in the queue (0: gone)."""
-        try:
-            return os.path.getsize(self.path(message_id))
-        except FileNotFoundError:
-            return 0
 
     def ids(self) -> list[str]:
         """The ids of every message in the queue, oldest first."""
@@ -239,10 +242,9 @@ class Spool:
         False when it was not there."""
         existed = False
         with suppress(FileNotFoundError):
-            size = os.path.getsize(self.path(message_id))
             os.unlink(self.path(message_id))
-            self.forget(size)
             existed = True
+        self.gone(message_id)
         with suppress(FileNotFoundError):
             os.unlink(self.path(message_id, "json"))
         for marker in ("hold", "flush"):

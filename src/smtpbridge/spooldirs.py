@@ -119,7 +119,7 @@ def _move(other: Spool, spool: Spool, message_id: str) -> None:
             fsync_directory(os.path.join(directory, "queue"))
     with suppress(OSError):
         os.unlink(other.path(message_id, "json"))
-    spool.counted(spool.stored_size(message_id))
+    spool.counted(message_id)
     flush = os.path.join(other.directory, "flush", message_id)
     with suppress(OSError):
         other.hold(message_id, on=False)

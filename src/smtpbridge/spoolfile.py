@@ -96,7 +96,6 @@ class SpoolWriter:
         self._created = False  # the file in tmp/ is ours (not another's of the same id)
         self._done = False  # committed or discarded
         self.size = 0  # bytes of the message
-        self.stored = 0  # bytes of its file in the queue, once committed
         # False: kept even past the spool's max_size (a bounce, or the recipients left
         # of a message the upstream took for the others: refusing it helps nobody).
         self.budgeted = True
@@ -150,16 +149,16 @@ class SpoolWriter:
         self._done = True
         spool = self._spool
         made: list[str] = []  # what this commit made, to remove if it fails
-        claimed = 0  # its bytes, once counted as stored
+        claimed = False  # its bytes count as stored
         try:
             if self._error is not None:
                 raise self._error
             state = envelope.to_json().encode("utf-8")
             embedded = self._file is None  # all of it in memory: one file, the envelope in it
             stored = HEADER_SIZE + self.size + (len(state) if embedded else 0)
-            if not spool.claim(self.size, stored, self.budgeted):
+            if not spool.claim(self.id, self.size, stored, self.budgeted):
                 raise OSError(errno.ENOSPC, "the spool is full (max_size)")
-            claimed = stored
+            claimed = True
             if embedded:
                 self._buffer.insert(0, state)
                 self._write_out(len(state))
@@ -183,11 +182,10 @@ class SpoolWriter:
                 with suppress(OSError):
                     os.unlink(leftover)
             if claimed:
-                spool.forget(claimed)
+                spool.gone(self.id)
             else:
                 spool.release(self.size)
             raise
-        self.stored = stored
 
     def _sync(self) -> None:
         f, self._file = self._file, None
@@ -276,7 +274,7 @@ def parse_envelope(path: str, state: bytes) -> Envelope:
 class Store(Protocol):
     """What a writer needs of its spool: the directory, and the count of its bytes
     (being written: L{reserve}, L{release}; from being written to stored: L{claim};
-    stored: L{forget})."""
+    stored: L{gone})."""
 
     directory: str
 
@@ -284,9 +282,9 @@ class Store(Protocol):
 
     def release(self, size: int) -> None: ...
 
-    def claim(self, written: int, stored: int, budgeted: bool) -> bool: ...
+    def claim(self, message_id: str, written: int, stored: int, budgeted: bool) -> bool: ...
 
-    def forget(self, size: int) -> None: ...
+    def gone(self, message_id: str) -> None: ...
 
 
 class SafetyNet(Protocol):
