@@ -149,6 +149,11 @@ def test_secret_from_file_and_env(tmp_path):
     assert "from-env" not in repr(config) and "from-env" not in str(config.accounts)
     message = error_of(with_file.replace('"pw"', '"missing"'), str(tmp_path / "c.toml"))
     assert "credentials.password_file: cannot read" in message
+    secret.write_text("x" * (64 * 1024 + 1))  # no secret: not read to its end
+    message = error_of(with_file, str(tmp_path / "c.toml"))
+    assert message.endswith(f"credentials.password_file: {secret} is longer than 65536 "
+                            "characters") and "xxxx" not in message
+    secret.write_text("from-file\n")
     both = MINIMAL.replace('password_env', 'password_file = "pw"\npassword_env')
     assert "not both" in error_of(both, str(tmp_path / "c.toml"))
 

@@ -35,6 +35,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from smtpbridge.oauthconfig import proxy_name
+from smtpbridge.secret import SECRET_FILE_LIMIT
 from smtpbridge.tls import load_certificates
 
 DETAIL_LIMIT = 200
@@ -297,10 +298,6 @@ def transport_detail(failure: Failure) -> str:
         reason = "; ".join(str(e[-1]) for e in errors if isinstance(e, tuple) and e)
         return f"unreachable: TLS failed: {clip(reason or type(error).__name__)}"
     return f"unreachable: {clip(str(error) or type(error).__name__)}"
-
-
-#: The most a file holding a secret or a token may hold.
-SECRET_FILE_LIMIT = 64 * 1024
 
 
 def read_text(path: str) -> str:

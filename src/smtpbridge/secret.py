@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import attr
 
+#: The most a file holding a secret or a token may hold, in characters.
+SECRET_FILE_LIMIT = 64 * 1024
+
 
 @attr.frozen(repr=False)
 class Secret:

@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from smtpbridge.errors import ConfigError
-from smtpbridge.secret import Secret
+from smtpbridge.secret import SECRET_FILE_LIMIT, Secret
 
 #: A host name as a greeting, EHLO and Received: carry it.
 _HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
@@ -123,7 +123,11 @@ class Table:
             self.secret_files.append((self.key(f"{key}_file"), from_file))
             try:
                 with open(from_file, encoding="utf-8") as f:
-                    value = f.read().strip("\r\n")
+                    value = f.read(SECRET_FILE_LIMIT + 1)
+                if len(value) > SECRET_FILE_LIMIT:
+                    raise self.error(f"{key}_file", f"{from_file} is longer than "
+                                                    f"{SECRET_FILE_LIMIT} characters")
+                value = value.strip("\r\n")
             except OSError as e:
                 raise self.error(f"{key}_file", f"cannot read {from_file}: {e.strerror}")
             except UnicodeDecodeError:
