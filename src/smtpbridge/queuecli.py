@@ -186,29 +186,48 @@ def _holds(spool: Spool, message_id: str) -> bool:
 
 
 def _delete(spools: list[Spool], args: argparse.Namespace) -> int:
-    # Found by its file, not its envelope: one whose files cannot be read goes too.
-    spool = next((s for s in spools if _holds(s, args.id)), None)
-    if spool is None:
-        print(f"{PROG}: no message {args.id}", file=sys.stderr)
-        return 1
-    with spool.locked(args.id, read=False) as data:
-        if data is None:
+    for _ in range(len(spools)):  # (again where a starting worker moved it meanwhile)
+        # Found by its file, not its envelope: one whose files cannot be read goes too.
+        spool = next((s for s in spools if _holds(s, args.id)), None)
+        if spool is None:
+            print(f"{PROG}: no message {args.id}", file=sys.stderr)
+            return 1
+        with spool.locked(args.id, read=False) as data:
+            if data is not None:
+                spool.remove(args.id)
+                break
+        if _holds(spool, args.id):
             print(f"{PROG}: {args.id} is being delivered right now; try again",
                   file=sys.stderr)
             return 1
-        spool.remove(args.id)
+    else:
+        print(f"{PROG}: {args.id} is being moved between spools; try again", file=sys.stderr)
+        return 1
     spool.request_flush(args.id)  # the running bridge sees it gone, and its space free
     _signal([spool])
     print(f"{args.id} deleted")
     return 0
 
 
+def _mark(spools: list[Spool], message_id: str, held: bool) -> Spool | None:
+    """Hold the message, or release it; None (and said so) when no spool has it.  A
+    message a starting worker takes over meanwhile is marked again where it went."""
+    for _ in range(len(spools)):
+        found = _find(spools, message_id)
+        if found is None:
+            return None
+        spool = found[1]
+        spool.hold(message_id, on=held)
+        if _holds(spool, message_id):
+            return spool
+    print(f"{PROG}: {message_id} is being moved between spools; try again", file=sys.stderr)
+    return None
+
+
 def _hold(spools: list[Spool], args: argparse.Namespace) -> int:
-    found = _find(spools, args.id)
-    if found is None:
+    spool = _mark(spools, args.id, True)
+    if spool is None:
         return 1
-    spool = found[1]
-    spool.hold(args.id)
     with spool.locked(args.id, read=False) as data:
         under_way = data is None and _holds(spool, args.id)
     print(f"{args.id} held" + ("; the delivery attempt under way right now goes on"
@@ -217,11 +236,9 @@ def _hold(spools: list[Spool], args: argparse.Namespace) -> int:
 
 
 def _release(spools: list[Spool], args: argparse.Namespace) -> int:
-    found = _find(spools, args.id)
-    if found is None:
+    spool = _mark(spools, args.id, False)
+    if spool is None:
         return 1
-    spool = found[1]
-    spool.hold(args.id, on=False)
     spool.request_flush(args.id)
     _signal([spool])
     print(f"{args.id} released")

@@ -37,6 +37,7 @@ from smtpbridge.spoolfile import (
     parse_envelope,
     queue_path,
     read_envelope,
+    same_file,
     skip_header,
     upgrade,
     write_file,
@@ -273,6 +274,9 @@ class Spool:
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                yield None
+                return
+            if not same_file(f, self.path(message_id)):  # removed or moved meanwhile
                 yield None
                 return
             if read:

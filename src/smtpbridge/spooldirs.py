@@ -93,6 +93,17 @@ def adopt(spool: Spool, directory: str) -> tuple[int, list[str]]:
 def _move(other: Spool, spool: Spool, message_id: str) -> None:
     if os.path.exists(spool.path(message_id)):
         raise FileExistsError(errno.EEXIST, f"a message of that id is in {spool.directory}")
+    # Locked while it moves, as a delivery would lock it: a queue command's delete waits
+    # for neither, and one that has the message now leaves it here for the next start.
+    with other.locked(message_id, read=False) as locked:
+        if locked is None:
+            if os.path.exists(other.path(message_id)):
+                raise OSError(errno.EBUSY, "a queue command has it; left for the next start")
+            return  # deleted meanwhile
+        _move_locked(other, spool, message_id)
+
+
+def _move_locked(other: Spool, spool: Spool, message_id: str) -> None:
     held = other.held(message_id)
     if held:  # held before it arrives, so that it is never sent
         spool.hold(message_id)
@@ -122,6 +133,10 @@ def _move(other: Spool, spool: Spool, message_id: str) -> None:
     spool.counted(message_id)
     flush = os.path.join(other.directory, "flush", message_id)
     with suppress(OSError):
+        # A queue command's hold or release until now counts (one after it finds the
+        # message gone from here and does it again where it went).
+        if other.held(message_id) != held:
+            spool.hold(message_id, on=not held)
         other.hold(message_id, on=False)
         if os.path.exists(flush):  # asked to be tried at once: still so
             spool.request_flush(message_id)

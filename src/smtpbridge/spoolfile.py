@@ -57,6 +57,16 @@ def fsync_directory(path: str) -> None:
         os.close(fd)
 
 
+def same_file(f: BinaryIO, path: str) -> bool:
+    """True when C{path} still names the file C{f} is open on."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(f.fileno())
+    return (opened.st_dev, opened.st_ino) == (named.st_dev, named.st_ino)
+
+
 def _link(temporary: str, final: str, made: list[str]) -> None:
     """Move C{temporary} (in ``tmp/``) to C{final}, which must not exist."""
     os.link(temporary, final)

@@ -1,0 +1,120 @@
+"""A spool taken over at start (the number of workers changed) while the queue command
+acts on its messages: each interleaving ends as the command said it did."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from smtpbridge import queuecli, spooldirs
+from smtpbridge.cli import main
+from smtpbridge.spool import Spool
+from smtpbridge.spooldirs import adopt, worker_directory
+from tests.test_config import MINIMAL
+from tests.test_spool import kept_in
+
+
+def taking_over(tmp_path: Path) -> tuple[str, Spool, str, Spool]:
+    """A message left by a single process before, and the spool of worker 1, which
+    takes it over when it starts."""
+    base = str(tmp_path / "spool")
+    top, [kept] = kept_in(base)
+    first = Spool(worker_directory(base, 1), 10 * 1024 * 1024)
+    first.prepare()
+    return base, top, kept, first
+
+
+def queue(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    config = tmp_path / "smtpbridge.toml"
+    config.write_text(f'[server]\nhostname = "h"\nworkers = 2\n[spool]\n'
+                      f'directory = "{tmp_path / "spool"}"\n' + MINIMAL)
+    code = main(["queue", "--config", str(config), *args])
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
+def test_a_message_a_queue_command_has_is_left_for_the_next_start(tmp_path: Path) -> None:
+    base, top, kept, first = taking_over(tmp_path)
+    with top.locked(kept, read=False) as data:  # as `queue delete` holds it
+        assert data is not None
+        moved, problems = adopt(first, base)
+    assert (moved, problems) == (
+        0, [f"{base}: message {kept}: a queue command has it; left for the next start"])
+    assert top.ids() == [kept] and first.ids() == []
+    assert adopt(first, base) == (1, [])  # the next start takes it
+    assert first.ids() == [kept] and top.ids() == []
+
+
+def moving_on_lock(monkeypatch: pytest.MonkeyPatch, base: str, first: Spool) -> None:
+    """The next lock taken finds the message moved into C{first} between the open of
+    its file and the lock: a starting worker took it over."""
+    real = fcntl.flock
+
+    def flock(fd: int, operation: int) -> None:
+        monkeypatch.setattr(fcntl, "flock", real)
+        assert adopt(first, base)[0] == 1
+        real(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
+def test_a_message_moved_before_its_lock_is_not_locked_where_it_was(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, top, kept, first = taking_over(tmp_path)
+    moving_on_lock(monkeypatch, base, first)
+    with top.locked(kept) as data:
+        assert data is None  # (a delete here would have left the moved message alone)
+    with first.locked(kept) as data:
+        assert data is not None
+
+
+def test_a_delete_follows_a_message_taken_over_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("SMTPBRIDGE_TEST_PASSWORD", "secret")
+    base, top, kept, first = taking_over(tmp_path)
+    moving_on_lock(monkeypatch, base, first)
+    assert queue(tmp_path, capsys, "delete", kept) == (0, f"{kept} deleted\n")
+    assert top.ids() == [] and first.ids() == []
+
+
+@pytest.mark.parametrize("held", [True, False])
+def test_a_hold_or_release_follows_a_message_taken_over_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        held: bool) -> None:
+    monkeypatch.setenv("SMTPBRIDGE_TEST_PASSWORD", "secret")
+    base, top, kept, first = taking_over(tmp_path)
+    top.hold(kept, on=not held)
+    find = queuecli._find
+
+    def found_then_moved(spools: list[Spool], message_id: str) -> Any:
+        monkeypatch.setattr(queuecli, "_find", find)
+        where = find(spools, message_id)
+        assert adopt(first, base)[0] == 1  # after the command found it
+        return where
+
+    monkeypatch.setattr(queuecli, "_find", found_then_moved)
+    code, said = queue(tmp_path, capsys, "hold" if held else "release", kept)
+    assert code == 0 and said.startswith(f"{kept} {'held' if held else 'released'}")
+    assert first.held(kept) is held
+
+
+@pytest.mark.parametrize("held", [True, False])
+def test_a_hold_or_release_made_while_a_message_moves_goes_with_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held: bool) -> None:
+    base, top, kept, first = taking_over(tmp_path)
+    top.hold(kept, on=not held)
+    rename = os.rename
+
+    def marked_then_renamed(source: str, target: str) -> None:
+        top.hold(kept, on=held)  # the queue command, before the message is gone
+        rename(source, target)
+
+    monkeypatch.setattr(spooldirs.os, "rename", marked_then_renamed)
+    assert adopt(first, base)[0] == 1
+    monkeypatch.undo()
+    assert first.held(kept) is held and not top.held(kept)
