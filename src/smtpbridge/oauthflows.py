@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import io
 import secrets
 import sys
 from contextlib import suppress
@@ -22,7 +23,7 @@ from twisted.internet.task import deferLater
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from smtpbridge.oauthwire import (
     endpoint_host,
@@ -38,6 +39,11 @@ DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 REQUEST_TIMEOUT = 30.0  # seconds for one request to an endpoint
 CLOSE_WAIT = 2.0  # seconds the browser gets to receive its page before we exit
 DEFAULT_INTERVAL = 5.0  # RFC 8628 section 3.2
+# The loopback redirect server's bounds (a browser opens a few connections and sends a
+# GET with no body; its request line and headers are bounded by twisted.web's 16 KiB).
+REDIRECT_CONNECTIONS = 16  # connections at once; more are closed at once
+REDIRECT_BODY = 16 * 1024  # bytes of a request's body, kept in memory; beyond, dropped
+REDIRECT_IDLE = 30.0  # seconds a connection may stay silent
 
 
 class LoginError(Exception):
@@ -229,6 +235,38 @@ class RedirectResource(Resource):
         return args["code"]
 
 
+class _RedirectRequest(Request):
+    """A request to the redirect server: its body is kept in memory, and a connection
+    that sends more than L{REDIRECT_BODY} bytes of it is dropped."""
+
+    def gotLength(self, length: int | None) -> None:  # noqa: N802 - twisted.web's name
+        self.content = self._body = io.BytesIO()
+
+    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802 - twisted.web's name
+        if self._body.tell() + len(data) > REDIRECT_BODY:
+            channel: Any = self.channel
+            channel.transport.abortConnection()
+            return
+        self._body.write(data)
+
+
+class _RedirectConnections(WrappingFactory):
+    """The redirect server's connections, at most L{REDIRECT_CONNECTIONS} at once (and
+    known, to be closed when the sign-in is over)."""
+
+    def buildProtocol(self, addr: Any) -> Any:  # noqa: N802 - twisted's name
+        if len(self.protocols) >= REDIRECT_CONNECTIONS:
+            return None  # closed at once
+        return super().buildProtocol(addr)
+
+
+def redirect_factory(reactor: Any, resource: Resource) -> WrappingFactory:
+    """The loopback redirect server, with its bounds: connections, body, silence."""
+    site = Site(resource, requestFactory=_RedirectRequest, timeout=REDIRECT_IDLE,
+                reactor=reactor)
+    return _RedirectConnections(site)  # type: ignore[no-untyped-call]
+
+
 async def code_flow(reactor: Any, settings: LoginSettings,
                     poster: FormPoster) -> dict[str, Any]:
     """RFC 7636 + RFC 8252: the browser signs in, then is redirected to 127.0.0.1 here;
@@ -238,7 +276,7 @@ async def code_flow(reactor: Any, settings: LoginSettings,
     state = secrets.token_urlsafe(24)
     poster.hidden.append(verifier)
     resource = RedirectResource(reactor, state, poster.hidden)
-    factory = WrappingFactory(Site(resource, reactor=reactor))
+    factory = redirect_factory(reactor, resource)
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     try:
         number = port.getHost().port
