@@ -224,12 +224,8 @@ def _proxy(t: Table, token_url: str) -> tuple[str | None, str]:
     (or https_proxy) unless NO_PROXY names the endpoint's host; and where it came from."""
     configured = t.string("proxy", None)
     if configured is not None:
-        if configured and (problem := proxy_problem(configured)) is not None:
+        if configured and (problem := proxy_problem(configured, written=True)) is not None:
             raise t.error("proxy", problem)
-        if configured and urlsplit(configured).username is not None:
-            raise t.error("proxy", "credentials are not written in the config; give the "
-                                   "proxy URL with them in the HTTPS_PROXY environment "
-                                   "variable instead")
         return configured or None, "proxy" if configured else ""
     proxy, source = environment_proxy(token_url)
     if proxy is not None and (problem := proxy_problem(proxy)) is not None:
@@ -247,8 +243,10 @@ def environment_proxy(url: str) -> tuple[str | None, str]:
     return proxy, name
 
 
-def proxy_problem(url: str) -> str | None:
-    """Why C{url} is no usable HTTP proxy (the reason never shows the URL), or None."""
+def proxy_problem(url: str, written: bool = False) -> str | None:
+    """Why C{url} is no usable HTTP proxy (the reason never shows the URL), or None.  A
+    URL C{written} where others may read it (a config file, a command line) must carry
+    no credentials: those go in the environment only."""
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -259,6 +257,9 @@ def proxy_problem(url: str) -> str | None:
         return "must be http://HOST:PORT (an HTTP proxy that tunnels HTTPS by CONNECT)"
     if not port:
         return "must be http://HOST:PORT: give the port, e.g. http://proxy:3128"
+    if written and parts.username is not None:
+        return ("credentials are not written here, where others may read them; give the "
+                "proxy URL with them in the HTTPS_PROXY environment variable instead")
     return None
 
 

@@ -14,7 +14,7 @@ import pwd
 import stat
 import sys
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from twisted.internet.task import react
 
@@ -196,11 +196,9 @@ def login_proxy(given: str | None, token_url: str) -> str | None:
     """The proxy of --proxy ("" for none), else of the environment; LoginError if unusable."""
     proxy, source = (given or None, "--proxy") if given is not None \
         else environment_proxy(token_url)
-    if proxy is not None and (problem := proxy_problem(proxy)) is not None:
+    # (A command line is for every user to see: no credentials in --proxy.)
+    if proxy is not None and (problem := proxy_problem(proxy, written=given is not None)):
         raise LoginError(f"{source}: {problem}")
-    if given and urlsplit(given).username is not None:  # (a command line is for all to see)
-        raise LoginError("--proxy: credentials are not given on the command line; give the "
-                         "proxy URL with them in the HTTPS_PROXY environment variable instead")
     return proxy
 
 
