@@ -9,11 +9,9 @@ import os
 from typing import Any
 
 import pytest
-from twisted.internet.defer import fail, maybeDeferred
+from twisted.internet.defer import fail
 
-from smtpbridge.model import Assignment, Reply, Route, UpstreamAccount
-from smtpbridge.queuerunner import QueueRunner, RetrySettings
-from smtpbridge.secret import Secret
+from smtpbridge.model import Reply
 from smtpbridge.spool import Spool
 from smtpbridge.testing import unreachable
 from tests.test_spool import ACCOUNT, BODY, CLIENT, ROUTE, Runner, result
@@ -209,73 +207,3 @@ def test_attempts_that_keep_breaking_are_made_on_the_doubling_schedule(
         if len(t.upstream.attempts) > len(tried):
             tried.append(t.clock.seconds())
     assert [b - a for a, b in itertools.pairwise(tried)] == [300, 600, 1200, 2400]
-
-
-class Summaries:
-    """The summary lines a runner reports (its statistics)."""
-
-    def __init__(self) -> None:
-        self.outcomes: list[Any] = []
-
-    def message(self, summary: Any) -> None:
-        self.outcomes.append(summary.outcome)
-
-
-PRIMARY = Route("primary.example.com", 587, name="primary")
-BACKUP = Route("backup.example.com", 587, name="backup")
-OTHER = UpstreamAccount("other@example.com", Secret("pw"), name="other")
-
-
-def two_accounts(spool: Spool) -> tuple[Runner, Summaries]:
-    """A runner with one turn per route: the account "office" fails over from the
-    primary to the backup route, the account "other" has the backup route alone."""
-    t = Runner(spool, concurrency=1)
-    summaries = Summaries()
-    t.runner = QueueRunner(
-        spool, t.upstream, {ACCOUNT.name: Assignment((PRIMARY, BACKUP), ACCOUNT),
-                            OTHER.name: Assignment((BACKUP,), OTHER)},
-        t.clock, RetrySettings(concurrency=1), "bridge.example.net",
-        lambda f, *args: maybeDeferred(f, *args), summaries)
-    t.runner.startService()
-    t.upstream.connect_errors[PRIMARY.host] = unreachable(PRIMARY)
-    return t, summaries
-
-
-def test_a_route_failed_over_to_counts_its_sessions_whichever_route_came_first(
-        spool: Spool) -> None:
-    t, summaries = two_accounts(spool)
-    t.upstream.hold_replies = True
-    t.keep()  # office: the primary route is down, so it goes to the backup route
-    t.account = OTHER
-    t.keep()  # other: the backup route is its first
-    t.run()
-    # One session at a time to the backup route, not one per first route.
-    assert [route.name for route, _ in t.upstream.attempts] == ["primary", "backup"]
-    assert len(t.upstream.open_sessions) == 1
-    for _ in range(10):  # each command and the body's steps
-        assert len(t.upstream.open_sessions) <= 1
-        for session in t.upstream.open_sessions:
-            session.release_all()
-        t.run()
-    assert len(t.upstream.messages) == 2 and spool.ids() == []
-    assert [route.name for route, _ in t.upstream.attempts] == ["primary", "backup", "backup"]
-    # Each summary names the route that took the message, not the account's first.
-    assert [(o.route, o.relay) for o in summaries.outcomes] == [
-        ("backup", "backup.example.com:587")] * 2
-
-
-def test_a_message_waiting_for_a_turn_when_the_runner_stops_is_not_tried(
-        spool: Spool) -> None:
-    t, _ = two_accounts(spool)
-    t.upstream.hold_replies = True
-    first = t.keep()
-    t.account = OTHER
-    second = t.keep()
-    t.run()
-    assert len(t.upstream.open_sessions) == 1  # the first holds the backup's turn
-    t.runner.stopService()  # its session is aborted; the turn comes free
-    t.run()
-    assert [route for route, _ in t.upstream.attempts].count(BACKUP) == 1
-    envelope = spool.load(second)
-    assert envelope is not None and envelope.attempts == 0  # no attempt is counted
-    assert spool.ids() == sorted([first, second])

@@ -4,10 +4,7 @@ It is the relay's L{smtpbridge.relay.SafetyNet}: a message is kept once it is du
 (fsynced in a thread, so the reactor does not wait on the disk).  Each message is tried
 again on a doubling schedule (C{first_retry}, twice that, ... at most C{max_retry}
 apart), with the account it was accepted for, over that account's routes (failover
-included), at most C{concurrency} at once per route (the route it goes to, whichever
-route comes first for its account; and at most C{concurrency} messages of one first
-route are being tried at once, so messages that wait for their turn hold no files
-beyond that).  A 5xx, or C{max_age} without
+included), at most C{concurrency} at once per route.  A 5xx, or C{max_age} without
 success, sends the envelope sender a delivery status notification (no bounce for a
 bounce or the null sender).  A message leaves the spool only after the upstream's 2xx
 for each of its recipients.
@@ -29,13 +26,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from smtpbridge import dsn
-from smtpbridge.client import where
 from smtpbridge.interfaces import IStatistics, IUpstreamConnector, IUpstreamSession, Params
 from smtpbridge.model import Assignment, ClientInfo, Envelope, MessageOutcome, UpstreamAccount
 from smtpbridge.spool import Spool
 from smtpbridge.spooldirs import adopt
 from smtpbridge.spoolfile import SpoolWriter
-from smtpbridge.spoolsend import Outcome, RouteTurns, Stopping, attempt
+from smtpbridge.spoolsend import Outcome, attempt
 from smtpbridge.summary import MessageSummary, log_summary
 
 log = Logger()
@@ -87,9 +83,7 @@ class QueueRunner(Service):
         self._run_blocking = run_blocking
         self._timers: dict[str, IDelayedCall] = {}
         self._broken: dict[str, int] = {}  # attempts that raised in a row, by message
-        # Messages being tried at once, by the name of their account's first route.
-        self._first_routes: dict[str, DeferredSemaphore] = {}
-        self._turns = RouteTurns(settings.concurrency)  # sessions at once, by route
+        self._routes: dict[str, DeferredSemaphore] = {}
         self._sessions: set[IUpstreamSession] = set()
         self._busy: set[str] = set()  # messages being tried now
         self._again: set[str] = set()  # ... and asked to be tried again once done
@@ -139,7 +133,7 @@ class QueueRunner(Service):
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
-        self._stopping = self._turns.stopping = False
+        self._stopping = False
         for problem in self.spool.prepare():
             log.error("spool: {problem}", problem=problem)
         for directory in self._adopt:
@@ -162,7 +156,7 @@ class QueueRunner(Service):
 
     def stopService(self) -> None:  # noqa: N802
         super().stopService()
-        self._stopping = self._turns.stopping = True
+        self._stopping = True
         for timer in self._timers.values():
             if timer.active():
                 timer.cancel()
@@ -246,9 +240,8 @@ class QueueRunner(Service):
             self._gone(message_id)
             return
         assignment = self._accounts.get(envelope.account)
-        first = assignment.routes[0].name if assignment is not None else "?"
-        limit = self._first_routes.setdefault(first,
-                                              DeferredSemaphore(self.settings.concurrency))
+        route = assignment.routes[0].host if assignment is not None else "?"
+        limit = self._routes.setdefault(route, DeferredSemaphore(self.settings.concurrency))
         await limit.acquire()
         try:
             with self.spool.locked(message_id) as data:
@@ -262,8 +255,6 @@ class QueueRunner(Service):
                         self._schedule(message_id, self._reactor.seconds() + 60)
                     return
                 await self._try(envelope, data, assignment)
-        except Stopping:
-            pass  # no attempt was made: the message stays as it was
         finally:
             limit.release()
 
@@ -275,8 +266,8 @@ class QueueRunner(Service):
                               error=f"account {envelope.account} is not configured")
         else:
             start = data.tell()  # where the message begins, after the file's envelope
-            outcome = await attempt(self._connector, self._turns, self._reactor,
-                                    self._sessions, envelope, data, assignment)
+            outcome = await attempt(self._connector, self._reactor, self._sessions,
+                                    envelope, data, assignment)
         attempts = envelope.attempts + 1
         if outcome.deferred and now - envelope.created >= self.settings.max_age:
             days = self.settings.max_age / 86400
@@ -318,9 +309,7 @@ class QueueRunner(Service):
                    delivered: list[str], outcome: Outcome, started: float) -> None:
         """The summary lines of a spooled message: sent for those delivered now, bounced
         for those refused for good (the session id is the device's, from long ago)."""
-        used = outcome.route or (assignment.routes[0] if assignment is not None else None)
-        route = used.name if used is not None else None
-        relay = where(outcome.route) if outcome.route is not None else None
+        route = assignment.routes[0].name if assignment is not None else None
         took = max(0.0, self._reactor.seconds() - started)
         for status, recipients, reply in (
                 ("sent", delivered, outcome.reply),
@@ -331,7 +320,7 @@ class QueueRunner(Service):
             summary = MessageSummary(
                 envelope.session, envelope.client, 0, "spool", None, envelope.sender,
                 tuple(recipients), envelope.size, reply,
-                MessageOutcome(status, envelope.account, route, relay, reply,
+                MessageOutcome(status, envelope.account, route, outcome.relay, reply,
                                envelope.id), 0.0, took)
             log_summary(summary)
             if self._statistics is not None:

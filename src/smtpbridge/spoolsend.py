@@ -1,75 +1,20 @@
 """One delivery attempt of a spooled message: the SMTP conversation with the upstream
-over the account's routes, each route's turn among the spool's deliveries
-(L{RouteTurns}), and what came of it for each recipient (L{Outcome})."""
+over the account's routes, and what came of it for each recipient (L{Outcome})."""
 
 from __future__ import annotations
 
 from typing import Any, BinaryIO
 
 import attr
-from twisted.internet.defer import Deferred, DeferredSemaphore
-from zope.interface import implementer
 
 from smtpbridge import dsn
 from smtpbridge.bodypump import BodyPump
+from smtpbridge.client import where
 from smtpbridge.connector import connect_first
 from smtpbridge.errors import SMTPReplyError
 from smtpbridge.interfaces import IUpstreamConnector, IUpstreamSession
-from smtpbridge.model import Assignment, Envelope, Reply, Route, UpstreamAccount
+from smtpbridge.model import Assignment, Envelope, Reply
 from smtpbridge.wire import reply_line
-
-
-class Stopping(Exception):
-    """The runner stopped while an attempt waited for a route's turn: no attempt made."""
-
-
-class RouteTurns:
-    """The spool's deliveries at once to each route (by its name): at most
-    C{concurrency}, whichever account's message each carries and whether the route is
-    its message's first or one it failed over to.  Once L{stopping}, a turn that comes
-    free starts nothing: its waiter gets L{Stopping}."""
-
-    def __init__(self, concurrency: int) -> None:
-        self._concurrency = concurrency
-        self._turns: dict[str, DeferredSemaphore] = {}
-        self.stopping = False
-
-    def turn(self, route: Route) -> DeferredSemaphore:
-        return self._turns.setdefault(route.name, DeferredSemaphore(self._concurrency))
-
-
-@implementer(IUpstreamConnector)
-class _TakingTurns:
-    """One attempt's connector: a route's turn is taken before connecting to it, given
-    back at once when that fails, else held until L{give_back} (the attempt's end)."""
-
-    def __init__(self, connector: IUpstreamConnector, turns: RouteTurns) -> None:
-        self._connector = connector
-        self._turns = turns
-        self._held: DeferredSemaphore | None = None
-
-    def connect(self, route: Route, account: UpstreamAccount | None,
-                ) -> Deferred[IUpstreamSession]:
-        return Deferred.fromCoroutine(self._connect(route, account))
-
-    async def _connect(self, route: Route, account: UpstreamAccount | None,
-                       ) -> IUpstreamSession:
-        turn = self._turns.turn(route)
-        await turn.acquire()
-        try:
-            if self._turns.stopping:
-                raise Stopping()
-            session: IUpstreamSession = await self._connector.connect(route, account)
-        except BaseException:
-            turn.release()
-            raise
-        self._held = turn
-        return session
-
-    def give_back(self) -> None:
-        held, self._held = self._held, None
-        if held is not None:
-            held.release()
 
 
 @attr.define
@@ -80,7 +25,7 @@ class Outcome:
     failed: list[dsn.Failure] = attr.Factory(list)  # recipients refused for good
     error: str = ""  # the last temporary failure
     reply: Reply | None = None  # the upstream's reply to the final dot
-    route: Route | None = None  # the route whose upstream answered
+    relay: str | None = None  # host:port of the upstream that answered
 
     def add(self, other: Outcome) -> None:
         """What C{other} says of more recipients, added to this."""
@@ -89,31 +34,26 @@ class Outcome:
         self.error = other.error or self.error
 
 
-async def attempt(connector: IUpstreamConnector, turns: RouteTurns, reactor: Any,
+async def attempt(connector: IUpstreamConnector, reactor: Any,
                   sessions: set[IUpstreamSession], envelope: Envelope, data: BinaryIO,
                   assignment: Assignment) -> Outcome:
-    """One attempt over the account's routes, each in its turn: who got it, who waits,
-    who never will.  The session is in C{sessions} while it is open (to be aborted at a
-    stop).  Raises L{Stopping} when the runner stopped while it waited for a turn."""
+    """One attempt over the account's routes: who got it, who waits, who never will.
+    The session is in C{sessions} while it is open (to be aborted at a stop)."""
     recipients = list(envelope.recipients)
-    taking = _TakingTurns(connector, turns)
     try:
-        try:
-            session = await connect_first(taking, assignment.routes, assignment.account)
-        except SMTPReplyError as e:
-            return Outcome(recipients, error=reply_line(e.reply))
-        sessions.add(session)
-        try:
-            outcome = await _transaction(session, reactor, envelope, data, recipients)
-            outcome.route = session.route
-            return outcome
-        except SMTPReplyError as e:  # the session was lost
-            return Outcome(recipients, error=reply_line(e.reply))
-        finally:
-            sessions.discard(session)
-            session.quit()
+        session = await connect_first(connector, assignment.routes, assignment.account)
+    except SMTPReplyError as e:
+        return Outcome(recipients, error=reply_line(e.reply))
+    sessions.add(session)
+    try:
+        outcome = await _transaction(session, reactor, envelope, data, recipients)
+        outcome.relay = where(session.route)
+        return outcome
+    except SMTPReplyError as e:  # the session was lost
+        return Outcome(recipients, error=reply_line(e.reply))
     finally:
-        taking.give_back()
+        sessions.discard(session)
+        session.quit()
 
 async def _transaction(session: IUpstreamSession, reactor: Any, envelope: Envelope,
                        data: BinaryIO, recipients: list[str]) -> Outcome:
