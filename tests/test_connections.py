@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IResolutionReceiver
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.internet.threads import blockingCallFromThread
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -403,6 +404,30 @@ def closed_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
     return port
+
+
+def test_many_waiting_for_a_host_found_down_leave_its_slots_free(
+        reactor: Any, upstream: Upstream) -> None:
+    """Transactions waiting for a slot of a host that turns out unreachable all fail at
+    once when the first attempt does, each handing the slot on: the hand-overs must not
+    nest (a RecursionError would strand the slot, and the host's sessions with it)."""
+    route = upstream.route(host="127.0.0.1", port=closed_port(), timeout=2, max_sessions=1)
+    connector = UpstreamConnector(reactor, "bridge.test")
+
+    def many() -> Deferred[list[Any]]:
+        attempts = [connector.connect(route, upstream.account()) for _ in range(400)]
+        return gatherResults([a.addErrback(lambda f: f.value) for a in attempts])
+
+    answered = start(reactor, many)
+    wait_for(lambda: answered)  # (not: stranded ones would wait 30 s for a slot)
+    [errors] = answered
+    assert len(errors) == 400 and all(isinstance(e, Unreachable) for e in errors)
+    in_use = blockingCallFromThread(  # (the last hand-over is made a turn later)
+        reactor, lambda: deferLater(reactor, 0.05, connector.slots.in_use, route))
+    assert in_use == 0
+    connector.forget_down()
+    with pytest.raises(Unreachable):  # a new attempt gets the slot at once
+        blockingCallFromThread(reactor, connector.connect, route, upstream.account())
 
 
 def test_an_unreachable_host_is_not_tried_again_for_a_moment(

@@ -9,10 +9,18 @@ import time
 from typing import Any
 
 import pytest
+from twisted.internet.defer import DeferredSemaphore
+from twisted.internet.task import Clock
 from twisted.internet.threads import blockingCallFromThread
 
 from smtpbridge.errors import SMTPReplyError
-from smtpbridge.limits import RESERVE, BoundedThreadPool, ConnectionGovernor, raise_file_limit
+from smtpbridge.limits import (
+    RESERVE,
+    BoundedThreadPool,
+    ConnectionGovernor,
+    FlatRelease,
+    raise_file_limit,
+)
 from smtpbridge.service import _with_backlog
 
 
@@ -103,3 +111,19 @@ def test_the_password_pool_refuses_beyond_its_queue(reactor: Any) -> None:
     finally:
         release.set()
         blockingCallFromThread(reactor, pool.stopService)
+
+
+def test_a_chain_of_waiters_that_give_the_token_back_at_once_does_not_nest() -> None:
+    clock = Clock()
+    release = FlatRelease(clock)
+    semaphore = DeferredSemaphore(1)
+    ran: list[int] = []
+    semaphore.acquire()  # the token is taken
+    for number in range(5000):  # each waiter finds nothing to do and gives it back
+        semaphore.acquire().addCallback(
+            lambda _, number=number: (ran.append(number), release(semaphore)))
+    release(semaphore)
+    assert ran == [0]  # the next one runs at once; the others a turn later each
+    clock.advance(0)
+    assert ran == list(range(5000))
+    assert semaphore.tokens == 1 and not semaphore.waiting

@@ -207,3 +207,24 @@ def test_attempts_that_keep_breaking_are_made_on_the_doubling_schedule(
         if len(t.upstream.attempts) > len(tried):
             tried.append(t.clock.seconds())
     assert [b - a for a, b in itertools.pairwise(tried)] == [300, 600, 1200, 2400]
+
+
+def test_many_messages_held_while_they_wait_for_their_turn_leave_it_free(
+        spool: Spool) -> None:
+    t = Runner(spool, concurrency=1)
+    t.upstream.hold_connects = True
+    first, *waiting = [t.keep() for _ in range(400)]
+    t.run()
+    assert len(t.upstream.attempts) == 1  # the first has the route's one turn
+    for queue_id in waiting:  # (an administrator's loop of `queue hold`)
+        spool.hold(queue_id)
+    t.upstream.hold_connects = False
+    t.upstream.release_connects()
+    t.run()  # each waiter finds its message held and hands the turn on
+    assert len(t.upstream.messages) == 1 and spool.ids() == sorted(waiting)
+    spool.hold(waiting[0], on=False)
+    spool.request_flush(waiting[0])
+    t.runner.flush()
+    t.run()
+    assert len(t.upstream.messages) == 2  # the turn is free again
+

@@ -25,6 +25,7 @@ from smtpbridge.client import UpstreamProtocol, parse_features, upstream_error
 from smtpbridge.clientauth import authenticate, refuse
 from smtpbridge.errors import LoginRejected, SMTPReplyError, Unreachable, UpstreamError
 from smtpbridge.interfaces import ITokenSource, IUpstreamConnector, IUpstreamSession
+from smtpbridge.limits import FlatRelease
 from smtpbridge.model import Route, UpstreamAccount
 from smtpbridge.names import CachingResolver, with_resolver
 from smtpbridge.replies import UpstreamFailure
@@ -193,6 +194,7 @@ class SessionSlots:
     def __init__(self, clock: Any) -> None:
         self._clock = clock
         self._slots: dict[tuple[str, int], DeferredSemaphore] = {}
+        self._release = FlatRelease(clock)
 
     def in_use(self, route: Route) -> int:
         semaphore = self._slots.get((route.host, route.port))
@@ -218,7 +220,7 @@ class SessionSlots:
 
         if not waiting.called:
             waiting.addTimeout(route.session_wait, self._clock, onTimeoutCancel=timed_out)
-        return waiting.addCallback(lambda _: _once(semaphore.release))
+        return waiting.addCallback(lambda _: _once(lambda: self._release(semaphore)))
 
 
 @implementer(IUpstreamConnector)

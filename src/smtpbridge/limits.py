@@ -1,5 +1,5 @@
-"""Process-wide limits: the file-descriptor budget of the listeners, and the bounded
-thread pool of the password checks.
+"""Process-wide limits: the file-descriptor budget of the listeners, the bounded
+thread pool of the password checks, and semaphore tokens given back without nesting.
 
 Every connection costs a descriptor, and an in-line transaction a second one upstream.
 When the process nears its limit, the listeners stop accepting (their ports pause, new
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, DeferredSemaphore, fail
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -129,3 +129,27 @@ class BoundedThreadPool(Service):
             return result
 
         return deferToThreadPool(self._reactor, self._pool, function, *args).addBoth(done)
+
+
+class FlatRelease:
+    """Gives a L{DeferredSemaphore}'s token back without nesting.
+
+    C{release()} runs the next waiter inside it.  A waiter that gives its token back at
+    once (its host was found down meanwhile, its message held) releases inside that,
+    one call deeper for each, until a RecursionError strands a token for good.  So a
+    release made inside another is made a turn later (C{clock.callLater(0, ...)}).
+    """
+
+    def __init__(self, clock: Any) -> None:
+        self._clock = clock
+        self._inside = False
+
+    def __call__(self, semaphore: DeferredSemaphore) -> None:
+        if self._inside:
+            self._clock.callLater(0, self, semaphore)
+            return
+        self._inside = True
+        try:
+            semaphore.release()
+        finally:
+            self._inside = False

@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 
 from smtpbridge import dsn
 from smtpbridge.interfaces import IStatistics, IUpstreamConnector, IUpstreamSession, Params
+from smtpbridge.limits import FlatRelease
 from smtpbridge.model import Assignment, ClientInfo, Envelope, MessageOutcome, UpstreamAccount
 from smtpbridge.spool import Spool
 from smtpbridge.spooldirs import adopt
@@ -84,6 +85,7 @@ class QueueRunner(Service):
         self._timers: dict[str, IDelayedCall] = {}
         self._broken: dict[str, int] = {}  # attempts that raised in a row, by message
         self._routes: dict[str, DeferredSemaphore] = {}
+        self._release = FlatRelease(reactor)
         self._sessions: set[IUpstreamSession] = set()
         self._busy: set[str] = set()  # messages being tried now
         self._again: set[str] = set()  # ... and asked to be tried again once done
@@ -256,7 +258,7 @@ class QueueRunner(Service):
                     return
                 await self._try(envelope, data, assignment)
         finally:
-            limit.release()
+            self._release(limit)
 
     async def _try(self, envelope: Envelope, data: BinaryIO,
                    assignment: Assignment | None) -> None:
