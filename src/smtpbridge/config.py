@@ -17,7 +17,7 @@ import attr
 
 from smtpbridge.errors import ConfigError
 from smtpbridge.model import TLS_VERSIONS
-from smtpbridge.networks import Network, parse_network
+from smtpbridge.networks import Network, endpoint_kind, parse_network
 from smtpbridge.opsconfig import (
     SPOOL_MODES,
     AdminConfig,
@@ -372,7 +372,7 @@ def _check_whole(config: Config) -> None:
             if not config.tls.certificate or not config.tls.key:
                 raise fail("tls.certificate", f"listener {listener.name!r} uses TLS, so [tls] "
                                               "certificate and key are required")
-        kind = listener.endpoint.removeprefix("haproxy:").partition(":")[0]
+        kind = endpoint_kind(listener.endpoint)
         if config.server.workers > 1 and (kind == "unix" or "domain=UNIX" in listener.endpoint):
             raise fail(f"listener[{index}].endpoint", "workers above 1 share TCP sockets only; "
                                                       "a UNIX socket needs [server] workers = 1")

@@ -5,7 +5,7 @@ mapped into IPv6 by a dual-stack listener (``::ffff:192.0.2.1``), an IPv6 addres
 with a zone (``fe80::1%eth0``), or something that is no address at all (a UNIX
 socket path).  Trusted networks, sender rules, the per-device mapper, the AUTH
 throttle, connection limits and the ``Received:`` header all read it here, the same
-way.
+way.  The kind of a listener's endpoint string is read here too (L{endpoint_kind}).
 """
 
 from __future__ import annotations
@@ -124,3 +124,9 @@ class NetworkTable(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def endpoint_kind(description: str) -> str:
+    """The kind of a listener's endpoint string (``tcp``, ``tcp6``, ``unix``,
+    ``systemd``, ...), under its ``haproxy:`` prefix if it has one."""
+    return description.removeprefix("haproxy:").partition(":")[0]

@@ -49,7 +49,7 @@ from smtpbridge.mapping import (
 )
 from smtpbridge.metrics import Metrics
 from smtpbridge.model import Assignment, Route, UpstreamAccount
-from smtpbridge.networks import NetworkSet
+from smtpbridge.networks import NetworkSet, endpoint_kind
 from smtpbridge.oauth import token_keepalive
 from smtpbridge.policy import AccessPolicy, SenderRules
 from smtpbridge.pool import SessionPool
@@ -80,8 +80,7 @@ def _endpoint_service(reactor: Any, config: Config, key: str, name: str,
 def _with_backlog(description: str, backlog: int | None) -> str:
     """The endpoint with C{backlog} as its listen queue, where its kind has one and the
     string does not set it already."""
-    kinds = description.split(":", 2)
-    kind = kinds[1] if kinds[0] == "haproxy" and len(kinds) > 1 else kinds[0]
+    kind = endpoint_kind(description)
     if backlog is None or kind not in ("tcp", "tcp6", "unix") or "backlog=" in description:
         return description
     return f"{description}:backlog={backlog}"
