@@ -228,3 +228,18 @@ def test_many_messages_held_while_they_wait_for_their_turn_leave_it_free(
     t.run()
     assert len(t.upstream.messages) == 2  # the turn is free again
 
+
+def test_a_session_that_connects_after_the_runner_stopped_sends_nothing(
+        spool: Spool) -> None:
+    t = Runner(spool)
+    t.upstream.hold_connects = True
+    queue_id = t.keep()
+    t.run()
+    assert len(t.upstream.attempts) == 1  # connecting
+    t.runner.stopService()  # (it aborts the sessions it knows: none yet)
+    t.upstream.release_connects()
+    t.run()
+    [session] = t.upstream.sessions
+    assert session.commands == ["QUIT"]  # no MAIL FROM: quit at once
+    envelope = spool.load(queue_id)
+    assert envelope is not None and envelope.attempts == 0  # no attempt is counted

@@ -268,8 +268,11 @@ class QueueRunner(Service):
                               error=f"account {envelope.account} is not configured")
         else:
             start = data.tell()  # where the message begins, after the file's envelope
-            outcome = await attempt(self._connector, self._reactor, self._sessions,
-                                    envelope, data, assignment)
+            tried = await attempt(self._connector, self._reactor, self._sessions, envelope,
+                                  data, assignment, lambda: self._stopping)
+            if tried is None:
+                return  # the runner stopped while it connected: no attempt was made
+            outcome = tried
         attempts = envelope.attempts + 1
         if outcome.deferred and now - envelope.created >= self.settings.max_age:
             days = self.settings.max_age / 86400

@@ -3,6 +3,7 @@ over the account's routes, and what came of it for each recipient (L{Outcome})."
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import attr
@@ -36,14 +37,18 @@ class Outcome:
 
 async def attempt(connector: IUpstreamConnector, reactor: Any,
                   sessions: set[IUpstreamSession], envelope: Envelope, data: BinaryIO,
-                  assignment: Assignment) -> Outcome:
+                  assignment: Assignment, stopping: Callable[[], bool]) -> Outcome | None:
     """One attempt over the account's routes: who got it, who waits, who never will.
-    The session is in C{sessions} while it is open (to be aborted at a stop)."""
+    The session is in C{sessions} while it is open (to be aborted at a stop); None when
+    the runner was C{stopping} by the time it connected (nothing was sent)."""
     recipients = list(envelope.recipients)
     try:
         session = await connect_first(connector, assignment.routes, assignment.account)
     except SMTPReplyError as e:
         return Outcome(recipients, error=reply_line(e.reply))
+    if stopping():  # (its stop aborted the sessions it knew: not this one)
+        session.quit()
+        return None
     sessions.add(session)
     try:
         outcome = await _transaction(session, reactor, envelope, data, recipients)
