@@ -42,8 +42,9 @@ def test_a_message_a_queue_command_has_is_left_for_the_next_start(tmp_path: Path
     with top.locked(kept, read=False) as data:  # as `queue delete` holds it
         assert data is not None
         moved, problems = adopt(first, base)
-    assert (moved, problems) == (
-        0, [f"{base}: message {kept}: a queue command has it; left for the next start"])
+    assert (moved, problems) == (0, [f"{base}: message {kept}: in use (a queue command, or a "
+                                     "delivery by a process still running); left for the "
+                                     "next start"])
     assert top.ids() == [kept] and first.ids() == []
     assert adopt(first, base) == (1, [])  # the next start takes it
     assert first.ids() == [kept] and top.ids() == []
@@ -118,3 +119,46 @@ def test_a_hold_or_release_made_while_a_message_moves_goes_with_it(
     assert adopt(first, base)[0] == 1
     monkeypatch.undo()
     assert first.held(kept) is held and not top.held(kept)
+
+
+def test_a_message_delivered_while_a_command_acts_on_it_is_said_gone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("SMTPBRIDGE_TEST_PASSWORD", "secret")
+    base = str(tmp_path / "spool")
+    top, [one, two] = kept_in(base, 2)  # a single process's spool
+    real = fcntl.flock
+
+    def delivered_first(fd: int, operation: int) -> None:
+        monkeypatch.setattr(fcntl, "flock", real)
+        top.remove(one)  # the runner delivered it between the open and the lock
+        real(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", delivered_first)
+    assert queue(tmp_path, capsys, "delete", one) == (1, f"smtpbridge: queue: no message {one}\n")
+    find = queuecli._find
+
+    def found_then_delivered(spools: list[Spool], message_id: str) -> Any:
+        monkeypatch.setattr(queuecli, "_find", find)
+        where = find(spools, message_id)
+        top.remove(message_id)  # delivered after the command found it
+        return where
+
+    monkeypatch.setattr(queuecli, "_find", found_then_delivered)
+    assert queue(tmp_path, capsys, "hold", two) == (1, f"smtpbridge: queue: no message {two}\n")
+    assert not top.held(two)  # no marker left for a message that is gone
+
+
+def test_a_message_deleted_as_it_is_taken_over_is_not_counted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, top, kept, first = taking_over(tmp_path)
+    real = fcntl.flock
+
+    def deleted_first(fd: int, operation: int) -> None:
+        monkeypatch.setattr(fcntl, "flock", real)
+        top.remove(kept)  # `queue delete`, between the listing and the move
+        real(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", deleted_first)
+    assert adopt(first, base) == (0, [])
+    assert first.ids() == [] and top.ids() == []

@@ -186,7 +186,7 @@ def _holds(spool: Spool, message_id: str) -> bool:
 
 
 def _delete(spools: list[Spool], args: argparse.Namespace) -> int:
-    for _ in range(len(spools)):  # (again where a starting worker moved it meanwhile)
+    for _ in range(len(spools) + 1):  # (again where a starting worker moved it meanwhile)
         # Found by its file, not its envelope: one whose files cannot be read goes too.
         spool = next((s for s in spools if _holds(s, args.id)), None)
         if spool is None:
@@ -212,7 +212,7 @@ def _delete(spools: list[Spool], args: argparse.Namespace) -> int:
 def _mark(spools: list[Spool], message_id: str, held: bool) -> Spool | None:
     """Hold the message, or release it; None (and said so) when no spool has it.  A
     message a starting worker takes over meanwhile is marked again where it went."""
-    for _ in range(len(spools)):
+    for _ in range(len(spools) + 1):
         found = _find(spools, message_id)
         if found is None:
             return None
@@ -220,6 +220,8 @@ def _mark(spools: list[Spool], message_id: str, held: bool) -> Spool | None:
         spool.hold(message_id, on=held)
         if _holds(spool, message_id):
             return spool
+        if held:  # gone meanwhile: no marker left behind for it
+            spool.hold(message_id, on=False)
     print(f"{PROG}: {message_id} is being moved between spools; try again", file=sys.stderr)
     return None
 

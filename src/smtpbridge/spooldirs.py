@@ -79,18 +79,17 @@ def adopt(spool: Spool, directory: str) -> tuple[int, list[str]]:
     moved = 0
     for message_id in ids:
         try:
-            _move(other, spool, message_id)
+            moved += _move(other, spool, message_id)
         except OSError as e:
             problems.append(f"{directory}: message {message_id}: {e.strerror or e}")
-        else:
-            moved += 1
     if moved:
         with suppress(OSError):
             fsync_directory(os.path.join(directory, "queue"))
     return moved, problems
 
 
-def _move(other: Spool, spool: Spool, message_id: str) -> None:
+def _move(other: Spool, spool: Spool, message_id: str) -> bool:
+    """Move one message; False when it was gone meanwhile."""
     if os.path.exists(spool.path(message_id)):
         raise FileExistsError(errno.EEXIST, f"a message of that id is in {spool.directory}")
     # Locked while it moves, as a delivery would lock it: a queue command's delete waits
@@ -98,9 +97,11 @@ def _move(other: Spool, spool: Spool, message_id: str) -> None:
     with other.locked(message_id, read=False) as locked:
         if locked is None:
             if os.path.exists(other.path(message_id)):
-                raise OSError(errno.EBUSY, "a queue command has it; left for the next start")
-            return  # deleted meanwhile
+                raise OSError(errno.EBUSY, "in use (a queue command, or a delivery by a "
+                                           "process still running); left for the next start")
+            return False  # deleted meanwhile
         _move_locked(other, spool, message_id)
+        return True
 
 
 def _move_locked(other: Spool, spool: Spool, message_id: str) -> None:
@@ -132,12 +133,13 @@ def _move_locked(other: Spool, spool: Spool, message_id: str) -> None:
         os.unlink(other.path(message_id, "json"))
     spool.counted(message_id)
     flush = os.path.join(other.directory, "flush", message_id)
+    # A queue command's hold or release until now counts (one after it finds the message
+    # gone from here and does it again where it went).
+    if other.held(message_id) != held:
+        spool.hold(message_id, on=not held)  # (raises: the take-over reports it)
     with suppress(OSError):
-        # A queue command's hold or release until now counts (one after it finds the
-        # message gone from here and does it again where it went).
-        if other.held(message_id) != held:
-            spool.hold(message_id, on=not held)
         other.hold(message_id, on=False)
+    with suppress(OSError):
         if os.path.exists(flush):  # asked to be tried at once: still so
             spool.request_flush(message_id)
             os.unlink(flush)
