@@ -384,7 +384,7 @@ def test_owner_needs_root(token_file):
 def test_proxy_credentials_are_never_taken_on_the_command_line(endpoints, token_file):
     result = run(device_command(endpoints, token_file, "--proxy",
                                 "http://bob:pw-on-argv@127.0.0.1:3128"), env={})
-    line = assert_failed(result, "--proxy: credentials are not written here",
+    line = assert_failed(result, "--proxy: credentials are not written on the command line",
                          "HTTPS_PROXY")
     assert_secret_free(line + result.stdout, "pw-on-argv")
     assert endpoints.resource.requests == []  # refused before anything was asked

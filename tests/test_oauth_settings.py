@@ -246,7 +246,8 @@ def test_the_proxy_key(token_dir):
                         ("http://proxy.example", "give the port"),
                         ("proxy.example:3128", "must be http://HOST:PORT"),
                         ("http://proxy.example:99999", "not a number from 1 to 65535"),
-                        ("http://u:pw-1@proxy.example:3128", "credentials are not written")]:
+                        ("http://u:pw-1@proxy.example:3128",
+                         "credentials are not written in the config")]:
         message = error_of(microsoft(token_dir, f'proxy = "{url}"'))
         assert "account.scanner.oauth.proxy: " in message and reason in message
         assert "pw-1" not in message

@@ -224,7 +224,7 @@ def _proxy(t: Table, token_url: str) -> tuple[str | None, str]:
     (or https_proxy) unless NO_PROXY names the endpoint's host; and where it came from."""
     configured = t.string("proxy", None)
     if configured is not None:
-        if configured and (problem := proxy_problem(configured, written=True)) is not None:
+        if configured and (problem := proxy_problem(configured, "in the config")) is not None:
             raise t.error("proxy", problem)
         return configured or None, "proxy" if configured else ""
     proxy, source = environment_proxy(token_url)
@@ -243,10 +243,10 @@ def environment_proxy(url: str) -> tuple[str | None, str]:
     return proxy, name
 
 
-def proxy_problem(url: str, written: bool = False) -> str | None:
+def proxy_problem(url: str, written: str | None = None) -> str | None:
     """Why C{url} is no usable HTTP proxy (the reason never shows the URL), or None.  A
-    URL C{written} where others may read it (a config file, a command line) must carry
-    no credentials: those go in the environment only."""
+    URL C{written} where others may read it ("in the config", "on the command line")
+    must carry no credentials: those go in the environment only."""
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -258,8 +258,8 @@ def proxy_problem(url: str, written: bool = False) -> str | None:
     if not port:
         return "must be http://HOST:PORT: give the port, e.g. http://proxy:3128"
     if written and parts.username is not None:
-        return ("credentials are not written here, where others may read them; give the "
-                "proxy URL with them in the HTTPS_PROXY environment variable instead")
+        return (f"credentials are not written {written}, where others may read them; give "
+                "the proxy URL with them in the HTTPS_PROXY environment variable instead")
     return None
 
 

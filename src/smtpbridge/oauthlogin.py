@@ -196,8 +196,8 @@ def login_proxy(given: str | None, token_url: str) -> str | None:
     """The proxy of --proxy ("" for none), else of the environment; LoginError if unusable."""
     proxy, source = (given or None, "--proxy") if given is not None \
         else environment_proxy(token_url)
-    # (A command line is for every user to see: no credentials in --proxy.)
-    if proxy is not None and (problem := proxy_problem(proxy, written=given is not None)):
+    written = "on the command line" if given is not None else None
+    if proxy is not None and (problem := proxy_problem(proxy, written)) is not None:
         raise LoginError(f"{source}: {problem}")
     return proxy
 
