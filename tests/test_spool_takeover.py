@@ -162,3 +162,53 @@ def test_a_message_deleted_as_it_is_taken_over_is_not_counted(
     monkeypatch.setattr(fcntl, "flock", deleted_first)
     assert adopt(first, base) == (0, [])
     assert first.ids() == [] and top.ids() == []
+
+
+def test_a_hold_made_again_while_a_held_message_moves_stays(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The message is held already; `queue hold` marks it in the spool it leaves, the
+    take-over renames it, and the command finds it gone there and holds it where it
+    went.  The marker it found there is the take-over's to carry over, not the
+    command's to clear."""
+    monkeypatch.setenv("SMTPBRIDGE_TEST_PASSWORD", "secret")
+    base, top, kept, first = taking_over(tmp_path)
+    top.hold(kept)
+    rename, holds = os.rename, queuecli._holds
+    said: list[tuple[int, str]] = []
+
+    def command_during_the_move(source: str, target: str) -> None:
+        monkeypatch.setattr(spooldirs.os, "rename", rename)
+
+        def moved_before_the_check(spool: Spool, message_id: str) -> bool:
+            monkeypatch.setattr(queuecli, "_holds", holds)
+            rename(source, target)  # the take-over's rename, after the command's mark
+            return holds(spool, message_id)
+
+        monkeypatch.setattr(queuecli, "_holds", moved_before_the_check)
+        said.append(queue(tmp_path, capsys, "hold", kept))
+
+    monkeypatch.setattr(spooldirs.os, "rename", command_during_the_move)
+    assert adopt(first, base) == (1, [])
+    [(code, text)] = said  # (the take-over's lock looks like a delivery under way)
+    assert code == 0 and text.startswith(f"{kept} held")
+    assert first.held(kept) and not top.held(kept)
+
+
+def test_a_hold_that_cannot_be_carried_over_is_reported(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, top, kept, first = taking_over(tmp_path)
+    rename = os.rename
+
+    def held_then_renamed(source: str, target: str) -> None:
+        top.hold(kept)  # the queue command, before the message is gone
+        rename(source, target)
+
+    def full(message_id: str, on: bool = True) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spooldirs.os, "rename", held_then_renamed)
+    monkeypatch.setattr(first, "hold", full)
+    assert adopt(first, base) == (1, [f"{base}: message {kept}: taken over, but its hold "
+                                      "could not be carried over: No space left on device"])
+    assert first.ids() == [kept] and top.ids() == []

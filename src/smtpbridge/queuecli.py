@@ -197,7 +197,7 @@ def _delete(spools: list[Spool], args: argparse.Namespace) -> int:
                 spool.remove(args.id)
                 break
         if _holds(spool, args.id):
-            print(f"{PROG}: {args.id} is being delivered right now; try again",
+            print(f"{PROG}: {args.id} is being delivered (or moved) right now; try again",
                   file=sys.stderr)
             return 1
     else:
@@ -217,11 +217,12 @@ def _mark(spools: list[Spool], message_id: str, held: bool) -> Spool | None:
         if found is None:
             return None
         spool = found[1]
+        made = held and not spool.held(message_id)
         spool.hold(message_id, on=held)
         if _holds(spool, message_id):
             return spool
-        if held:  # gone meanwhile: no marker left behind for it
-            spool.hold(message_id, on=False)
+        if made:  # gone meanwhile: no marker of ours left behind (one already there may
+            spool.hold(message_id, on=False)  # be a take-over's, still to carry over)
     print(f"{PROG}: {message_id} is being moved between spools; try again", file=sys.stderr)
     return None
 

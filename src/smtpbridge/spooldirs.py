@@ -79,17 +79,21 @@ def adopt(spool: Spool, directory: str) -> tuple[int, list[str]]:
     moved = 0
     for message_id in ids:
         try:
-            moved += _move(other, spool, message_id)
+            went, problem = _move(other, spool, message_id)
         except OSError as e:
-            problems.append(f"{directory}: message {message_id}: {e.strerror or e}")
+            problem, went = e.strerror or str(e), False
+        moved += went
+        if problem is not None:
+            problems.append(f"{directory}: message {message_id}: {problem}")
     if moved:
         with suppress(OSError):
             fsync_directory(os.path.join(directory, "queue"))
     return moved, problems
 
 
-def _move(other: Spool, spool: Spool, message_id: str) -> bool:
-    """Move one message; False when it was gone meanwhile."""
+def _move(other: Spool, spool: Spool, message_id: str) -> tuple[bool, str | None]:
+    """Move one message: whether it moved (not when it was gone meanwhile), and what
+    went wrong once it had.  OSError when it stays where it is."""
     if os.path.exists(spool.path(message_id)):
         raise FileExistsError(errno.EEXIST, f"a message of that id is in {spool.directory}")
     # Locked while it moves, as a delivery would lock it: a queue command's delete waits
@@ -99,12 +103,11 @@ def _move(other: Spool, spool: Spool, message_id: str) -> bool:
             if os.path.exists(other.path(message_id)):
                 raise OSError(errno.EBUSY, "in use (a queue command, or a delivery by a "
                                            "process still running); left for the next start")
-            return False  # deleted meanwhile
-        _move_locked(other, spool, message_id)
-        return True
+            return False, None  # deleted meanwhile
+        return True, _move_locked(other, spool, message_id)
 
 
-def _move_locked(other: Spool, spool: Spool, message_id: str) -> None:
+def _move_locked(other: Spool, spool: Spool, message_id: str) -> str | None:
     held = other.held(message_id)
     if held:  # held before it arrives, so that it is never sent
         spool.hold(message_id)
@@ -135,11 +138,17 @@ def _move_locked(other: Spool, spool: Spool, message_id: str) -> None:
     flush = os.path.join(other.directory, "flush", message_id)
     # A queue command's hold or release until now counts (one after it finds the message
     # gone from here and does it again where it went).
+    problem = None
     if other.held(message_id) != held:
-        spool.hold(message_id, on=not held)  # (raises: the take-over reports it)
+        try:
+            spool.hold(message_id, on=not held)
+        except OSError as e:
+            problem = (f"taken over, but its {'release' if held else 'hold'} could not be "
+                       f"carried over: {e.strerror or e}")
     with suppress(OSError):
         other.hold(message_id, on=False)
     with suppress(OSError):
         if os.path.exists(flush):  # asked to be tried at once: still so
             spool.request_flush(message_id)
             os.unlink(flush)
+    return problem
