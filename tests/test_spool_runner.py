@@ -9,9 +9,11 @@ import os
 from typing import Any
 
 import pytest
-from twisted.internet.defer import fail
+from twisted.internet.defer import fail, maybeDeferred
 
-from smtpbridge.model import Reply
+from smtpbridge.model import Assignment, Reply, Route, UpstreamAccount
+from smtpbridge.queuerunner import QueueRunner, RetrySettings
+from smtpbridge.secret import Secret
 from smtpbridge.spool import Spool
 from smtpbridge.testing import unreachable
 from tests.test_spool import ACCOUNT, BODY, CLIENT, ROUTE, Runner, result
@@ -243,3 +245,23 @@ def test_a_session_that_connects_after_the_runner_stopped_sends_nothing(
     assert session.commands == ["QUIT"]  # no MAIL FROM: quit at once
     envelope = spool.load(queue_id)
     assert envelope is not None and envelope.attempts == 0  # no attempt is counted
+
+
+def test_two_routes_to_one_host_each_have_their_turns(spool: Spool) -> None:
+    """``concurrency`` is per route: two routes of the configuration that name the same
+    host (say, two accounts' different settings) do not share it."""
+    first = Route("smtp.example.com", 587, name="office")
+    second = Route("smtp.example.com", 587, name="scans")
+    other = UpstreamAccount("other@example.com", Secret("pw"), name="other")
+    t = Runner(spool, concurrency=1)
+    t.runner = QueueRunner(
+        spool, t.upstream, {ACCOUNT.name: Assignment((first,), ACCOUNT),
+                            other.name: Assignment((second,), other)},
+        t.clock, RetrySettings(concurrency=1), "bridge.example.net",
+        lambda f, *args: maybeDeferred(f, *args))
+    t.upstream.hold_replies = True
+    t.keep()
+    t.account = other
+    t.keep()
+    t.run()
+    assert len(t.upstream.open_sessions) == 2  # one each, at once

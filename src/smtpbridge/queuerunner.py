@@ -242,7 +242,7 @@ class QueueRunner(Service):
             self._gone(message_id)
             return
         assignment = self._accounts.get(envelope.account)
-        route = assignment.routes[0].host if assignment is not None else "?"
+        route = assignment.routes[0].name if assignment is not None else "?"
         limit = self._routes.setdefault(route, DeferredSemaphore(self.settings.concurrency))
         await limit.acquire()
         try:
