@@ -128,12 +128,12 @@ class Run:
         """Send C{count} messages; latencies, rate, errors, CPU, and when the sink had all."""
         self.quiet()
         relay = self.relay_pid(target)
-        before = self.cpu(relay)
+        before = harness.cpu_snapshot(relay, self.sink.pid)
         result = asyncio.run(harness.load(target, self.context, self.body, count, concurrency,
                                           self.args.timeout))
         self.delivered += result.accepted
         drained = self.sink.wait_for(self.delivered, self.args.drain_timeout)
-        after = self.cpu(relay)
+        after = harness.cpu_snapshot(relay, self.sink.pid)
         if drained is None:
             self.delivered = self.sink.messages
         used = {key: after[key] - before[key] for key in after}
@@ -156,14 +156,6 @@ class Run:
             "sink_cpu_ms": used["sink"] * per,
             "other_cores": other / wall if wall else float("nan"),
         }
-
-    def cpu(self, relay: int | None) -> dict[str, float]:
-        """Busy CPU seconds of the machine, the bench (the load generator), the sink and
-        the relay (the bridge or Postfix, with every process below it)."""
-        return {"machine": harness.machine_busy_seconds(),
-                "bench": time.process_time(),
-                "sink": harness.cpu_seconds([self.sink.pid]),
-                "relay": harness.cpu_seconds(harness.descendants(relay)) if relay else 0.0}
 
     def warm_up(self, names: list[str]) -> None:
         for name in names:

@@ -209,6 +209,16 @@ def machine_busy_seconds() -> float:
     return (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / CLOCK_TICKS
 
 
+def cpu_snapshot(relay: int | None, sink: int | None = None) -> dict[str, float]:
+    """Busy CPU seconds so far of the machine, the bench (this process: the load
+    generator), the sink and the relay (the bridge or Postfix, with every process below
+    it); the difference of two is what a run used."""
+    return {"machine": machine_busy_seconds(),
+            "bench": time.process_time(),
+            "sink": cpu_seconds([sink]) if sink else 0.0,
+            "relay": cpu_seconds(descendants(relay)) if relay else 0.0}
+
+
 def wait_for_quiet(busy_cores: float = 0.25, longest: float = 60.0,
                    window: float = 0.5) -> tuple[float, float]:
     """Wait (at most C{longest} seconds) until the machine is busy with less than

@@ -13,7 +13,9 @@ connection per message, no AUTH: the client is in trusted_networks):
   relayhost down (it queues every message).  Target: the bridge accepts at least
   Postfix's rate.  Postfix runs an smtpd process per connection on every core, so the
   bridge is measured twice: with one process, and with ``[server] workers`` = the
-  machine's cores (``--workers``); the target is for the latter.
+  machine's cores (``--workers``); the target is for the latter.  For each, the CPU it
+  used per accepted message (with every process below it), the whole machine's, and how
+  many cores were busy: whether a rate is bound by CPU or by waiting.
 
     .venv/bin/python bench/spool.py [--rounds 3] [--messages 200] [--no-postfix] [--json]
 """
@@ -75,8 +77,9 @@ first_retry = 3600
 
 
 def measure(target: Target, context: Any, body: bytes, count: int,
-            concurrency: int) -> harness.LoadResult:
-    harness.wait_for_quiet(0.25, 30.0)
+            concurrency: int, quiet: bool = True) -> harness.LoadResult:
+    if quiet:
+        harness.wait_for_quiet(0.25, 30.0)
     return asyncio.run(harness.load(target, context, body, count, concurrency))
 
 
@@ -124,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             postfix = Postfix(pf_dir, tls, down)
             stack.callback(postfix.stop)
         targets = {name: Target(name, b.ports["smtps"]) for name, b in bridges.items()}
+        pids = {name: b.pid for name, b in bridges.items()}
         if postfix is not None:
             targets["postfix-down"] = Target("postfix-down", postfix.port)
+            pids["postfix-down"] = postfix.master_pid() or 0
         for target in targets.values():  # warm up: TLS, imports, first upstream session
             measure(target, context, body, 20, 5)
         for number in range(args.rounds):
@@ -143,10 +148,17 @@ def main(argv: list[str] | None = None) -> int:
             for name in down_order:
                 if name not in targets:
                     continue
+                harness.wait_for_quiet(0.25, 30.0)
+                before = harness.cpu_snapshot(pids[name])
                 many = measure(targets[name], context, body, args.concurrent_messages,
-                               args.concurrency)
+                               args.concurrency, quiet=False)
+                used = {k: v - before[k] for k, v in harness.cpu_snapshot(pids[name]).items()}
                 note(f"{name} msg/s", many.rate)
                 note(f"{name} errors", float(sum(many.errors.values())))
+                per = 1000 / many.accepted if many.accepted else float("nan")
+                note(f"{name} own CPU ms/msg", used["relay"] * per)
+                note(f"{name} machine CPU ms/msg", used["machine"] * per)
+                note(f"{name} busy cores", used["machine"] / many.elapsed)
         # With workers, each keeps its messages in spool/worker-K/queue.
         queued = sum(len(list((directory / name / "spool").glob("**/queue/*.msg")))
                      for name in ("down", "down-workers"))
