@@ -35,7 +35,7 @@ from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from smtpbridge.oauthconfig import proxy_name
-from smtpbridge.secret import SECRET_FILE_LIMIT
+from smtpbridge.secret import read_secret_file
 from smtpbridge.tls import load_certificates
 
 DETAIL_LIMIT = 200
@@ -301,13 +301,9 @@ def transport_detail(failure: Failure) -> str:
 
 
 def read_text(path: str) -> str:
-    """The stripped text of a UTF-8 file (at most L{SECRET_FILE_LIMIT} characters);
+    """The stripped text of a UTF-8 file, bounded as L{read_secret_file} reads it;
     OSError or ValueError, never with the content."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read(SECRET_FILE_LIMIT + 1)
-    if len(text) > SECRET_FILE_LIMIT:
-        raise ValueError(f"longer than {SECRET_FILE_LIMIT} characters")
-    return text.strip()
+    return read_secret_file(path).strip()
 
 
 def write_atomically(path: str, text: str, owner: tuple[int, int] | None = None) -> None:

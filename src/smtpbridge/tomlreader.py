@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from smtpbridge.errors import ConfigError
-from smtpbridge.secret import SECRET_FILE_LIMIT, Secret
+from smtpbridge.secret import Secret, read_secret_file
 
 #: A host name as a greeting, EHLO and Received: carry it.
 _HOSTNAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
@@ -122,16 +122,13 @@ class Table:
         if from_file:
             self.secret_files.append((self.key(f"{key}_file"), from_file))
             try:
-                with open(from_file, encoding="utf-8") as f:
-                    value = f.read(SECRET_FILE_LIMIT + 1)
-                if len(value) > SECRET_FILE_LIMIT:
-                    raise self.error(f"{key}_file", f"{from_file} is longer than "
-                                                    f"{SECRET_FILE_LIMIT} characters")
-                value = value.strip("\r\n")
+                value = read_secret_file(from_file).strip("\r\n")
             except OSError as e:
                 raise self.error(f"{key}_file", f"cannot read {from_file}: {e.strerror}")
             except UnicodeDecodeError:
                 raise self.error(f"{key}_file", f"{from_file} is not UTF-8 text")
+            except ValueError as e:  # (too long)
+                raise self.error(f"{key}_file", f"{from_file} is {e}")
             if not value:
                 raise self.error(f"{key}_file", f"{from_file} is empty")
             return Secret(value)
