@@ -54,7 +54,7 @@ def test_connections_beyond_the_limit_are_refused() -> None:
     held = [server.connect() for _ in range(REDIRECT_CONNECTIONS)]
     assert all(connection is not None for connection in held)
     assert server.connect() is None  # closed at once
-    protocol, transport = held.pop()  # type: ignore[misc]
+    protocol, _ = held.pop()  # type: ignore[misc]
     protocol.connectionLost(None)
     assert server.redirect().startswith(b"HTTP/1.1 200 ")
     assert server.resource.code.called

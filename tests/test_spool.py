@@ -310,13 +310,14 @@ class Runner:
 
     def __init__(self, spool: Spool, account: UpstreamAccount = ACCOUNT,
                  routes: tuple[Route, ...] = (ROUTE,), adopt: tuple[str, ...] = (),
-                 **settings: float) -> None:
+                 more: tuple[Assignment, ...] = (), **settings: float) -> None:
+        """C{account} over C{routes}, and the accounts of C{more} besides."""
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
         self.upstream = FakeUpstream()
         self.spool = spool
-        self.runner = QueueRunner(spool, self.upstream, {account.name: Assignment(routes,
-                                                                                  account)},
+        accounts = {a.account.name: a for a in (Assignment(routes, account), *more)}
+        self.runner = QueueRunner(spool, self.upstream, accounts,
                                   self.clock, RetrySettings(**settings), "bridge.example.net",
                                   lambda f, *args: maybeDeferred(f, *args), adopt=adopt)
         self.account = account
@@ -595,15 +596,24 @@ def test_a_take_over_cut_short_leaves_each_message_whole_once(tmp_path: Any, cut
         t.runner.stopService()
 
 
+def queue_command(tmp_path: Any, capsys: pytest.CaptureFixture[str],
+                  *args: str) -> tuple[int, str]:
+    """``smtpbridge queue ARGS`` for a bridge of two workers whose spool is ``spool/`` in
+    C{tmp_path}: its exit status and what it printed."""
+    from smtpbridge.cli import main
+
+    config = tmp_path / "smtpbridge.toml"
+    config.write_text(f'[server]\nhostname = "h"\nworkers = 2\n[spool]\n'
+                      f'directory = "{tmp_path / "spool"}"\n' + MINIMAL)
+    code = main(["queue", "--config", str(config), *args])
+    out, err = capsys.readouterr()
+    return code, out + err
+
+
 def test_the_queue_command_acts_on_every_workers_spool(
         tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    from smtpbridge.cli import main
-
     base = tmp_path / "spool"
-    config = tmp_path / "smtpbridge.toml"
-    config.write_text(f'[server]\nhostname = "h"\nworkers = 2\n[spool]\ndirectory = "{base}"\n'
-                      + MINIMAL)
     monkeypatch.setenv("SMTPBRIDGE_TEST_PASSWORD", "secret")
     first, [one] = kept_in(worker_directory(str(base), 1))
     second, [two, three] = kept_in(worker_directory(str(base), 2), 2)
@@ -613,9 +623,7 @@ def test_the_queue_command_acts_on_every_workers_spool(
     monkeypatch.setattr(os, "kill", lambda pid, number: signalled.append(pid))
 
     def queue(*args: str) -> tuple[int, str]:
-        code = main(["queue", "--config", str(config), *args])
-        out, err = capsys.readouterr()
-        return code, out + err
+        return queue_command(tmp_path, capsys, *args)
 
     code, listing = queue("list")
     assert code == 0 and "3 message(s)" in listing

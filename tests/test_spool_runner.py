@@ -9,10 +9,9 @@ import os
 from typing import Any
 
 import pytest
-from twisted.internet.defer import fail, maybeDeferred
+from twisted.internet.defer import fail
 
 from smtpbridge.model import Assignment, Reply, Route, UpstreamAccount
-from smtpbridge.queuerunner import QueueRunner, RetrySettings
 from smtpbridge.secret import Secret
 from smtpbridge.spool import Spool
 from smtpbridge.testing import unreachable
@@ -253,12 +252,7 @@ def test_two_routes_to_one_host_each_have_their_turns(spool: Spool) -> None:
     first = Route("smtp.example.com", 587, name="office")
     second = Route("smtp.example.com", 587, name="scans")
     other = UpstreamAccount("other@example.com", Secret("pw"), name="other")
-    t = Runner(spool, concurrency=1)
-    t.runner = QueueRunner(
-        spool, t.upstream, {ACCOUNT.name: Assignment((first,), ACCOUNT),
-                            other.name: Assignment((second,), other)},
-        t.clock, RetrySettings(concurrency=1), "bridge.example.net",
-        lambda f, *args: maybeDeferred(f, *args))
+    t = Runner(spool, routes=(first,), more=(Assignment((second,), other),), concurrency=1)
     t.upstream.hold_replies = True
     t.keep()
     t.account = other
