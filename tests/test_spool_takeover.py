@@ -3,19 +3,21 @@ acts on its messages: each interleaving ends as the command said it did."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import itertools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from smtpbridge import queuecli, spooldirs
-from smtpbridge.cli import main
 from smtpbridge.spool import Spool
 from smtpbridge.spooldirs import adopt, worker_directory
-from tests.test_config import MINIMAL
 from tests.test_spool import kept_in
+from tests.test_spool import queue_command as queue
 
 
 def taking_over(tmp_path: Path) -> tuple[str, Spool, str, Spool]:
@@ -26,15 +28,6 @@ def taking_over(tmp_path: Path) -> tuple[str, Spool, str, Spool]:
     first = Spool(worker_directory(base, 1), 10 * 1024 * 1024)
     first.prepare()
     return base, top, kept, first
-
-
-def queue(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    config = tmp_path / "smtpbridge.toml"
-    config.write_text(f'[server]\nhostname = "h"\nworkers = 2\n[spool]\n'
-                      f'directory = "{tmp_path / "spool"}"\n' + MINIMAL)
-    code = main(["queue", "--config", str(config), *args])
-    out, err = capsys.readouterr()
-    return code, out + err
 
 
 def test_a_message_a_queue_command_has_is_left_for_the_next_start(tmp_path: Path) -> None:
@@ -174,6 +167,10 @@ def test_a_hold_made_again_while_a_held_message_moves_stays(
     monkeypatch.setenv("SMTPBRIDGE_TEST_PASSWORD", "secret")
     base, top, kept, first = taking_over(tmp_path)
     top.hold(kept)
+    # In order: the take-over holds it in worker-1/; it comes to rename; the command
+    # (run from within that rename) marks the top spool; the rename happens at the
+    # command's check, which finds it gone; the command holds it in worker-1/; the
+    # take-over compares the top spool's marker with what it found at first.
     rename, holds = os.rename, queuecli._holds
     said: list[tuple[int, str]] = []
 
@@ -212,3 +209,28 @@ def test_a_hold_that_cannot_be_carried_over_is_reported(
     assert adopt(first, base) == (1, [f"{base}: message {kept}: taken over, but its hold "
                                       "could not be carried over: No space left on device"])
     assert first.ids() == [kept] and top.ids() == []
+
+
+def test_a_command_stops_following_a_message_that_keeps_moving(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Each spool is looked in a bounded number of times: a message seen in a spool and
+    gone from it at every look (it cannot be, but no loop relies on that) ends the
+    command with a line to try again."""
+    monkeypatch.setenv("SMTPBRIDGE_TEST_PASSWORD", "secret")
+    _, top, kept, _ = taking_over(tmp_path)
+    looks = itertools.count()
+    # Found where it is, gone at the check right after: for ever.
+    monkeypatch.setattr(queuecli, "_holds", lambda spool, message_id: next(looks) % 2 == 0)
+
+    @contextlib.contextmanager
+    def busy(spool: Spool, message_id: str, read: bool = True) -> Iterator[None]:
+        yield None
+
+    monkeypatch.setattr(Spool, "locked", busy)
+    assert queue(tmp_path, capsys, "delete", kept) == (
+        1, f"smtpbridge: queue: {kept} is being moved between spools; try again\n")
+    monkeypatch.setattr(queuecli, "_holds", lambda spool, message_id: False)
+    assert queue(tmp_path, capsys, "hold", kept) == (
+        1, f"smtpbridge: queue: {kept} is being moved between spools; try again\n")
+    assert not top.held(kept) and top.ids() == [kept]  # no marker left, nothing removed
